@@ -1,0 +1,12 @@
+"""fluid_ops: fast kernels and models for Fluid / MAR-style continuous-token image generation.
+
+    import fluid_ops
+    fluid_ops.backends()                      # what is available, and why not
+    with fluid_ops.use_backend("reference"):  # force one (or FLUID_OPS_BACKEND=...)
+        ...
+"""
+from fluid_ops.backend import backends, use_backend  # noqa: F401
+from fluid_ops.ops import ddpm_step  # noqa: F401
+from fluid_ops.reference.diffusion import DiffusionSchedule  # noqa: F401
+
+__version__ = "0.1.0"

@@ -1,0 +1,142 @@
+"""Backends and how an op picks one.
+
+Each op family registers one implementation per backend with `register(op, backend)`. A call
+picks, in order of preference, the first backend that is available, handles the tensors' device
+and accepts the arguments (its `supports` hook returns None); `FLUID_OPS_BACKEND=name` or
+`with fluid_ops.use_backend(name):` forces one, and then an unsupported case is an error that
+says why instead of a silent fallback.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import threading
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from fluid_ops import _compiled
+
+BACKENDS = ("cuda", "triton", "cpu", "reference")
+# Which devices each backend runs on.
+_DEVICES = {"cuda": ("cuda",), "triton": ("cuda", "cpu"), "cpu": ("cpu",), "reference": ("cuda", "cpu")}
+
+
+@dataclass
+class _Impl:
+    fn: Callable
+    supports: Callable | None  # (*args, **kwargs) -> None if fine, else a reason string
+
+
+_REGISTRY: dict[str, dict[str, _Impl]] = {}
+_forced = threading.local()
+
+
+def register(op: str, backend: str, supports: Callable | None = None):
+    """Decorator: `fn` implements `op` on `backend`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+    def deco(fn):
+        _REGISTRY.setdefault(op, {})[backend] = _Impl(fn, supports)
+        return fn
+
+    return deco
+
+
+def _triton_status() -> str | None:
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed"
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return "no CUDA device for Triton (set TRITON_INTERPRET=1 to run its kernels on CPU tensors)"
+    return None
+
+
+def _unavailable_reason(backend: str) -> str | None:
+    if backend == "reference":
+        return None
+    if backend == "cpu":
+        return _compiled.cpu_error
+    if backend == "cuda":
+        count, msg = _compiled.cuda_device_status()
+        if count == 0:
+            return msg
+        if not torch.cuda.is_available():
+            return "the CUDA module sees a device but this torch build has no CUDA support"
+        return None
+    if backend == "triton":
+        return _triton_status()
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+_STATUS_CACHE: dict[str, str | None] = {}
+
+
+def _status(backend: str) -> str | None:
+    if backend not in _STATUS_CACHE:
+        _STATUS_CACHE[backend] = _unavailable_reason(backend)
+    return _STATUS_CACHE[backend]
+
+
+def backends() -> dict[str, dict]:
+    """What is available and why not: {name: {"available": bool, "reason": str|None, "ops": [...]}}."""
+    out = {}
+    for b in BACKENDS:
+        reason = _status(b)
+        ops = sorted(op for op, impls in _REGISTRY.items() if b in impls)
+        if reason is None and not ops:
+            reason = "no kernels registered for this backend yet"
+        out[b] = {"available": reason is None, "reason": reason, "ops": ops}
+    return out
+
+
+def forced_backend() -> str | None:
+    name = getattr(_forced, "name", None) or os.environ.get("FLUID_OPS_BACKEND") or None
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"FLUID_OPS_BACKEND / use_backend: unknown backend {name!r}; expected one of {BACKENDS}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    """Force backend `name` for every op called inside the block (None: back to automatic)."""
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"use_backend: unknown backend {name!r}; expected one of {BACKENDS}")
+    prev = getattr(_forced, "name", None)
+    _forced.name = name
+    try:
+        yield
+    finally:
+        _forced.name = prev
+
+
+def select(op: str, device: torch.device, *args, **kwargs) -> tuple[str, Callable]:
+    """The (backend name, implementation) that runs `op` for these arguments."""
+    impls = _REGISTRY.get(op, {})
+    forced = forced_backend()
+    candidates = [forced] if forced else list(BACKENDS)
+    reasons = []
+    for b in candidates:
+        impl = impls.get(b)
+        if impl is None:
+            reasons.append(f"{b}: does not implement {op}")
+            continue
+        if device.type not in _DEVICES[b]:
+            reasons.append(f"{b}: does not run on {device.type} tensors")
+            continue
+        why = _status(b)
+        if why is None and impl.supports is not None:
+            why = impl.supports(*args, **kwargs)
+        if why is not None:
+            reasons.append(f"{b}: {why}")
+            continue
+        return b, impl.fn
+    if forced:
+        raise RuntimeError(f"{op}: the forced backend cannot run this call ({'; '.join(reasons)})")
+    raise RuntimeError(f"{op}: no backend can run this call ({'; '.join(reasons)})")
+
+
+def dispatch(op: str, device: torch.device, *args, **kwargs):
+    return select(op, device, *args, **kwargs)[1](*args, **kwargs)

@@ -1,0 +1,126 @@
+"""`ddpm_step`: one fused reverse-diffusion step with CFG and temperature (SPEC §2.3).
+
+Numerical contract: exact (fp32 arithmetic on the same table row as the reference; only the
+rounding of exp and the order of a few multiply-adds may differ).
+"""
+from __future__ import annotations
+
+import torch
+
+from fluid_ops import _compiled, backend
+from fluid_ops.ops._checks import FLOAT_DTYPES, check_finite_scalar, check_same_device, check_tensor
+from fluid_ops.reference import diffusion as ref
+
+OP = "ddpm_step"
+
+
+# ---- backends ---------------------------------------------------------------------------
+@backend.register(OP, "reference")
+def _ddpm_step_reference(x, model_out, noise, table, step, temperature, cfg):
+    return ref.ddpm_step(x, model_out, noise, table, step, temperature=temperature, cfg=cfg)
+
+
+def _contig(*ts):
+    return [t.contiguous() for t in ts]
+
+
+@backend.register(OP, "cpu")
+def _ddpm_step_cpu(x, model_out, noise, table, step, temperature, cfg):
+    x, model_out, noise, table = _contig(x, model_out, noise, table)
+    out = torch.empty_like(x)
+    v = _compiled.view
+    _compiled.cpu.ddpm_step(v(x), v(model_out), v(noise), v(table), step, temperature, cfg, v(out),
+                            _compiled.cpu_threads())
+    return out
+
+
+@backend.register(OP, "cuda")
+def _ddpm_step_cuda(x, model_out, noise, table, step, temperature, cfg):
+    x, model_out, noise, table = _contig(x, model_out, noise, table)
+    out = torch.empty_like(x)
+    v = _compiled.view
+    _compiled.cuda.ddpm_step(v(x), v(model_out), v(noise), v(table), step, temperature, cfg, v(out),
+                             _compiled.cuda_stream(x.device))
+    return out
+
+
+# ---- custom op --------------------------------------------------------------------------
+@torch.library.custom_op("fluid_ops::ddpm_step", mutates_args=())
+def _ddpm_step_op(x: torch.Tensor, model_out: torch.Tensor, noise: torch.Tensor, table: torch.Tensor,
+                  step: int, temperature: float, cfg: float) -> torch.Tensor:
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    return backend.dispatch(OP, x.device, x, model_out, noise, table, step, temperature, cfg)
+
+
+@_ddpm_step_op.register_fake
+def _(x, model_out, noise, table, step, temperature, cfg):
+    return torch.empty_like(x)
+
+
+def _setup_context(ctx, inputs, output):
+    x, model_out, noise, table, step, temperature, cfg = inputs
+    ctx.save_for_backward(model_out, noise, table)
+    ctx.step, ctx.temperature, ctx.cfg, ctx.n = step, temperature, cfg, x.shape[0]
+    ctx.x_dtype = x.dtype
+
+
+def _backward(ctx, grad):
+    # The step is affine in x and eps and smooth in the variance channel v:
+    #   out = c1 * (a x - b eps) + c2 x + [step > 0] exp(0.5 logvar) T noise,
+    #   logvar = frac max_log + (1 - frac) min_log, frac = (v + 1) / 2.
+    model_out, noise, table = ctx.saved_tensors
+    n, step, temp, cfg = ctx.n, ctx.step, ctx.temperature, ctx.cfg
+    c = grad.shape[1]
+    c1, c2, a, b, min_log, max_log = table[step].float().unbind(0)
+    g = grad.float()
+    gx = g * (c1 * a + c2)
+    geps = -g * c1 * b
+    gmo = torch.zeros(model_out.shape, dtype=torch.float32, device=grad.device)
+    guided = model_out.shape[0] == 2 * n
+    gmo[:n, :c] = geps * cfg if guided else geps
+    if guided:
+        gmo[n:, :c] = geps * (1.0 - cfg)
+    gnoise = None
+    if step > 0:
+        v = model_out[:n, c:].float()
+        frac = (v + 1.0) * 0.5
+        std = torch.exp(0.5 * (frac * max_log + (1.0 - frac) * min_log))
+        gmo[:n, c:] = g * std * temp * noise.float() * 0.25 * (max_log - min_log)
+        gnoise = (g * std * temp).to(noise.dtype)
+    else:
+        gnoise = torch.zeros_like(noise)
+    return gx.to(ctx.x_dtype), gmo.to(model_out.dtype), gnoise, None, None, None, None
+
+
+_ddpm_step_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- public API ---------------------------------------------------------------------------
+def ddpm_step(x: torch.Tensor, model_out: torch.Tensor, noise: torch.Tensor, table: torch.Tensor,
+              step: int, *, temperature: float = 1.0, cfg: float = 1.0) -> torch.Tensor:
+    """One reverse-diffusion step, fused: returns x_{t-1} (same shape and dtype as x).
+
+    x (N, C); model_out (N, 2C), or (2N, 2C) = [cond; uncond] rows for classifier-free guidance
+    with scale `cfg`; noise (N, C) (added, times `temperature`, iff step > 0); table (S, 6) float32
+    from `DiffusionSchedule.table(device)`; step the respaced index (S-1 down to 0). The table
+    stays on the device and `step` travels as a kernel argument: no host-to-device copy.
+    Contract: exact."""
+    check_tensor(OP, "x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    n, c = x.shape
+    check_tensor(OP, "model_out", model_out, ndim=2, dtypes=FLOAT_DTYPES)
+    if model_out.shape[1] != 2 * c or model_out.shape[0] not in (n, 2 * n):
+        raise ValueError(f"{OP}: model_out must have shape ({n}, {2 * c}) or ({2 * n}, {2 * c}) "
+                         f"(eps and variance channels; 2N rows = [cond; uncond] for CFG), got {tuple(model_out.shape)}")
+    check_tensor(OP, "noise", noise, shape=(n, c), dtypes=(x.dtype,))
+    check_tensor(OP, "table", table, ndim=2, dtypes=(torch.float32,))
+    if table.shape[1] != 6:
+        raise ValueError(f"{OP}: table must have shape (S, 6) (DiffusionSchedule.table), got {tuple(table.shape)}")
+    if isinstance(step, torch.Tensor) or not isinstance(step, int):
+        raise TypeError(f"{OP}: step must be a Python int, got {type(step).__name__}")
+    if not 0 <= step < table.shape[0]:
+        raise ValueError(f"{OP}: step must be in [0, {table.shape[0]}) (rows of table), got {step}")
+    temperature = check_finite_scalar(OP, "temperature", temperature, min_value=0.0)
+    cfg = check_finite_scalar(OP, "cfg", cfg)
+    check_same_device(OP, x=x, model_out=model_out, noise=noise, table=table)
+    return torch.ops.fluid_ops.ddpm_step(x, model_out, noise, table, step, temperature, cfg)

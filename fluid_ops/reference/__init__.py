@@ -1,0 +1,10 @@
+"""Plain-PyTorch implementations of every op of SPEC §2: the oracle the tests hold each backend
+to, and the baseline the benchmarks compare with. Nothing here calls a compiled kernel."""
+from fluid_ops.reference.diffusion import (  # noqa: F401
+    DiffusionSchedule,
+    cosine_betas,
+    ddpm_step,
+    diffusion_loss,
+    diffusion_sample,
+    space_timesteps,
+)
