@@ -9,6 +9,7 @@ namespace fluid {
 void bind_cpu_sampling(py::module_& m);
 void bind_cpu_attention(py::module_& m);
 void bind_cpu_denoiser(py::module_& m);
+void bind_cpu_categorical(py::module_& m);
 }  // namespace fluid
 
 PYBIND11_MODULE(_C, m) {
@@ -18,4 +19,5 @@ PYBIND11_MODULE(_C, m) {
   fluid::bind_cpu_sampling(m);
   fluid::bind_cpu_attention(m);
   fluid::bind_cpu_denoiser(m);
+  fluid::bind_cpu_categorical(m);
 }

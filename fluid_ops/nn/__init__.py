@@ -1,0 +1,2 @@
+"""Drop-in modules built on fluid_ops' ops."""
+from fluid_ops.nn.denoiser import *  # noqa: F401,F403
