@@ -3,6 +3,7 @@ against SPEC §2.4 (frequencies of softmax(logits / T), argmax at T = 0, top-k /
 pick excluded tokens), bad inputs, and the torch.library contract."""
 import math
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
@@ -256,6 +257,12 @@ def test_generator_determinism_and_uniform_draw():
     assert torch.equal(a, ref.sample_categorical(logits, uniform=u))
 
 
+def test_top_k_accepts_numpy_ints():
+    logits, u = _logits(5, 9), _uniform(5)
+    assert torch.equal(fluid_ops.sample_categorical(logits, top_k=np.int64(3), uniform=u),
+                       fluid_ops.sample_categorical(logits, top_k=3, uniform=u))
+
+
 def test_empty_batch_and_no_grad():
     out = fluid_ops.sample_categorical(torch.empty(0, 5))
     assert out.shape == (0,) and out.dtype == torch.int64
@@ -298,8 +305,8 @@ def test_opcheck():
     (dict(temperature="hot"), "temperature must be a real number"),
     (dict(top_k=0), r"top_k must be in \[1, 5\]"),
     (dict(top_k=6), r"top_k must be in \[1, 5\]"),
-    (dict(top_k=2.0), "top_k must be None or a Python int"),
-    (dict(top_k=True), "top_k must be None or a Python int"),
+    (dict(top_k=2.0), "top_k must be None or an int"),
+    (dict(top_k=True), "top_k must be None or an int"),
     (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
     (dict(top_p=1.5), r"top_p must be in \(0, 1\]"),
     (dict(top_p=float("nan")), "top_p must be finite"),

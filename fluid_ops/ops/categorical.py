@@ -8,7 +8,7 @@ not apply (logits that require grad are fine; nothing flows back through the sam
 """
 from __future__ import annotations
 
-import math
+import operator
 
 import torch
 
@@ -79,8 +79,9 @@ def sample_categorical(logits: torch.Tensor, *, temperature: float = 1.0, top_k:
     if temperature > _FLOAT32_MAX:
         raise ValueError(f"{OP}: temperature must be at most {_FLOAT32_MAX:.7g} (it is applied in float32), got {temperature}")
     if top_k is not None:
-        if isinstance(top_k, bool) or not isinstance(top_k, int):
-            raise TypeError(f"{OP}: top_k must be None or a Python int, got {type(top_k).__name__}")
+        if isinstance(top_k, (bool, torch.Tensor)) or not hasattr(top_k, "__index__"):
+            raise TypeError(f"{OP}: top_k must be None or an int, got {type(top_k).__name__}")
+        top_k = operator.index(top_k)  # numpy integers too
         if not 1 <= top_k <= v:
             raise ValueError(f"{OP}: top_k must be in [1, {v}] (V = logits.shape[1]) or None, got {top_k}")
     if top_p is not None:
