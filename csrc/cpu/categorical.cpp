@@ -29,7 +29,7 @@ struct RowScratch {
   explicit RowScratch(int64_t v) : s(v), w(v) {}
 };
 
-// Step 6: t_p for top-p over the tokens with s >= thr. Sorts only as much of the descending
+// Step 6: t_p for top-p over the tokens with s >= thr (fills their weights w). Sorts only as much of the descending
 // order as it needs: the best `chunk` survivors are selected with nth_element and sorted,
 // the running sum continues over them, and the chunk doubles until the sum reaches p * Z1.
 float top_p_threshold(RowScratch& sc, int64_t v, float thr, double p) {
@@ -38,6 +38,7 @@ float top_p_threshold(RowScratch& sc, int64_t v, float thr, double p) {
   double z1 = 0.0;  // index order, as the reference's cumsum
   for (int64_t i = 0; i < v; ++i) {
     if (sc.s[i] >= thr) {
+      sc.w[i] = std::exp(static_cast<double>(sc.s[i]));
       z1 += sc.w[i];
       kw.emplace_back(sc.s[i], sc.w[i]);
     }
@@ -79,11 +80,8 @@ int64_t sample_row(const T* row, int64_t v, float temp, int64_t top_k, double to
   FLUID_CHECK(!bad && std::isfinite(m),
               "each row of logits needs finite values or -inf and at least one finite value");
   if (temp == 0.0f) return arg;
-  // Steps 3-4: scale and weigh.
-  for (int64_t i = 0; i < v; ++i) {
-    sc.s[i] = (sc.s[i] - m) / temp;
-    sc.w[i] = std::exp(static_cast<double>(sc.s[i]));
-  }
+  // Step 3: scale. The weights of step 4 are computed only for tokens that survive top-k.
+  for (int64_t i = 0; i < v; ++i) sc.s[i] = (sc.s[i] - m) / temp;
   // Step 5: top-k threshold, the k-th largest s.
   float thr = kNegInf;
   if (top_k > 0 && top_k < v) {
@@ -93,12 +91,14 @@ int64_t sample_row(const T* row, int64_t v, float temp, int64_t top_k, double to
     thr = sc.sel[top_k - 1];
   }
   // Step 6: top-p threshold.
-  if (top_p < 1.0) thr = top_p_threshold(sc, v, thr, top_p);
+  const bool weighed = top_p < 1.0;  // top-p filled w over the top-k survivors, a superset
+  if (weighed) thr = top_p_threshold(sc, v, thr, top_p);
   // Step 7: inverse CDF in index order over the kept tokens.
   double z = 0.0;
   int64_t last_positive = arg;
   for (int64_t i = 0; i < v; ++i) {
     if (sc.s[i] >= thr) {
+      if (!weighed) sc.w[i] = std::exp(static_cast<double>(sc.s[i]));
       z += sc.w[i];
       if (sc.w[i] > 0.0) last_positive = i;
     }
