@@ -340,6 +340,8 @@ def test_kernel_checks_its_own_arguments():
         k(v(zeros), v(u32), 1.0, 0, 1.0, v(out), 1)
     with pytest.raises(ValueError, match="top_p must be in"):
         k(v(zeros), v(u), 1.0, 0, 0.0, v(out), 1)
+    with pytest.raises(ValueError, match="temperature must be in"):
+        k(v(zeros), v(u), 1e39, 0, 1.0, v(out), 1)
 
 
 def test_spec_distribution_constant():

@@ -129,7 +129,9 @@ void sample_categorical(const TensorView& logits, const TensorView& uniform, dou
   check_contiguous(logits, "logits");
   check_contiguous(uniform, "uniform");
   check_contiguous(out, "out");
-  FLUID_CHECK(std::isfinite(temperature) && temperature >= 0.0, "temperature must be finite and >= 0");
+  // (beyond float32's range, T would round to inf and -inf / inf would put NaN into the sort)
+  FLUID_CHECK(temperature >= 0.0 && temperature <= std::numeric_limits<float>::max(),
+              "temperature must be in [0, float32 max]");
   FLUID_CHECK(top_k >= 0 && top_k <= v, "top_k must be in [0, V] (0: none)");
   FLUID_CHECK(top_p > 0.0 && top_p <= 1.0, "top_p must be in (0, 1]");
   // The reference rounds T to float32 first; a T that rounds to 0 means argmax.
