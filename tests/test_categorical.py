@@ -298,6 +298,7 @@ def test_opcheck():
     (dict(uniform=torch.tensor([0.1, -0.2, 0.5, 0.3])), r"uniform values must be in \[0, 1\)"),
     (dict(uniform=torch.tensor([0.1, float("nan"), 0.5, 0.3])), r"uniform values must be in \[0, 1\)"),
     (dict(uniform=[0.1, 0.2, 0.3, 0.4]), "uniform must be a torch.Tensor"),
+    (dict(uniform=torch.empty(4, device="meta")), "uniform is on meta but logits is on cpu"),
     (dict(temperature=-0.1), "temperature must be >= 0"),
     (dict(temperature=float("nan")), "temperature must be finite"),
     (dict(temperature=float("inf")), "temperature must be finite"),
