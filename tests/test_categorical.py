@@ -97,6 +97,20 @@ def test_backend_matches_reference_neg_inf_and_extremes(backend):
 
 
 @pytest.mark.parametrize("backend", backend_params("cpu"))
+def test_backend_matches_reference_large_nucleus(backend):
+    # more than 2048 top-k survivors: the kernel radix sorts them for top-p. Flat logits, bf16
+    # ties, and T near float32's max, where every s underflows to -0.0 or is +0.0 (one key).
+    g = torch.Generator().manual_seed(21)
+    flat = torch.randn(12, 8192, generator=g) * 0.05
+    cases = [(flat, 1.0), (flat.bfloat16(), 0.7), (flat * 1e-6, 3e38), (_logits(12, 8192, ties=True), 1.3)]
+    u = _uniform(12, seed=22)
+    for logits, t in cases:
+        for k, p in ((None, 0.5), (None, 0.97), (5000, 0.9), (None, 1e-6)):
+            kw = dict(temperature=t, top_k=k, top_p=p)
+            _assert_same_indices(_run(backend, logits, u, **kw), logits, u, **kw)
+
+
+@pytest.mark.parametrize("backend", backend_params("cpu"))
 def test_backend_threads_and_layout(backend):
     logits = _logits(17, 300, seed=5).t()  # (300, 17), column-major: not contiguous
     assert not logits.is_contiguous()

@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <utility>
@@ -26,12 +27,42 @@ struct RowScratch {
   std::vector<double> w;                    // weights exp(s)
   std::vector<float> sel;                   // nth_element buffer for top-k
   std::vector<std::pair<float, double>> kw;  // (s, w) of the top-k survivors, for top-p
+  std::vector<std::pair<float, double>> tmp;  // radix sort buffer
   explicit RowScratch(int64_t v) : s(v), w(v) {}
 };
 
-// Step 6: t_p for top-p over the tokens with s >= thr (fills their weights w). Sorts only as much of the descending
-// order as it needs: the best `chunk` survivors are selected with nth_element and sorted,
-// the running sum continues over them, and the chunk doubles until the sum reaches p * Z1.
+// Orders kw[begin, end) by decreasing s with an LSD radix sort (3 passes of 11 bits). Every s
+// is <= 0 (max subtracted) and not NaN, so decreasing s is increasing |s|, whose float bits
+// sort as unsigned integers; -0 and +0 share the key 0 (equal s, equal w: any order is fine).
+void radix_sort_desc(std::vector<std::pair<float, double>>& kw, size_t begin, size_t end,
+                     std::vector<std::pair<float, double>>& tmp) {
+  const size_t n = end - begin;
+  tmp.resize(n);
+  auto key = [](float s) {
+    uint32_t b;
+    std::memcpy(&b, &s, 4);
+    return b & 0x7fffffffu;
+  };
+  std::pair<float, double>* src = kw.data() + begin;
+  std::pair<float, double>* dst = tmp.data();
+  bool in_tmp = false;
+  for (int shift = 0; shift < 33; shift += 11) {
+    size_t count[2048] = {0};
+    for (size_t i = 0; i < n; ++i) ++count[(key(src[i].first) >> shift) & 2047u];
+    if (count[(key(src[0].first) >> shift) & 2047u] == n) continue;  // one digit: pass not needed
+    size_t sum = 0;
+    for (size_t& c : count) { const size_t t = c; c = sum; sum += t; }
+    for (size_t i = 0; i < n; ++i) dst[count[(key(src[i].first) >> shift) & 2047u]++] = src[i];
+    std::swap(src, dst);
+    in_tmp = !in_tmp;
+  }
+  if (in_tmp) std::copy(tmp.begin(), tmp.begin() + n, kw.begin() + begin);
+}
+
+// Step 6: t_p for top-p over the tokens with s >= thr (fills their weights w). Sorts only as
+// much of the descending order as it needs: the best `chunk` survivors are selected with
+// nth_element and sorted, the running sum continues over them, and the chunk doubles until the
+// sum reaches p * Z1. More than 2048 survivors are radix sorted in one go instead.
 float top_p_threshold(RowScratch& sc, int64_t v, float thr, double p) {
   auto& kw = sc.kw;
   kw.clear();
@@ -51,9 +82,14 @@ float top_p_threshold(RowScratch& sc, int64_t v, float thr, double p) {
   size_t begin = 0, chunk = 32;
   double c = 0.0;
   while (begin < n) {
-    const size_t end = std::min(n, begin + chunk);
-    if (end < n) std::nth_element(kw.begin() + begin, kw.begin() + end, kw.end(), desc);
-    std::sort(kw.begin() + begin, kw.begin() + end, desc);
+    size_t end = std::min(n, begin + chunk);
+    if (n - begin > 2048) {  // radix beats rounds of nth_element over thousands of tokens
+      radix_sort_desc(kw, begin, n, sc.tmp);
+      end = n;
+    } else {
+      if (end < n) std::nth_element(kw.begin() + begin, kw.begin() + end, kw.end(), desc);
+      std::sort(kw.begin() + begin, kw.begin() + end, desc);
+    }
     for (size_t j = begin; j < end; ++j) {
       c += kw[j].second;
       if (c >= target) return std::max(thr, kw[j].first);
