@@ -31,7 +31,11 @@ except ImportError as e:
 
 
 def view(t: torch.Tensor | None):
-    """A tensor as the kernels see it; None stays None (optional arguments)."""
+    """A tensor as the kernels see it; None stays None (optional arguments).
+
+    The tuple holds a raw pointer and no reference: keep the tensor itself alive in a local
+    variable until the kernel returns. `view(x.contiguous())` inline frees the copy before the
+    call and the kernel reads freed memory."""
     if t is None:
         return None
     return (t.data_ptr(), _DTYPE_CODES[t.dtype], tuple(t.shape), tuple(t.stride()))
