@@ -1,2 +1,134 @@
-"""(placeholder: filled in by its owner)"""
-__all__ = []
+"""`fluid_ops.nn.DenoiserMLP`: MAR's diffusion head (SPEC §2.2) on the fused ops.
+
+Same constructor, parameter names, shapes and initialisation as
+`fluid_ops.reference.DenoiserMLP` (and MAR's `diffloss.net`): a MAR checkpoint's head loads with
+strict=True.
+
+* `forward(x, t, c)` (training and generic use): the same graph as the reference with
+  LayerNorm + modulation and the gated residual fused (`fluid_ops.layernorm_modulate`,
+  `fluid_ops.gated_residual`); differentiable. Contract: exact.
+* `sampler(z, timesteps, gemm_dtype=None)` (the sampling fast path, used by
+  `fluid_ops.diffusion_sample`): `cond_embed(z)` once per AR step, the time embeddings of all the
+  schedule's timesteps once, SiLU(y) once per step, all adaLN linears (every block and the final
+  layer) as ONE concatenated GEMM per step, fused LN-modulate and in-place gated residual.
+  With gemm_dtype=torch.bfloat16 the GEMMs run in bf16 (weights cast once and cached, fp32
+  accumulation inside the GEMM) while the residual stream h, y and the LN statistics stay fp32.
+  Contract: exact in fp32, rounding-level with bf16 GEMMs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fluid_ops.ops._checks import FLOAT_DTYPES, check_tensor
+from fluid_ops.ops.denoiser import gated_residual, gated_residual_, layernorm_modulate
+from fluid_ops.reference import denoiser as ref
+
+__all__ = ["DenoiserMLP"]
+
+_GEMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class _SamplingWeights:
+    """The sampler's weights in the GEMM dtype, built once per (dtype, device) and reused until a
+    parameter changes (its storage or version counter)."""
+
+    def __init__(self, net: "DenoiserMLP", gd: torch.dtype):
+        def cast(t):
+            return t.detach().to(gd).contiguous()
+
+        adas = [blk.adaLN_modulation[1] for blk in net.res_blocks] + [net.final_layer.adaLN_modulation[1]]
+        self.ada_w = cast(torch.cat([m.weight for m in adas]))
+        self.ada_b = cast(torch.cat([m.bias for m in adas]))
+        self.mlp = [(cast(b.mlp[0].weight), cast(b.mlp[0].bias), cast(b.mlp[2].weight), cast(b.mlp[2].bias))
+                    for b in net.res_blocks]
+        # LN affine parameters and the tiny input projection stay fp32 (h is fp32).
+        self.ln = [(b.in_ln.weight.detach(), b.in_ln.bias.detach(), float(b.in_ln.eps)) for b in net.res_blocks]
+        self.final_w = cast(net.final_layer.linear.weight)
+        self.final_b = cast(net.final_layer.linear.bias)
+        self.final_eps = float(net.final_layer.norm_final.eps)
+
+
+class DenoiserSampler:
+    """The per-AR-step state of the sampling fast path: `sampler(x, step)` -> model output.
+
+    Built by `DenoiserMLP.sampler(z, timesteps, gemm_dtype)`. z holds the M rows the net sees
+    (M = N, or 2N = [cond; uncond] for guidance); `x` has N rows and is repeated to M when
+    M = 2N. `step` indexes `timesteps` (a device tensor), so a step copies nothing from host to
+    device. Returns (M, out_channels) in the GEMM dtype."""
+
+    def __init__(self, net: "DenoiserMLP", z: torch.Tensor, timesteps: torch.Tensor, gemm_dtype):
+        self.net = net
+        self.gd = gemm_dtype
+        self.w = net._sampling_weights(gemm_dtype, z.device)
+        with torch.no_grad():
+            self.cemb = net.cond_embed(z.to(net.cond_embed.weight.dtype)).float()  # once per AR step
+            self.temb = net.time_embed(timesteps).float()  # (S, D): once for all diffusion steps
+        self.rows = z.shape[0]
+        self.d = net.model_channels
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        w, gd, d = self.w, self.gd, self.d
+        net = self.net
+        y = self.temb[step] + self.cemb  # (M, D) fp32; temb row shared by all rows
+        sy = F.silu(y).to(gd)
+        ada = F.linear(sy, w.ada_w, w.ada_b)  # (M, (3 * blocks + 2) * D): every adaLN at once
+        h = F.linear(x.to(net.input_proj.weight.dtype), net.input_proj.weight, net.input_proj.bias).float()
+        if self.rows != h.shape[0]:
+            h = h.repeat(self.rows // h.shape[0], 1)  # [x; x] for guidance, projected once
+        for i, ((w0, b0, w2, b2), (lw, lb, eps)) in enumerate(zip(w.mlp, w.ln)):
+            base = 3 * d * i
+            shift, scale, gate = ada[:, base:base + d], ada[:, base + d:base + 2 * d], ada[:, base + 2 * d:base + 3 * d]
+            a = layernorm_modulate(h, shift, scale, weight=lw, bias=lb, eps=eps, out_dtype=gd)
+            a = F.silu(F.linear(a, w0, b0), inplace=True)
+            gated_residual_(h, gate, F.linear(a, w2, b2))
+        base = 3 * d * len(w.mlp)
+        a = layernorm_modulate(h, ada[:, base:base + d], ada[:, base + d:base + 2 * d], eps=w.final_eps, out_dtype=gd)
+        return F.linear(a, w.final_w, w.final_b)
+
+
+class DenoiserMLP(ref.DenoiserMLP):
+    """MAR's SimpleMLPAdaLN on fluid_ops' fused ops: x (N, in), t (N,), c (N, z) -> (N, out).
+    See the module docstring for the forward and the sampling fast path."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        name = "DenoiserMLP.forward"
+        check_tensor(name, "x", x, ndim=2, dtypes=FLOAT_DTYPES + (torch.float64,), shape=(None, self.in_channels))
+        n = x.shape[0]
+        check_tensor(name, "t", t, ndim=1, shape=(n,))
+        check_tensor(name, "c", c, ndim=2, dtypes=FLOAT_DTYPES + (torch.float64,), shape=(n, self.z_channels))
+        y = self.time_embed(t) + self.cond_embed(c)
+        sy = F.silu(y)
+        h = self.input_proj(x)
+        d = self.model_channels
+        for blk in self.res_blocks:
+            mod = blk.adaLN_modulation[1](sy)
+            shift, scale, gate = mod[:, :d], mod[:, d:2 * d], mod[:, 2 * d:]
+            a = layernorm_modulate(h, shift, scale, weight=blk.in_ln.weight, bias=blk.in_ln.bias, eps=blk.in_ln.eps)
+            h = gated_residual(h, gate, blk.mlp(a))
+        fl = self.final_layer
+        mod = fl.adaLN_modulation[1](sy)
+        a = layernorm_modulate(h, mod[:, :d], mod[:, d:], eps=fl.norm_final.eps)
+        return fl.linear(a)
+
+    # ---- sampling fast path ------------------------------------------------------------------
+    def _sampling_weights(self, gemm_dtype: torch.dtype, device: torch.device) -> _SamplingWeights:
+        stamp = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        cache = self.__dict__.setdefault("_sampling_cache", {})
+        key = (gemm_dtype, torch.device(device))
+        hit = cache.get(key)
+        if hit is None or hit[0] != stamp:
+            cache.clear()  # one cached copy at a time: these are the size of the adaLN weights
+            with torch.no_grad():
+                cache[key] = (stamp, _SamplingWeights(self, gemm_dtype))
+        return cache[key][1]
+
+    def sampler(self, z: torch.Tensor, timesteps: torch.Tensor, gemm_dtype: torch.dtype | None = None) -> DenoiserSampler:
+        """The sampling fast path for conditions z (M, z_channels) and the schedule's model
+        timesteps (S,) (a device tensor); gemm_dtype None means the parameters' dtype."""
+        check_tensor("DenoiserMLP.sampler", "z", z, ndim=2, shape=(None, self.z_channels))
+        gd = gemm_dtype or self.cond_embed.weight.dtype
+        if gd not in _GEMM_DTYPES:
+            raise TypeError(f"DenoiserMLP.sampler: gemm_dtype must be None, float32, bfloat16 or float16, got {gemm_dtype!r}")
+        return DenoiserSampler(self, z, timesteps, gd)
