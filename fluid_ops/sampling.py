@@ -68,7 +68,9 @@ def diffusion_sample(net, z: torch.Tensor, *, num_steps: int = 100, temperature:
     net(x (M, C), t (M,) int64, z (M, Z)) -> (M, 2C). z: (N, Z), or (2N, Z) = [cond; uncond] when
     cfg != 1 (the loop carries N rows and evaluates 2N per step). noise: (num_steps + 1, N, C),
     [0] = x_T, [i + 1] = the noise of loop iteration i; drawn from `generator` when None.
-    gemm_dtype: torch.bfloat16 runs the fast path's GEMMs in bf16 (None: the weights' dtype).
+    gemm_dtype: torch.bfloat16 runs the fast path's GEMMs in bf16 (None: the weights' dtype;
+    "auto": bf16 where the hardware has native bf16 GEMMs (CUDA, AVX512_BF16 / AMX CPUs), else
+    fp32 -- on AVX2-only CPUs torch's bf16 GEMMs are emulated and slower than fp32).
     progress: show a progress bar (tqdm when installed)."""
     if not isinstance(net, torch.nn.Module) and not callable(net):
         raise TypeError(f"{OP}: net must be a callable module, got {type(net).__name__}")
@@ -91,8 +93,9 @@ def diffusion_sample(net, z: torch.Tensor, *, num_steps: int = 100, temperature:
                          f"got {z.shape[0]}")
     n = z.shape[0] // 2 if guided else z.shape[0]
     if gemm_dtype is not None:
-        if gemm_dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            raise TypeError(f"{OP}: gemm_dtype must be None, float32, bfloat16 or float16, got {gemm_dtype!r}")
+        if not (isinstance(gemm_dtype, str) and gemm_dtype == "auto") and \
+                gemm_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"{OP}: gemm_dtype must be None, 'auto', float32, bfloat16 or float16, got {gemm_dtype!r}")
         if not isinstance(net, DenoiserMLP):
             raise ValueError(f"{OP}: gemm_dtype applies to fluid_ops.nn.DenoiserMLP only, "
                              f"got a {type(net).__name__}")

@@ -377,8 +377,13 @@ def test_sampler_fp32_matches_forward_and_caches_weights():
                                rtol=1e-2, atol=1e-2)
     lowp = net.sampler(z, ts, torch.bfloat16)(x, 2)
     assert lowp.dtype == torch.bfloat16
-    with pytest.raises(TypeError, match="gemm_dtype must be None, float32, bfloat16 or float16"):
+    with pytest.raises(TypeError, match="gemm_dtype must be None, 'auto', float32, bfloat16 or float16"):
         net.sampler(z, ts, torch.int8)
+    # "auto": bf16 only where the CPU has native bf16 dot products (else emulated and slower)
+    from fluid_ops.nn.denoiser import _cpu_has_native_bf16, auto_gemm_dtype
+    assert auto_gemm_dtype("cpu") == (torch.bfloat16 if _cpu_has_native_bf16() else torch.float32)
+    torch.testing.assert_close(net.sampler(z, ts, "auto")(x, 1), net.sampler(z, ts, auto_gemm_dtype("cpu"))(x, 1),
+                               rtol=0, atol=0)
 
 
 # ---- CUDA (run on a GPU machine; skipped here with the reason) ------------------------------------

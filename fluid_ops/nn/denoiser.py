@@ -17,6 +17,8 @@ strict=True.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -29,6 +31,32 @@ __all__ = ["DenoiserMLP"]
 _GEMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+@functools.lru_cache(maxsize=None)
+def _cpu_has_native_bf16() -> bool:
+    """AVX512_BF16 or AMX-BF16: where torch's bf16 GEMMs beat fp32 on a CPU. Without them (AVX2
+    machines) oneDNN emulates bf16 and a bf16 GEMM is several times SLOWER than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split())
+                    return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        pass
+    return False
+
+
+def auto_gemm_dtype(device) -> torch.dtype:
+    """The GEMM dtype `gemm_dtype="auto"` picks: bf16 on CUDA devices that support it and on CPUs
+    with native bf16 dot products, else float32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu" and _cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
 class _SamplingWeights:
     """The sampler's weights in the GEMM dtype, built once per (dtype, device) and reused until a
     parameter changes (its storage or version counter)."""
@@ -37,16 +65,25 @@ class _SamplingWeights:
         def cast(t):
             return t.detach().to(gd).contiguous()
 
-        adas = [blk.adaLN_modulation[1] for blk in net.res_blocks] + [net.final_layer.adaLN_modulation[1]]
-        self.ada_w = cast(torch.cat([m.weight for m in adas]))
-        self.ada_b = cast(torch.cat([m.bias for m in adas]))
+        # Every adaLN linear in one weight: per block [shift; scale; gate], then the final layer's
+        # scale, then its shift folded through the output linear: final_linear(n + shift) =
+        # final_linear(n) + (W_f W_shift) sy + W_f b_shift, so the final shift costs `out` columns
+        # of the big GEMM instead of D (exact up to reassociation; the fold is done in fp64).
+        d = net.model_channels
+        fa, fl = net.final_layer.adaLN_modulation[1], net.final_layer.linear
+        wf64 = fl.weight.detach().double()
+        fold_w = wf64 @ fa.weight.detach()[:d].double()
+        fold_b = wf64 @ fa.bias.detach()[:d].double() + fl.bias.detach().double()
+        blocks = [blk.adaLN_modulation[1] for blk in net.res_blocks]
+        self.ada_w = cast(torch.cat([m.weight.detach() for m in blocks] + [fa.weight.detach()[d:], fold_w.float()]))
+        self.ada_b = cast(torch.cat([m.bias.detach() for m in blocks] + [fa.bias.detach()[d:], fold_b.float()]))
         self.mlp = [(cast(b.mlp[0].weight), cast(b.mlp[0].bias), cast(b.mlp[2].weight), cast(b.mlp[2].bias))
                     for b in net.res_blocks]
-        # LN affine parameters and the tiny input projection stay fp32 (h is fp32).
+        # LN affine parameters stay fp32 (h is fp32).
         self.ln = [(b.in_ln.weight.detach(), b.in_ln.bias.detach(), float(b.in_ln.eps)) for b in net.res_blocks]
-        self.final_w = cast(net.final_layer.linear.weight)
-        self.final_b = cast(net.final_layer.linear.bias)
+        self.final_wt = cast(fl.weight).t()  # (D, out) view for addmm
         self.final_eps = float(net.final_layer.norm_final.eps)
+        self.zero_shift = torch.zeros(d, dtype=gd, device=fl.weight.device)
 
 
 class DenoiserSampler:
@@ -73,7 +110,7 @@ class DenoiserSampler:
         net = self.net
         y = self.temb[step] + self.cemb  # (M, D) fp32; temb row shared by all rows
         sy = F.silu(y).to(gd)
-        ada = F.linear(sy, w.ada_w, w.ada_b)  # (M, (3 * blocks + 2) * D): every adaLN at once
+        ada = F.linear(sy, w.ada_w, w.ada_b)  # (M, (3 * blocks + 1) * D + out): every adaLN at once
         h = F.linear(x.to(net.input_proj.weight.dtype), net.input_proj.weight, net.input_proj.bias).float()
         if self.rows != h.shape[0]:
             h = h.repeat(self.rows // h.shape[0], 1)  # [x; x] for guidance, projected once
@@ -84,8 +121,8 @@ class DenoiserSampler:
             a = F.silu(F.linear(a, w0, b0), inplace=True)
             gated_residual_(h, gate, F.linear(a, w2, b2))
         base = 3 * d * len(w.mlp)
-        a = layernorm_modulate(h, ada[:, base:base + d], ada[:, base + d:base + 2 * d], eps=w.final_eps, out_dtype=gd)
-        return F.linear(a, w.final_w, w.final_b)
+        a = layernorm_modulate(h, w.zero_shift, ada[:, base:base + d], eps=w.final_eps, out_dtype=gd)
+        return torch.addmm(ada[:, base + d:], a, w.final_wt)  # + folded shift and bias
 
 
 class DenoiserMLP(ref.DenoiserMLP):
@@ -126,9 +163,13 @@ class DenoiserMLP(ref.DenoiserMLP):
 
     def sampler(self, z: torch.Tensor, timesteps: torch.Tensor, gemm_dtype: torch.dtype | None = None) -> DenoiserSampler:
         """The sampling fast path for conditions z (M, z_channels) and the schedule's model
-        timesteps (S,) (a device tensor); gemm_dtype None means the parameters' dtype."""
+        timesteps (S,) (a device tensor); gemm_dtype None means the parameters' dtype, "auto"
+        `auto_gemm_dtype(z.device)`."""
         check_tensor("DenoiserMLP.sampler", "z", z, ndim=2, shape=(None, self.z_channels))
+        if isinstance(gemm_dtype, str) and gemm_dtype == "auto":
+            gemm_dtype = auto_gemm_dtype(z.device)
         gd = gemm_dtype or self.cond_embed.weight.dtype
         if gd not in _GEMM_DTYPES:
-            raise TypeError(f"DenoiserMLP.sampler: gemm_dtype must be None, float32, bfloat16 or float16, got {gemm_dtype!r}")
+            raise TypeError(f"DenoiserMLP.sampler: gemm_dtype must be None, 'auto', float32, bfloat16 or float16, "
+                            f"got {gemm_dtype!r}")
         return DenoiserSampler(self, z, timesteps, gd)
