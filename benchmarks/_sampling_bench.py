@@ -26,14 +26,42 @@ MAR_B = dict(in_channels=16, model_channels=1024, out_channels=32, z_channels=76
 
 
 def _trained_like(net: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
-    """MAR's init leaves adaLN and output layers at zero (the net is then the identity and every
-    path computes the same zeros); give them small random values, as after training."""
+    """Weights that behave like a trained head, so 100-step samples stay bounded and the bf16 vs
+    fp32 comparison means something. MAR's init leaves adaLN and output layers at zero (the net
+    is then the identity and every path computes the same zeros); random weights instead give an
+    eps that ignores x_t, and the samples blow up (std ~1e4). Here: a large input-projection bias
+    makes LN(h) nearly linear in x, the output linear is least-squares fitted so eps tracks x_t
+    (right for data concentrated near 0), and the adaLN layers get small random weights so every
+    block and the conditioning path are active."""
     g = torch.Generator().manual_seed(seed)
+    d, c = net.model_channels, net.in_channels
     with torch.no_grad():
+        net.input_proj.bias.copy_(torch.randn(d, generator=g) * 20)
         for name, p in net.named_parameters():
-            if "adaLN_modulation" in name or "final_layer.linear" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+            if "adaLN_modulation" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02 * (64 / d) ** 0.5)
+        xs = torch.randn(4096, c, generator=g) * 2
+        t = torch.randint(0, 1000, (4096,), generator=g)
+        y = net.time_embed(t) + net.cond_embed(torch.randn(4096, net.z_channels, generator=g))
+        h = net.input_proj(xs)
+        for blk in net.res_blocks:
+            h = blk(h, y)
+        feats = torch.nn.functional.layer_norm(h, (d,), eps=1e-6)
+        net.final_layer.linear.weight.zero_()
+        net.final_layer.linear.weight[:c] = torch.linalg.lstsq(feats, xs).solution.T
+        net.final_layer.linear.weight[c:] = torch.randn(net.out_channels - c, d, generator=g) * 0.01
     return net
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _time(fn) -> float:
@@ -44,8 +72,8 @@ def _time(fn) -> float:
 
 def bench_sampling(quick: bool = True) -> list[dict]:
     rows = 256
-    steps = 3 if quick else 10          # time per step is what matters; 100 steps = 100x this
-    rounds = 3 if quick else 5
+    steps = 2 if quick else 5           # time per step is what matters; 100 steps = 100x this
+    rounds = 3 if quick else 8          # short interleaved rounds: the machine is shared
     cfg_scale = 1.0
     ref_net = _trained_like(rden.DenoiserMLP(**MAR_B)).eval()
     net = fluid_ops.nn.DenoiserMLP(**MAR_B).eval()
@@ -70,7 +98,9 @@ def bench_sampling(quick: bool = True) -> list[dict]:
             times[k].append(_time(fn) / steps)
     # per-round ratios: each round's three runs saw the same machine load
     ratios = {k: statistics.median(r / f for r, f in zip(times["reference"], times[k])) for k in variants}
-    meta = dict(device=platform.processor() or platform.machine(), torch=torch.__version__,
+    from fluid_ops.nn.denoiser import _cpu_has_native_bf16
+
+    meta = dict(device=_cpu_name(), cpu_native_bf16=_cpu_has_native_bf16(), torch=torch.__version__,
                 threads=torch.get_num_threads(), rows=rows, steps_timed=steps, rounds=rounds, cfg=cfg_scale,
                 shape="MAR-B head: 6 blocks x 1024, in 16, out 32, z 768")
     out = []
@@ -79,13 +109,14 @@ def bench_sampling(quick: bool = True) -> list[dict]:
                         ms_per_step_all=[1e3 * t for t in times[k]],
                         speedup_vs_reference=ratios[k], **meta))
     # sample quality: bf16 GEMMs vs fp32 from the same noise over a full 100-step loop
-    qsteps = 20 if quick else 100
+    qsteps = 10 if quick else 100
     qnoise = rdiff.draw_sampling_noise(rows, MAR_B["in_channels"], qsteps, generator=torch.Generator().manual_seed(2))
     s32 = fluid_ops.diffusion_sample(net, z, num_steps=qsteps, noise=qnoise, gemm_dtype=torch.float32)
     s16 = fluid_ops.diffusion_sample(net, z, num_steps=qsteps, noise=qnoise, gemm_dtype=torch.bfloat16)
     d = (s16 - s32).abs()
     out.append(dict(name="diffusion_sample/bf16_vs_fp32_samples", steps=qsteps, rows=rows,
                     max_abs_diff=d.max().item(), mean_abs_diff=d.mean().item(),
+                    rel_mean_abs_diff=d.mean().item() / s32.std().item(),
                     sample_std_fp32=s32.std().item(), sample_std_bf16=s16.std().item(),
                     sample_mean_fp32=s32.mean().item(), sample_mean_bf16=s16.mean().item()))
     return out

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import fluid_ops
+from fluid_ops.ops.denoiser import layernorm_modulate_into
 from fluid_ops.reference import denoiser as ref
 from tests.conftest import assert_lowp_close, backend_params, requires_cuda
 
@@ -153,6 +154,12 @@ def test_layernorm_modulate_fp32(backend, r, d, layout, affine):
         got = fluid_ops.layernorm_modulate(x, shift, scale, weight=w, bias=b)
     assert got.dtype == torch.float32 and got.shape == (r, d)
     torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5)
+    # the workspace variant writes the same values into a preallocated (row-strided) buffer
+    buf = torch.full((r, d + 5), float("nan"))
+    with fluid_ops.use_backend(backend):
+        ret = layernorm_modulate_into(x, shift, scale, buf[:, 2:d + 2], weight=w, bias=b)
+    torch.testing.assert_close(ret, got, rtol=0, atol=0)
+    assert buf[:, :2].isnan().all() and buf[:, d + 2:].isnan().all()  # nothing written outside
 
 
 @pytest.mark.parametrize("backend", backend_params("reference", "cpu"))
@@ -276,6 +283,18 @@ def test_opcheck_custom_ops():
                           (h.requires_grad_(), gate.detach().requires_grad_(), y.requires_grad_()))
     torch.library.opcheck(torch.ops.fluid_ops.gated_residual_backward.default, (g, gate.detach(), y.detach()))
     torch.library.opcheck(torch.ops.fluid_ops.gated_residual_.default, (h.detach().clone(), gate.detach(), y.detach()))
+    torch.library.opcheck(torch.ops.fluid_ops.layernorm_modulate_into.default,
+                          (x, shift, scale, w, b, 1e-6, torch.empty(5, 16, dtype=torch.bfloat16)))
+
+
+def test_layernorm_modulate_into_bad_inputs():
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"out must have shape \(4, 8\)"):
+        layernorm_modulate_into(x, x, x, torch.empty(4, 9))
+    with pytest.raises(ValueError, match="out must have unit column stride"):
+        layernorm_modulate_into(x, x, x, torch.empty(8, 4).t())
+    with pytest.raises(RuntimeError, match="without autograd"):
+        layernorm_modulate_into(x.requires_grad_(), x, x, torch.empty(4, 8))
 
 
 # ---- bad inputs --------------------------------------------------------------------------------
@@ -372,8 +391,8 @@ def test_sampler_fp32_matches_forward_and_caches_weights():
     with torch.no_grad():
         net.res_blocks[0].adaLN_modulation[1].weight.add_(1.0)  # a parameter change invalidates
     w2 = net._sampling_weights(torch.bfloat16, torch.device("cpu"))
-    assert w2 is not w1 and w2.ada_w.dtype == torch.bfloat16
-    torch.testing.assert_close(w2.ada_w[:32].float(), net.res_blocks[0].adaLN_modulation[1].weight.detach()[:32],
+    assert w2 is not w1 and w2.ada_wt.dtype == torch.bfloat16
+    torch.testing.assert_close(w2.ada_wt.t()[:32].float(), net.res_blocks[0].adaLN_modulation[1].weight.detach()[:32],
                                rtol=1e-2, atol=1e-2)
     lowp = net.sampler(z, ts, torch.bfloat16)(x, 2)
     assert lowp.dtype == torch.bfloat16

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from fluid_ops.ops._checks import FLOAT_DTYPES, check_tensor
-from fluid_ops.ops.denoiser import gated_residual, gated_residual_, layernorm_modulate
+from fluid_ops.ops.denoiser import gated_residual, gated_residual_, layernorm_modulate, layernorm_modulate_into
 from fluid_ops.reference import denoiser as ref
 
 __all__ = ["DenoiserMLP"]
@@ -75,10 +75,10 @@ class _SamplingWeights:
         fold_w = wf64 @ fa.weight.detach()[:d].double()
         fold_b = wf64 @ fa.bias.detach()[:d].double() + fl.bias.detach().double()
         blocks = [blk.adaLN_modulation[1] for blk in net.res_blocks]
-        self.ada_w = cast(torch.cat([m.weight.detach() for m in blocks] + [fa.weight.detach()[d:], fold_w.float()]))
+        self.ada_wt = cast(torch.cat([m.weight.detach() for m in blocks] + [fa.weight.detach()[d:], fold_w.float()])).t()
         self.ada_b = cast(torch.cat([m.bias.detach() for m in blocks] + [fa.bias.detach()[d:], fold_b.float()]))
-        self.mlp = [(cast(b.mlp[0].weight), cast(b.mlp[0].bias), cast(b.mlp[2].weight), cast(b.mlp[2].bias))
-                    for b in net.res_blocks]
+        self.mlp = [(cast(b.mlp[0].weight).t(), cast(b.mlp[0].bias), cast(b.mlp[2].weight).t(), cast(b.mlp[2].bias))
+                    for b in net.res_blocks]  # transposed views: addmm(bias, a, W^T) = linear
         # LN affine parameters stay fp32 (h is fp32).
         self.ln = [(b.in_ln.weight.detach(), b.in_ln.bias.detach(), float(b.in_ln.eps)) for b in net.res_blocks]
         self.final_wt = cast(fl.weight).t()  # (D, out) view for addmm
@@ -96,33 +96,52 @@ class DenoiserSampler:
 
     def __init__(self, net: "DenoiserMLP", z: torch.Tensor, timesteps: torch.Tensor, gemm_dtype):
         self.net = net
-        self.gd = gemm_dtype
-        self.w = net._sampling_weights(gemm_dtype, z.device)
+        self.gd = gd = gemm_dtype
+        self.w = w = net._sampling_weights(gemm_dtype, z.device)
         with torch.no_grad():
             self.cemb = net.cond_embed(z.to(net.cond_embed.weight.dtype)).float()  # once per AR step
             self.temb = net.time_embed(timesteps).float()  # (S, D): once for all diffusion steps
-        self.rows = z.shape[0]
-        self.d = net.model_channels
+        self.rows = m = z.shape[0]
+        self.d = d = net.model_channels
+        # Workspaces reused by every step: fresh multi-MB tensors per step cost page faults and
+        # zeroing that showed up as a large share of the reference loop's time on CPU.
+        dev = z.device
+        self.y = torch.empty(m, d, device=dev)
+        self.sy = self.y if gd == torch.float32 else torch.empty(m, d, dtype=gd, device=dev)
+        self.ada = torch.empty(m, w.ada_wt.shape[1], dtype=gd, device=dev)
+        self.h = torch.empty(m, d, device=dev)
+        self.a = torch.empty(m, d, dtype=gd, device=dev)
+        self.u = torch.empty(m, d, dtype=gd, device=dev)
+        self.v = torch.empty(m, d, dtype=gd, device=dev)
+        self.out = torch.empty(m, net.out_channels, dtype=gd, device=dev)
+        self.in_wt = net.input_proj.weight.detach().float().t()
+        self.in_b = net.input_proj.bias.detach().float()
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, step: int) -> torch.Tensor:
-        w, gd, d = self.w, self.gd, self.d
-        net = self.net
-        y = self.temb[step] + self.cemb  # (M, D) fp32; temb row shared by all rows
-        sy = F.silu(y).to(gd)
-        ada = F.linear(sy, w.ada_w, w.ada_b)  # (M, (3 * blocks + 1) * D + out): every adaLN at once
-        h = F.linear(x.to(net.input_proj.weight.dtype), net.input_proj.weight, net.input_proj.bias).float()
-        if self.rows != h.shape[0]:
-            h = h.repeat(self.rows // h.shape[0], 1)  # [x; x] for guidance, projected once
-        for i, ((w0, b0, w2, b2), (lw, lb, eps)) in enumerate(zip(w.mlp, w.ln)):
+        w, d = self.w, self.d
+        torch.add(self.temb[step], self.cemb, out=self.y)  # (M, D) fp32; one temb row for all rows
+        F.silu(self.y, inplace=True)
+        if self.sy is not self.y:
+            self.sy.copy_(self.y)
+        ada = torch.addmm(w.ada_b, self.sy, w.ada_wt, out=self.ada)  # every adaLN linear at once
+        n = x.shape[0]
+        h = self.h
+        torch.addmm(self.in_b, x.float(), self.in_wt, out=h[:n])
+        if self.rows != n:
+            h[n:].copy_(h[:n])  # [x; x] for guidance, projected once
+        a, u, v = self.a, self.u, self.v
+        for i, ((w0t, b0, w2t, b2), (lw, lb, eps)) in enumerate(zip(w.mlp, w.ln)):
             base = 3 * d * i
-            shift, scale, gate = ada[:, base:base + d], ada[:, base + d:base + 2 * d], ada[:, base + 2 * d:base + 3 * d]
-            a = layernorm_modulate(h, shift, scale, weight=lw, bias=lb, eps=eps, out_dtype=gd)
-            a = F.silu(F.linear(a, w0, b0), inplace=True)
-            gated_residual_(h, gate, F.linear(a, w2, b2))
+            layernorm_modulate_into(h, ada[:, base:base + d], ada[:, base + d:base + 2 * d], a,
+                                    weight=lw, bias=lb, eps=eps)
+            F.silu(torch.addmm(b0, a, w0t, out=u), inplace=True)
+            gated_residual_(h, ada[:, base + 2 * d:base + 3 * d], torch.addmm(b2, u, w2t, out=v))
         base = 3 * d * len(w.mlp)
-        a = layernorm_modulate(h, w.zero_shift, ada[:, base:base + d], eps=w.final_eps, out_dtype=gd)
-        return torch.addmm(ada[:, base + d:], a, w.final_wt)  # + folded shift and bias
+        layernorm_modulate_into(h, w.zero_shift, ada[:, base:base + d], a, eps=w.final_eps)
+        # final linear + (folded final shift and bias, from the adaLN GEMM); a fresh (M, out)
+        # tensor so callers may keep it across steps
+        return torch.addmm(ada[:, base + d:], a, w.final_wt)
 
 
 class DenoiserMLP(ref.DenoiserMLP):

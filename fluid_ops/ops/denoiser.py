@@ -98,8 +98,27 @@ def _gr_inplace_reference(h, gate, y):
     h.copy_(ref.gated_residual(h, gate, y))
 
 
+@backend.register("layernorm_modulate_into", "reference")
+def _lnm_into_reference(x, shift, scale, weight, bias, eps, out):
+    out.copy_(ref.layernorm_modulate(x, shift, scale, weight, bias, eps, out.dtype))
+
+
 # ---- cpu backends ---------------------------------------------------------------------------
 _v = _compiled.view
+
+
+def _writable_rows(out):
+    if out.shape[1] > 1 and out.stride(1) != 1:
+        return "out must have unit column stride"
+    return None
+
+
+@backend.register("layernorm_modulate_into", "cpu", supports=lambda x, shift, scale, weight, bias, eps, out:
+                  _no_f64(x, shift, scale, weight, bias, out) or _writable_rows(out))
+def _lnm_into_cpu(x, shift, scale, weight, bias, eps, out):
+    x, shift, scale = _unit_cols(x), _unit_cols(shift), _unit_cols(scale)
+    _compiled.cpu.layernorm_modulate(_v(x), _v(_f32(weight)), _v(_f32(bias)), _v(shift), _v(scale),
+                                     eps, _v(out), _compiled.cpu_threads())
 
 
 @backend.register(LNM, "cpu", supports=lambda x, shift, scale, weight, bias, eps, out_dtype:
@@ -170,6 +189,20 @@ def _lnm_cuda(x, shift, scale, weight, bias, eps, out_dtype):
     _compiled.cuda.layernorm_modulate(_v(x), _v(weight), _v(bias), _v(shift), _v(scale), eps, _v(out),
                                       _compiled.cuda_stream(x.device))
     return out
+
+
+@backend.register("layernorm_modulate_into", "cuda", supports=lambda x, shift, scale, weight, bias, eps, out:
+                  _no_f64(x, shift, scale, weight, bias, out) or _writable_rows(out) or
+                  _cuda_has("layernorm_modulate") or (
+                      None if shift.dtype == scale.dtype else "the CUDA kernel needs shift and scale in one dtype") or (
+                      None if weight is None or bias is None or weight.dtype == bias.dtype
+                      else "the CUDA kernel needs weight and bias in one dtype"))
+def _lnm_into_cuda(x, shift, scale, weight, bias, eps, out):
+    x, shift, scale = _unit_cols(x), _unit_cols(shift), _unit_cols(scale)
+    weight = None if weight is None else weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    _compiled.cuda.layernorm_modulate(_v(x), _v(weight), _v(bias), _v(shift), _v(scale), eps, _v(out),
+                                      _compiled.cuda_stream(x.device))
 
 
 @backend.register(GR, "cuda", supports=lambda h, gate, y: _no_f64(h, gate, y) or _cuda_has("gated_residual"))
@@ -287,6 +320,19 @@ def _gr_backward(ctx, grad):
 _gr_op.register_autograd(_gr_backward, setup_context=_gr_setup)
 
 
+@torch.library.custom_op("fluid_ops::layernorm_modulate_into", mutates_args=("out",))
+def _lnm_into_op(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, weight: torch.Tensor | None,
+                 bias: torch.Tensor | None, eps: float, out: torch.Tensor) -> None:
+    if x.numel() == 0:
+        return
+    backend.dispatch("layernorm_modulate_into", x.device, x, shift, scale, weight, bias, eps, out)
+
+
+@_lnm_into_op.register_fake
+def _(x, shift, scale, weight, bias, eps, out):
+    return None
+
+
 @torch.library.custom_op("fluid_ops::gated_residual_", mutates_args=("h",))
 def _gr_inplace_op(h: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> None:
     if h.numel() == 0:
@@ -338,6 +384,29 @@ def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
         raise TypeError(f"{LNM}: out_dtype must be None or one of float32, float16, bfloat16, float64, got {out_dtype!r}")
     check_same_device(LNM, x=x, shift=shift, scale=scale, weight=weight, bias=bias)
     return torch.ops.fluid_ops.layernorm_modulate(x, shift, scale, weight, bias, eps, out_dtype)
+
+
+def layernorm_modulate_into(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, out: torch.Tensor, *,
+                            weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                            eps: float = 1e-6) -> torch.Tensor:
+    """`layernorm_modulate` written into a preallocated `out` (R, D) of any float dtype, for
+    inference loops that reuse workspaces (no autograd); returns out."""
+    op = "layernorm_modulate_into"
+    check_tensor(op, "x", x, ndim=2, dtypes=_DTYPES)
+    r, d = x.shape
+    shift = _rows(op, "shift", shift, r, d, _DTYPES)
+    scale = _rows(op, "scale", scale, r, d, (shift.dtype,))
+    weight = _vec(op, "weight", weight, d, _DTYPES)
+    bias = _vec(op, "bias", bias, d, _DTYPES)
+    check_tensor(op, "out", out, ndim=2, dtypes=_DTYPES, shape=(r, d))
+    eps = check_finite_scalar(op, "eps", eps, min_value=0.0, min_inclusive=False)
+    check_same_device(op, x=x, shift=shift, scale=scale, weight=weight, bias=bias, out=out)
+    if d > 1 and out.stride(1) != 1 or r > 1 and out.stride(0) < d:
+        raise ValueError(f"{op}: out must have unit column stride and non-overlapping rows, got strides {tuple(out.stride())}")
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, shift, scale, weight, bias)):
+        raise RuntimeError(f"{op}: writes into out without autograd; use layernorm_modulate or torch.no_grad()")
+    torch.ops.fluid_ops.layernorm_modulate_into(x, shift, scale, weight, bias, eps, out)
+    return out
 
 
 def _gr_check(op, h, gate, y):
