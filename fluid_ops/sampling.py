@@ -119,7 +119,9 @@ def diffusion_sample(net, z: torch.Tensor, *, num_steps: int = 100, temperature:
     noise = noise.float()
     bar = _progress_bar(num_steps) if progress else None
     with torch.no_grad():
-        fast = net.sampler(z, ts, gemm_dtype) if isinstance(net, DenoiserMLP) else None
+        # The fast path keeps an fp32 residual stream; an fp64 module runs its own forward.
+        use_fast = isinstance(net, DenoiserMLP) and (gemm_dtype is not None or net.cond_embed.weight.dtype != torch.float64)
+        fast = net.sampler(z, ts, gemm_dtype) if use_fast else None
         x = noise[0].clone()
         for i, step in enumerate(range(num_steps - 1, -1, -1)):
             if fast is not None:
