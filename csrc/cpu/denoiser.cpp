@@ -12,6 +12,15 @@
 #include "../common/half.h"
 #include "../common/parallel.h"
 
+// The row loops below are compiled twice, for AVX2 and for the x86-64 baseline, and the loader
+// picks one per CPU (GCC/Clang function multiversioning): the module still loads anywhere while
+// AVX2 machines get 8-wide loops. The helpers they call are inlined into each clone.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FLUID_ROW_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define FLUID_ROW_CLONES
+#endif
+
 namespace fluid {
 namespace cpu {
 namespace {
@@ -20,7 +29,7 @@ using LoadRow = void (*)(const void* src, float* dst, int64_t n);
 using StoreRow = void (*)(const float* src, void* dst, int64_t n);
 
 template <typename T>
-void load_row(const void* src, float* dst, int64_t n) {
+FLUID_ROW_CLONES void load_row(const void* src, float* dst, int64_t n) {
   const T* p = static_cast<const T*>(src);
   for (int64_t i = 0; i < n; ++i) dst[i] = load_f32(p, i);
 }
@@ -29,7 +38,7 @@ void load_row<float>(const void* src, float* dst, int64_t n) {
   std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
 }
 template <typename T>
-void store_row(const float* src, void* dst, int64_t n) {
+FLUID_ROW_CLONES void store_row(const float* src, void* dst, int64_t n) {
   T* p = static_cast<T*>(dst);
   for (int64_t i = 0; i < n; ++i) store_f32(p, i, src[i]);
 }
@@ -101,6 +110,29 @@ inline float dot16(const float* a, const float* b, int64_t n) {
   return s;
 }
 
+// xb := LN(xb) (affine with w / b when given) * (1 + scale) + shift, in place.
+FLUID_ROW_CLONES
+void lnm_row(float* xb, const float* shb, const float* scb, const float* w, const float* b, int64_t d,
+             float inv_d, float eps) {
+  const float mean = sum16(xb, d) * inv_d;
+  const float rstd = 1.0f / std::sqrt(sumsq_centered16(xb, mean, d) * inv_d + eps);
+  if (w || b) {
+    for (int64_t j = 0; j < d; ++j) {
+      float v = (xb[j] - mean) * rstd;
+      v = v * (w ? w[j] : 1.0f) + (b ? b[j] : 0.0f);
+      xb[j] = v * (1.0f + scb[j]) + shb[j];
+    }
+  } else {
+    for (int64_t j = 0; j < d; ++j) xb[j] = (xb[j] - mean) * rstd * (1.0f + scb[j]) + shb[j];
+  }
+}
+
+// hb := hb + gb * yb.
+FLUID_ROW_CLONES
+void gated_row(float* hb, const float* gb, const float* yb, int64_t d) {
+  for (int64_t j = 0; j < d; ++j) hb[j] += gb[j] * yb[j];
+}
+
 void check_rows(const TensorView& t, int64_t rows, int64_t d, const char* name) {
   FLUID_CHECK(t.ndim == 2, std::string(name) + " must be 2-D");
   FLUID_CHECK(t.size(0) == rows && t.size(1) == d,
@@ -153,17 +185,7 @@ void layernorm_modulate(const TensorView& x, const TensorView* weight, const Ten
       lx(row_ptr(x, r), xb, d);
       lsh(row_ptr(shift, r), shb, d);
       lsc(row_ptr(scale, r), scb, d);
-      const float mean = sum16(xb, d) * inv_d;
-      const float rstd = 1.0f / std::sqrt(sumsq_centered16(xb, mean, d) * inv_d + eps);
-      if (w || b) {
-        for (int64_t j = 0; j < d; ++j) {
-          float v = (xb[j] - mean) * rstd;
-          v = v * (w ? w[j] : 1.0f) + (b ? b[j] : 0.0f);
-          xb[j] = v * (1.0f + scb[j]) + shb[j];
-        }
-      } else {
-        for (int64_t j = 0; j < d; ++j) xb[j] = (xb[j] - mean) * rstd * (1.0f + scb[j]) + shb[j];
-      }
+      lnm_row(xb, shb, scb, w, b, d, inv_d, eps);
       so(xb, row_ptr_mut(out, r), d);
     }
   });
@@ -262,7 +284,7 @@ void gated_residual(const TensorView& h, const TensorView& gate, const TensorVie
       lh(row_ptr(h, r), hb, d);  // read the whole row before writing: out may alias h
       lgt(row_ptr(gate, r), gb, d);
       ly(row_ptr(y, r), yb, d);
-      for (int64_t j = 0; j < d; ++j) hb[j] += gb[j] * yb[j];
+      gated_row(hb, gb, yb, d);
       so(hb, row_ptr_mut(out, r), d);
     }
   });
