@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fluid_ops
 from fluid_ops.ops.denoiser import layernorm_modulate_into
