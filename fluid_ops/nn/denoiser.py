@@ -1,2 +1,194 @@
-"""(placeholder: filled in by its owner)"""
-__all__ = []
+"""`fluid_ops.nn.DenoiserMLP`: MAR's diffusion head (SPEC §2.2) on the fused ops.
+
+Same constructor, parameter names, shapes and initialisation as
+`fluid_ops.reference.DenoiserMLP` (and MAR's `diffloss.net`): a MAR checkpoint's head loads with
+strict=True.
+
+* `forward(x, t, c)` (training and generic use): the same graph as the reference with
+  LayerNorm + modulation and the gated residual fused (`fluid_ops.layernorm_modulate`,
+  `fluid_ops.gated_residual`); differentiable. Contract: exact.
+* `sampler(z, timesteps, gemm_dtype=None)` (the sampling fast path, used by
+  `fluid_ops.diffusion_sample`): `cond_embed(z)` once per AR step, the time embeddings of all the
+  schedule's timesteps once, SiLU(y) once per step, all adaLN linears (every block and the final
+  layer) as ONE concatenated GEMM per step, fused LN-modulate and in-place gated residual.
+  With gemm_dtype=torch.bfloat16 the GEMMs run in bf16 (weights cast once and cached, fp32
+  accumulation inside the GEMM) while the residual stream h, y and the LN statistics stay fp32.
+  Contract: exact in fp32, rounding-level with bf16 GEMMs.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from fluid_ops.ops._checks import FLOAT_DTYPES, check_tensor
+from fluid_ops.ops.denoiser import gated_residual, gated_residual_, layernorm_modulate, layernorm_modulate_into
+from fluid_ops.reference import denoiser as ref
+
+__all__ = ["DenoiserMLP"]
+
+_GEMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_has_native_bf16() -> bool:
+    """AVX512_BF16 or AMX-BF16: where torch's bf16 GEMMs beat fp32 on a CPU. Without them (AVX2
+    machines) oneDNN emulates bf16 and a bf16 GEMM is several times SLOWER than fp32."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split())
+                    return "avx512_bf16" in flags or "amx_bf16" in flags
+    except OSError:
+        pass
+    return False
+
+
+def auto_gemm_dtype(device) -> torch.dtype:
+    """The GEMM dtype `gemm_dtype="auto"` picks: bf16 on CUDA devices that support it and on CPUs
+    with native bf16 dot products, else float32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    if device.type == "cpu" and _cpu_has_native_bf16():
+        return torch.bfloat16
+    return torch.float32
+
+
+class _SamplingWeights:
+    """The sampler's weights in the GEMM dtype, built once per (dtype, device) and reused until a
+    parameter changes (its storage or version counter)."""
+
+    def __init__(self, net: "DenoiserMLP", gd: torch.dtype):
+        def cast(t):
+            return t.detach().to(gd).contiguous()
+
+        # Every adaLN linear in one weight: per block [shift; scale; gate], then the final layer's
+        # scale, then its shift folded through the output linear: final_linear(n + shift) =
+        # final_linear(n) + (W_f W_shift) sy + W_f b_shift, so the final shift costs `out` columns
+        # of the big GEMM instead of D (exact up to reassociation; the fold is done in fp64).
+        d = net.model_channels
+        fa, fl = net.final_layer.adaLN_modulation[1], net.final_layer.linear
+        wf64 = fl.weight.detach().double()
+        fold_w = wf64 @ fa.weight.detach()[:d].double()
+        fold_b = wf64 @ fa.bias.detach()[:d].double() + fl.bias.detach().double()
+        blocks = [blk.adaLN_modulation[1] for blk in net.res_blocks]
+        self.ada_wt = cast(torch.cat([m.weight.detach() for m in blocks] + [fa.weight.detach()[d:], fold_w.float()])).t()
+        self.ada_b = cast(torch.cat([m.bias.detach() for m in blocks] + [fa.bias.detach()[d:], fold_b.float()]))
+        self.mlp = [(cast(b.mlp[0].weight).t(), cast(b.mlp[0].bias), cast(b.mlp[2].weight).t(), cast(b.mlp[2].bias))
+                    for b in net.res_blocks]  # transposed views: addmm(bias, a, W^T) = linear
+        # LN affine parameters stay fp32 (h is fp32).
+        self.ln = [(b.in_ln.weight.detach(), b.in_ln.bias.detach(), float(b.in_ln.eps)) for b in net.res_blocks]
+        self.final_wt = cast(fl.weight).t()  # (D, out) view for addmm
+        self.final_eps = float(net.final_layer.norm_final.eps)
+        self.zero_shift = torch.zeros(d, dtype=gd, device=fl.weight.device)
+
+
+class DenoiserSampler:
+    """The per-AR-step state of the sampling fast path: `sampler(x, step)` -> model output.
+
+    Built by `DenoiserMLP.sampler(z, timesteps, gemm_dtype)`. z holds the M rows the net sees
+    (M = N, or 2N = [cond; uncond] for guidance); `x` has N rows and is repeated to M when
+    M = 2N. `step` indexes `timesteps` (a device tensor), so a step copies nothing from host to
+    device. Returns (M, out_channels) in the GEMM dtype."""
+
+    def __init__(self, net: "DenoiserMLP", z: torch.Tensor, timesteps: torch.Tensor, gemm_dtype):
+        self.net = net
+        self.gd = gd = gemm_dtype
+        self.w = w = net._sampling_weights(gemm_dtype, z.device)
+        with torch.no_grad():
+            self.cemb = net.cond_embed(z.to(net.cond_embed.weight.dtype)).float()  # once per AR step
+            self.temb = net.time_embed(timesteps).float()  # (S, D): once for all diffusion steps
+        self.rows = m = z.shape[0]
+        self.d = d = net.model_channels
+        # Workspaces reused by every step: fresh multi-MB tensors per step cost page faults and
+        # zeroing that showed up as a large share of the reference loop's time on CPU.
+        dev = z.device
+        self.y = torch.empty(m, d, device=dev)
+        self.sy = self.y if gd == torch.float32 else torch.empty(m, d, dtype=gd, device=dev)
+        self.ada = torch.empty(m, w.ada_wt.shape[1], dtype=gd, device=dev)
+        self.h = torch.empty(m, d, device=dev)
+        self.a = torch.empty(m, d, dtype=gd, device=dev)
+        self.u = torch.empty(m, d, dtype=gd, device=dev)
+        self.v = torch.empty(m, d, dtype=gd, device=dev)
+        self.out = torch.empty(m, net.out_channels, dtype=gd, device=dev)
+        self.in_wt = net.input_proj.weight.detach().float().t()
+        self.in_b = net.input_proj.bias.detach().float()
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        w, d = self.w, self.d
+        torch.add(self.temb[step], self.cemb, out=self.y)  # (M, D) fp32; one temb row for all rows
+        F.silu(self.y, inplace=True)
+        if self.sy is not self.y:
+            self.sy.copy_(self.y)
+        ada = torch.addmm(w.ada_b, self.sy, w.ada_wt, out=self.ada)  # every adaLN linear at once
+        n = x.shape[0]
+        h = self.h
+        torch.addmm(self.in_b, x.float(), self.in_wt, out=h[:n])
+        if self.rows != n:
+            h[n:].copy_(h[:n])  # [x; x] for guidance, projected once
+        a, u, v = self.a, self.u, self.v
+        for i, ((w0t, b0, w2t, b2), (lw, lb, eps)) in enumerate(zip(w.mlp, w.ln)):
+            base = 3 * d * i
+            layernorm_modulate_into(h, ada[:, base:base + d], ada[:, base + d:base + 2 * d], a,
+                                    weight=lw, bias=lb, eps=eps)
+            F.silu(torch.addmm(b0, a, w0t, out=u), inplace=True)
+            gated_residual_(h, ada[:, base + 2 * d:base + 3 * d], torch.addmm(b2, u, w2t, out=v))
+        base = 3 * d * len(w.mlp)
+        layernorm_modulate_into(h, w.zero_shift, ada[:, base:base + d], a, eps=w.final_eps)
+        # final linear + (folded final shift and bias, from the adaLN GEMM); a fresh (M, out)
+        # tensor so callers may keep it across steps
+        return torch.addmm(ada[:, base + d:], a, w.final_wt)
+
+
+class DenoiserMLP(ref.DenoiserMLP):
+    """MAR's SimpleMLPAdaLN on fluid_ops' fused ops: x (N, in), t (N,), c (N, z) -> (N, out).
+    See the module docstring for the forward and the sampling fast path."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        name = "DenoiserMLP.forward"
+        check_tensor(name, "x", x, ndim=2, dtypes=FLOAT_DTYPES + (torch.float64,), shape=(None, self.in_channels))
+        n = x.shape[0]
+        check_tensor(name, "t", t, ndim=1, shape=(n,))
+        check_tensor(name, "c", c, ndim=2, dtypes=FLOAT_DTYPES + (torch.float64,), shape=(n, self.z_channels))
+        y = self.time_embed(t) + self.cond_embed(c)
+        sy = F.silu(y)
+        h = self.input_proj(x)
+        d = self.model_channels
+        for blk in self.res_blocks:
+            mod = blk.adaLN_modulation[1](sy)
+            shift, scale, gate = mod[:, :d], mod[:, d:2 * d], mod[:, 2 * d:]
+            a = layernorm_modulate(h, shift, scale, weight=blk.in_ln.weight, bias=blk.in_ln.bias, eps=blk.in_ln.eps)
+            h = gated_residual(h, gate, blk.mlp(a))
+        fl = self.final_layer
+        mod = fl.adaLN_modulation[1](sy)
+        a = layernorm_modulate(h, mod[:, :d], mod[:, d:], eps=fl.norm_final.eps)
+        return fl.linear(a)
+
+    # ---- sampling fast path ------------------------------------------------------------------
+    def _sampling_weights(self, gemm_dtype: torch.dtype, device: torch.device) -> _SamplingWeights:
+        stamp = tuple((p.data_ptr(), p._version) for p in self.parameters())
+        cache = self.__dict__.setdefault("_sampling_cache", {})
+        key = (gemm_dtype, torch.device(device))
+        hit = cache.get(key)
+        if hit is None or hit[0] != stamp:
+            cache.clear()  # one cached copy at a time: these are the size of the adaLN weights
+            with torch.no_grad():
+                cache[key] = (stamp, _SamplingWeights(self, gemm_dtype))
+        return cache[key][1]
+
+    def sampler(self, z: torch.Tensor, timesteps: torch.Tensor, gemm_dtype: torch.dtype | None = None) -> DenoiserSampler:
+        """The sampling fast path for conditions z (M, z_channels) and the schedule's model
+        timesteps (S,) (a device tensor); gemm_dtype None means the parameters' dtype, "auto"
+        `auto_gemm_dtype(z.device)`."""
+        check_tensor("DenoiserMLP.sampler", "z", z, ndim=2, shape=(None, self.z_channels))
+        if isinstance(gemm_dtype, str) and gemm_dtype == "auto":
+            gemm_dtype = auto_gemm_dtype(z.device)
+        gd = gemm_dtype or self.cond_embed.weight.dtype
+        if gd not in _GEMM_DTYPES:
+            raise TypeError(f"DenoiserMLP.sampler: gemm_dtype must be None, 'auto', float32, bfloat16 or float16, "
+                            f"got {gemm_dtype!r}")
+        return DenoiserSampler(self, z, timesteps, gd)
