@@ -4,6 +4,7 @@
 
 #include <optional>
 
+#include "../cuda/denoiser_ops.h"
 #include "../cuda/ops.h"
 #include "pyview.h"
 
@@ -49,4 +50,6 @@ PYBIND11_MODULE(_C_cuda, m) {
       },
       fluid::nogil(), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("shift"),
       py::arg("scale"), py::arg("eps"), py::arg("out"), py::arg("stream"));
+  m.def("gated_residual", &fluid::cuda::gated_residual, fluid::nogil(), py::arg("h"),
+        py::arg("gate"), py::arg("y"), py::arg("out"), py::arg("stream"));
 }
