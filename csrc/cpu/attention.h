@@ -1,0 +1,73 @@
+// CPU attention (SPEC §2.1): forward with online softmax over key blocks, backward from the saved
+// log-sum-exp. Layout q (B, Nq, H, D), k / v (B, Nk, H, D), any strides with unit stride along D.
+#pragma once
+#include <cstdint>
+#include <optional>
+
+#include "../common/tensor.h"
+
+namespace fluid {
+namespace cpu {
+
+// o (B, Nq, H, D) in q's dtype (unit stride along D); lse (B, H, Nq) float32 contiguous, natural
+// log, -inf for a row that may attend no key (its o row is 0).
+// key_padding_mask: optional (B, Nk) bool, true = may attend. seqlens_k: optional (B,) int32/int64,
+// the number of valid keys of each batch (a KV cache's filled length); causal is bottom-right
+// relative to that length: query i attends key j iff j <= i + Lk_b - Nq.
+// impl: 0 = fastest available, 1 = portable C++ (tests use it to cover both paths).
+void attention_fwd(const TensorView& q, const TensorView& k, const TensorView& v,
+                   const std::optional<TensorView>& key_padding_mask,
+                   const std::optional<TensorView>& seqlens_k, const TensorView& o,
+                   const TensorView& lse, bool causal, float softmax_scale, int nthreads, int impl);
+
+// dq, dk, dv (shapes of q, k, v, in their dtype, unit stride along D) from dout, the forward's o
+// and lse. Deterministic: each (batch, head) is reduced by one thread in a fixed order.
+void attention_bwd(const TensorView& dout, const TensorView& q, const TensorView& k,
+                   const TensorView& v, const TensorView& o, const TensorView& lse,
+                   const std::optional<TensorView>& key_padding_mask, const TensorView& dq,
+                   const TensorView& dk, const TensorView& dv, bool causal, float softmax_scale,
+                   int nthreads);
+
+// Which forward path impl=0 takes on this CPU: "avx512", "avx2" or "portable".
+const char* attention_fwd_isa();
+
+namespace attn {
+
+// One forward work item for the SIMD kernels, all fp32 and packed by attention.cpp:
+//   q     (nq, d) query rows, pre-multiplied by softmax_scale * log2(e) (the kernels use exp2);
+//   kt    keys in chunks of 16: kt[(j / 16) * d * 16 + e * 16 + j % 16] = k[j][e];
+//   v     (nkp, d) values, rows >= the valid length are zero;
+//   kbias (nkp) 0 for a key that may be attended, -inf for padding / masked / past the length;
+//   block_end[kb] for each key block of kBlock keys: 1 + the last attendable key of the block
+//         (relative to the block start), 0 when the whole block is masked (skipped);
+//   block_full[kb]: every key of the block may be attended (kbias need not be added).
+// Causal: row r (0-based in this item) may attend key j iff j <= r + diag.
+// Outputs: o (nq, d) normalised rows (0 for rows with no key), lse2 (nq) base-2 log-sum-exp
+// of the scaled scores (-inf for rows with no key). scratch: kScratchFloats floats.
+constexpr int kBlock = 128;
+constexpr int kMaxRows = 8;
+constexpr int64_t kScratchFloats = kMaxRows * kBlock + kMaxRows * 128 + 64;
+
+struct FwdItem {
+  const float* q;
+  const float* kt;
+  const float* v;
+  const float* kbias;
+  const int32_t* block_end;
+  const uint8_t* block_full;
+  int64_t nq, nkp, d;
+  bool causal;
+  int64_t diag;
+  float* o;
+  float* lse2;
+  float* scratch;
+};
+
+using FwdKernel = void (*)(const FwdItem&);
+// Each returns nullptr when its file was not compiled for this target.
+FwdKernel fwd_kernel_avx2();
+FwdKernel fwd_kernel_avx512();
+
+}  // namespace attn
+}  // namespace cpu
+}  // namespace fluid

@@ -1,0 +1,164 @@
+// The SIMD forward kernel of attention, written once over a vector type V and instantiated by
+// attention_avx2.cpp (8 lanes) and attention_avx512.cpp (16 lanes) after their ISA setup.
+// Everything here is a template on V, so the two instantiations never share a symbol (no
+// AVX-512 code can be picked by the linker for a caller on a CPU without it).
+//
+// V provides: kW (lanes), zero(), set1(f), load(p), store(p, v), add, sub, mul, max,
+// fmadd(a, b, c) = a*b + c, hmax(v), hsum(v), exp2z(x) = 2^x for x <= 0 and 0 for x < -126.
+//
+// Per item: for a tile of MR query rows, S = Q Kᵀ over a key block as MR x (2 vectors) register
+// accumulators (broadcast q, two K vectors from the packed chunks), then the online softmax
+// update (max, exp2, rescale), then O += P V as MR x (2 vectors of D) accumulators.
+#pragma once
+#include "attention.h"
+
+namespace fluid {
+namespace cpu {
+namespace attn {
+namespace simd {
+
+// S[r][j] for j in [0, ncols) of the block starting at key j0 (ncols a multiple of 2 * kW).
+template <class V, int MR>
+inline void scores_tile(const float* q, const float* kt, int64_t d, int64_t j0, int64_t ncols,
+                        float* s) {
+  constexpr int W = V::kW;
+  for (int64_t jj = 0; jj < ncols; jj += 2 * W) {
+    const int64_t j = j0 + jj;
+    const float* k0 = kt + (j / 16) * d * 16 + (j % 16);
+    const float* k1 = kt + ((j + W) / 16) * d * 16 + ((j + W) % 16);
+    typename V::T acc[MR][2];
+    for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = V::zero();
+    for (int64_t e = 0; e < d; ++e) {
+      auto kv0 = V::load(k0 + e * 16);
+      auto kv1 = V::load(k1 + e * 16);
+      for (int r = 0; r < MR; ++r) {
+        auto qb = V::set1(q[r * d + e]);
+        acc[r][0] = V::fmadd(qb, kv0, acc[r][0]);
+        acc[r][1] = V::fmadd(qb, kv1, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < MR; ++r) {
+      V::store(s + r * kBlock + jj, acc[r][0]);
+      V::store(s + r * kBlock + jj + W, acc[r][1]);
+    }
+  }
+}
+
+// O[r][e0 .. e0 + NV*W) += sum_j P[r][j] V[j0 + j][...] for j < nj.
+template <class V, int MR, int NV>
+inline void pv_tile(const float* p, const float* v, int64_t d, int64_t j0, int64_t nj, int64_t e0,
+                    float* o) {
+  constexpr int W = V::kW;
+  typename V::T acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NV; ++c) acc[r][c] = V::load(o + r * d + e0 + c * W);
+  const float* vp = v + j0 * d + e0;
+  for (int64_t j = 0; j < nj; ++j) {
+    typename V::T vv[NV];
+    for (int c = 0; c < NV; ++c) vv[c] = V::load(vp + j * d + c * W);
+    for (int r = 0; r < MR; ++r) {
+      auto pb = V::set1(p[r * kBlock + j]);
+      for (int c = 0; c < NV; ++c) acc[r][c] = V::fmadd(pb, vv[c], acc[r][c]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int c = 0; c < NV; ++c) V::store(o + r * d + e0 + c * W, acc[r][c]);
+}
+
+template <class V, int MR>
+inline void rows_tile(const FwdItem& it, int64_t r0) {
+  constexpr int W = V::kW;
+  const int64_t d = it.d;
+  const float* q = it.q + r0 * d;
+  float* s = it.scratch;                  // MR x kBlock scores / probabilities
+  float* o = it.scratch + kMaxRows * kBlock;  // MR x d accumulators (d <= 128)
+  float m[MR], l[MR];
+  for (int r = 0; r < MR; ++r) {
+    m[r] = -__builtin_inff();
+    l[r] = 0.0f;
+    for (int64_t e = 0; e < d; ++e) o[r * d + e] = 0.0f;
+  }
+  // causal: row r attends keys j <= r0 + r + diag
+  const int64_t lim_lo = r0 + it.diag, lim_hi = r0 + MR - 1 + it.diag;
+  const int64_t nblocks = it.nkp / kBlock;
+  for (int64_t kb = 0; kb < nblocks; ++kb) {
+    const int64_t j0 = kb * kBlock;
+    int64_t nj = it.block_end[kb];
+    if (nj == 0) continue;
+    if (it.causal) {
+      if (j0 > lim_hi) break;
+      if (j0 + nj - 1 > lim_hi) nj = lim_hi - j0 + 1;
+    }
+    const int64_t ncols = (nj + 2 * W - 1) / (2 * W) * (2 * W);
+    scores_tile<V, MR>(q, it.kt, d, j0, ncols, s);
+    if (!it.block_full[kb] || ncols != nj) {
+      for (int r = 0; r < MR; ++r)
+        for (int64_t jj = 0; jj < ncols; jj += W)
+          V::store(s + r * kBlock + jj,
+                   V::add(V::load(s + r * kBlock + jj), V::load(it.kbias + j0 + jj)));
+    }
+    if (it.causal && j0 + ncols - 1 > lim_lo) {
+      for (int r = 0; r < MR; ++r) {
+        int64_t first_bad = r0 + r + it.diag + 1 - j0;  // first masked column of this row
+        if (first_bad < 0) first_bad = 0;
+        for (int64_t jj = first_bad; jj < ncols; ++jj) s[r * kBlock + jj] = -__builtin_inff();
+      }
+    }
+    for (int r = 0; r < MR; ++r) {
+      float* sr = s + r * kBlock;
+      auto mv = V::load(sr);
+      for (int64_t jj = W; jj < ncols; jj += W) mv = V::max(mv, V::load(sr + jj));
+      const float bm = V::hmax(mv);
+      const float mnew = bm > m[r] ? bm : m[r];
+      if (mnew == -__builtin_inff()) {  // nothing attendable yet in this row
+        for (int64_t jj = 0; jj < ncols; jj += W) V::store(sr + jj, V::zero());
+        continue;
+      }
+      const auto mb = V::set1(mnew);
+      auto sum = V::zero();
+      for (int64_t jj = 0; jj < ncols; jj += W) {
+        auto p = V::exp2z(V::sub(V::load(sr + jj), mb));
+        V::store(sr + jj, p);
+        sum = V::add(sum, p);
+      }
+      if (mnew != m[r]) {
+        const float alpha = __builtin_exp2f(m[r] - mnew);  // 0 when m[r] = -inf
+        const auto ab = V::set1(alpha);
+        for (int64_t e = 0; e < d; e += W) V::store(o + r * d + e, V::mul(V::load(o + r * d + e), ab));
+        l[r] *= alpha;
+        m[r] = mnew;
+      }
+      l[r] += V::hsum(sum);
+    }
+    int64_t e0 = 0;
+    for (; e0 + 2 * W <= d; e0 += 2 * W) pv_tile<V, MR, 2>(s, it.v, d, j0, nj, e0, o);
+    if (e0 < d) pv_tile<V, MR, 1>(s, it.v, d, j0, nj, e0, o);
+  }
+  for (int r = 0; r < MR; ++r) {
+    const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+    const auto ib = V::set1(inv);
+    float* dst = it.o + (r0 + r) * d;
+    for (int64_t e = 0; e < d; e += W) V::store(dst + e, V::mul(V::load(o + r * d + e), ib));
+    it.lse2[r0 + r] = l[r] > 0.0f ? m[r] + __builtin_log2f(l[r]) : -__builtin_inff();
+  }
+}
+
+template <class V, int MR>
+inline void rows_tail(const FwdItem& it, int64_t r0, int64_t n) {
+  if constexpr (MR > 0) {
+    if (n == MR) return rows_tile<V, MR>(it, r0);
+    return rows_tail<V, MR - 1>(it, r0, n);
+  }
+}
+
+template <class V, int MR>
+void forward(const FwdItem& it) {
+  int64_t r0 = 0;
+  for (; r0 + MR <= it.nq; r0 += MR) rows_tile<V, MR>(it, r0);
+  if (r0 < it.nq) rows_tail<V, MR - 1>(it, r0, it.nq - r0);
+}
+
+}  // namespace simd
+}  // namespace attn
+}  // namespace cpu
+}  // namespace fluid
