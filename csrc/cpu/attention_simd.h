@@ -18,9 +18,8 @@ namespace attn {
 namespace simd {
 
 // S[r][j] for j in [0, ncols) of the block starting at key j0 (ncols a multiple of 2 * kW).
-template <class V, int MR>
-inline void scores_tile(const float* q, const float* kt, int64_t d, int64_t j0, int64_t ncols,
-                        float* s) {
+template <class V, int MR, int64_t d>
+inline void scores_tile(const float* q, const float* kt, int64_t j0, int64_t ncols, float* s) {
   constexpr int W = V::kW;
   for (int64_t jj = 0; jj < ncols; jj += 2 * W) {
     const int64_t j = j0 + jj;
@@ -45,9 +44,8 @@ inline void scores_tile(const float* q, const float* kt, int64_t d, int64_t j0, 
 }
 
 // O[r][e0 .. e0 + NV*W) += sum_j P[r][j] V[j0 + j][...] for j < nj.
-template <class V, int MR, int NV>
-inline void pv_tile(const float* p, const float* v, int64_t d, int64_t j0, int64_t nj, int64_t e0,
-                    float* o) {
+template <class V, int MR, int NV, int64_t d>
+inline void pv_tile(const float* p, const float* v, int64_t j0, int64_t nj, int64_t e0, float* o) {
   constexpr int W = V::kW;
   typename V::T acc[MR][NV];
   for (int r = 0; r < MR; ++r)
@@ -65,10 +63,9 @@ inline void pv_tile(const float* p, const float* v, int64_t d, int64_t j0, int64
     for (int c = 0; c < NV; ++c) V::store(o + r * d + e0 + c * W, acc[r][c]);
 }
 
-template <class V, int MR>
+template <class V, int MR, int64_t d>
 inline void rows_tile(const FwdItem& it, int64_t r0) {
   constexpr int W = V::kW;
-  const int64_t d = it.d;
   const float* q = it.q + r0 * d;
   float* s = it.scratch;                  // MR x kBlock scores / probabilities
   float* o = it.scratch + kMaxRows * kBlock;  // MR x d accumulators (d <= 128)
@@ -90,7 +87,7 @@ inline void rows_tile(const FwdItem& it, int64_t r0) {
       if (j0 + nj - 1 > lim_hi) nj = lim_hi - j0 + 1;
     }
     const int64_t ncols = (nj + 2 * W - 1) / (2 * W) * (2 * W);
-    scores_tile<V, MR>(q, it.kt, d, j0, ncols, s);
+    scores_tile<V, MR, d>(q, it.kt, j0, ncols, s);
     if (!it.block_full[kb] || ncols != nj) {
       for (int r = 0; r < MR; ++r)
         for (int64_t jj = 0; jj < ncols; jj += W)
@@ -131,8 +128,8 @@ inline void rows_tile(const FwdItem& it, int64_t r0) {
       l[r] += V::hsum(sum);
     }
     int64_t e0 = 0;
-    for (; e0 + 2 * W <= d; e0 += 2 * W) pv_tile<V, MR, 2>(s, it.v, d, j0, nj, e0, o);
-    if (e0 < d) pv_tile<V, MR, 1>(s, it.v, d, j0, nj, e0, o);
+    for (; e0 + 2 * W <= d; e0 += 2 * W) pv_tile<V, MR, 2, d>(s, it.v, j0, nj, e0, o);
+    if (e0 < d) pv_tile<V, MR, 1, d>(s, it.v, j0, nj, e0, o);
   }
   for (int r = 0; r < MR; ++r) {
     const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
@@ -143,19 +140,32 @@ inline void rows_tile(const FwdItem& it, int64_t r0) {
   }
 }
 
-template <class V, int MR>
+template <class V, int MR, int64_t d>
 inline void rows_tail(const FwdItem& it, int64_t r0, int64_t n) {
   if constexpr (MR > 0) {
-    if (n == MR) return rows_tile<V, MR>(it, r0);
-    return rows_tail<V, MR - 1>(it, r0, n);
+    if (n == MR) return rows_tile<V, MR, d>(it, r0);
+    return rows_tail<V, MR - 1, d>(it, r0, n);
   }
 }
 
+template <class V, int MR, int64_t d>
+void forward_d(const FwdItem& it) {
+  int64_t r0 = 0;
+  for (; r0 + MR <= it.nq; r0 += MR) rows_tile<V, MR, d>(it, r0);
+  if (r0 < it.nq) rows_tail<V, MR - 1, d>(it, r0, it.nq - r0);
+}
+
+// The head dim is a compile-time constant inside the kernels (fixed trip counts and offsets).
 template <class V, int MR>
 void forward(const FwdItem& it) {
-  int64_t r0 = 0;
-  for (; r0 + MR <= it.nq; r0 += MR) rows_tile<V, MR>(it, r0);
-  if (r0 < it.nq) rows_tail<V, MR - 1>(it, r0, it.nq - r0);
+  switch (it.d) {
+    case 32: return forward_d<V, MR, 32>(it);
+    case 64: return forward_d<V, MR, 64>(it);
+    case 80: return forward_d<V, MR, 80>(it);
+    case 96: return forward_d<V, MR, 96>(it);
+    case 128: return forward_d<V, MR, 128>(it);
+    default: return;  // attention.cpp admits only these head dims
+  }
 }
 
 }  // namespace simd
