@@ -109,12 +109,21 @@ def test_backend_matches_reference_fp32(backend, b, nq, nk, h, d, causal, masked
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
 
 
+_ISA_CODES = {"portable": 1, "avx2": 2, "avx512": 3}
+
+
+def _isa_params():
+    have = _compiled.cpu.attention_fwd_isas() if _compiled.cpu is not None else []
+    return [pytest.param(code, id=name, marks=pytest.mark.skipif(name not in have, reason=f"no {name} on this CPU/build"))
+            for name, code in _ISA_CODES.items()]
+
+
 @pytest.mark.skipif(_compiled.cpu is None, reason="fluid_ops._C not built")
-@pytest.mark.parametrize("impl", [0, 1], ids=["fastest", "portable"])
+@pytest.mark.parametrize("impl", _isa_params())
 @pytest.mark.parametrize("b,nq,nk,h,d", SHAPES[1:] + [(2, 300, 129, 1, 32)])
 @pytest.mark.parametrize("causal", [False, True])
 def test_cpu_paths_with_lse(impl, b, nq, nk, h, d, causal):
-    """Both compiled forward paths (the SIMD one this CPU picks and the portable one), o and lse."""
+    """Every compiled forward path this CPU has (portable, AVX2, AVX-512), o and lse."""
     q, k, v, mask = _inputs(b, nq, nk, h, d, masked=True, full_mask_batch=0)
     want_o, want_lse = ref.attention_with_lse(q.double(), k.double(), v.double(), key_padding_mask=mask, causal=causal)
     o, lse = ops_attn._cpu_forward(q, k, v, mask, None, causal, d ** -0.5, impl)
@@ -334,6 +343,8 @@ def test_kernel_rejects_bad_views_itself():
     vw = _compiled.view
     with pytest.raises(ValueError, match="v has a shape"):
         _compiled.cpu.attention_fwd(vw(q), vw(k), vw(torch.randn(1, 5, 1, 32)), None, None, vw(o), vw(lse), False, 0.1, 1)
+    with pytest.raises(ValueError, match="impl must be"):
+        _compiled.cpu.attention_fwd(vw(q), vw(k), vw(k), None, None, vw(o), vw(lse), False, 0.1, 1, 7)
     with pytest.raises(ValueError, match="unsupported head dim 16"):
         q16 = torch.randn(1, 4, 1, 16)
         _compiled.cpu.attention_fwd(vw(q16), vw(q16), vw(q16), None, None, vw(q16.clone()), vw(lse), False, 0.1, 1)

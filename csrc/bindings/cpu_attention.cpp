@@ -12,5 +12,6 @@ void bind_cpu_attention(py::module_& m) {
         py::arg("v"), py::arg("o"), py::arg("lse"), py::arg("key_padding_mask"), py::arg("dq"),
         py::arg("dk"), py::arg("dv"), py::arg("causal"), py::arg("softmax_scale"), py::arg("nthreads"));
   m.def("attention_fwd_isa", &cpu::attention_fwd_isa);
+  m.def("attention_fwd_isas", &cpu::attention_fwd_isas);
 }
 }  // namespace fluid

@@ -337,6 +337,18 @@ void backward_impl(const Geometry& g, const TensorView& dout, const TensorView& 
 
 const char* attention_fwd_isa() { return kernel_choice().name; }
 
+std::vector<std::string> attention_fwd_isas() {
+  std::vector<std::string> out{"portable"};
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && attn::fwd_kernel_avx2())
+    out.push_back("avx2");
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") && attn::fwd_kernel_avx512())
+    out.push_back("avx512");
+#endif
+  return out;
+}
+
 void attention_fwd(const TensorView& q, const TensorView& k, const TensorView& v,
                    const std::optional<TensorView>& key_padding_mask,
                    const std::optional<TensorView>& seqlens_k, const TensorView& o,
@@ -352,7 +364,18 @@ void attention_fwd(const TensorView& q, const TensorView& k, const TensorView& v
   if (g.B * g.H * g.Nq == 0) return;
   FLUID_DISPATCH_HEAD_DIM(g.D, kD, { (void)kD; });
   float* lsep = lse.ptr<float>();
-  const attn::FwdKernel kernel = impl == 0 ? kernel_choice().fn : nullptr;
+  attn::FwdKernel kernel = nullptr;
+  if (impl == 0) {
+    kernel = kernel_choice().fn;
+  } else if (impl == 2 || impl == 3) {
+    const char* want = impl == 2 ? "avx2" : "avx512";
+    const auto have = attention_fwd_isas();
+    FLUID_CHECK(std::find(have.begin(), have.end(), want) != have.end(),
+                std::string("the ") + want + " forward is not available on this CPU / build");
+    kernel = impl == 2 ? attn::fwd_kernel_avx2() : attn::fwd_kernel_avx512();
+  } else {
+    FLUID_CHECK(impl == 1, "impl must be 0 (fastest), 1 (portable), 2 (avx2) or 3 (avx512)");
+  }
   FLUID_DISPATCH_FLOAT(q.dtype, T, {
     if (kernel) forward_simd<T>(kernel, g, q, k, v, o, lsep, softmax_scale, nthreads);
     else forward_portable<T>(g, q, k, v, o, lsep, softmax_scale, nthreads);

@@ -3,6 +3,8 @@
 #pragma once
 #include <cstdint>
 #include <optional>
+#include <string>
+#include <vector>
 
 #include "../common/tensor.h"
 
@@ -14,7 +16,8 @@ namespace cpu {
 // key_padding_mask: optional (B, Nk) bool, true = may attend. seqlens_k: optional (B,) int32/int64,
 // the number of valid keys of each batch (a KV cache's filled length); causal is bottom-right
 // relative to that length: query i attends key j iff j <= i + Lk_b - Nq.
-// impl: 0 = fastest available, 1 = portable C++ (tests use it to cover both paths).
+// impl: 0 = fastest available, 1 = portable C++, 2 = AVX2, 3 = AVX-512 (tests run each one the
+// CPU has; asking for one it lacks is an error).
 void attention_fwd(const TensorView& q, const TensorView& k, const TensorView& v,
                    const std::optional<TensorView>& key_padding_mask,
                    const std::optional<TensorView>& seqlens_k, const TensorView& o,
@@ -30,6 +33,8 @@ void attention_bwd(const TensorView& dout, const TensorView& q, const TensorView
 
 // Which forward path impl=0 takes on this CPU: "avx512", "avx2" or "portable".
 const char* attention_fwd_isa();
+// Every forward path this CPU and build can run, portable first.
+std::vector<std::string> attention_fwd_isas();
 
 namespace attn {
 
