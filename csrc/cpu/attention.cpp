@@ -333,6 +333,84 @@ void backward_impl(const Geometry& g, const TensorView& dout, const TensorView& 
   });
 }
 
+// SIMD backward: per (batch, head), pack everything to fp32 (see attn::BwdItem), run the kernel,
+// store dq / dk / dv. One thread per (batch, head): deterministic.
+template <typename T>
+void backward_simd(attn::BwdKernel kernel, const Geometry& g, const TensorView& dout, const TensorView& q,
+                   const TensorView& k, const TensorView& v, const TensorView& o, const float* lse,
+                   const TensorView& dq, const TensorView& dk, const TensorView& dv, float scale, int nthreads) {
+  using namespace attn;
+  const int64_t D = g.D, L = g.Nk, Nq = g.Nq;
+  const int64_t nkp = std::max<int64_t>(kBlock, (L + kBlock - 1) / kBlock * kBlock);
+  parallel_for(g.B * g.H, nthreads, [&](int64_t t0, int64_t t1) {
+    std::vector<float> qs(Nq * D), qf(Nq * D), dof(Nq * D), lse2(Nq), delta(Nq), dqf(Nq * D);
+    std::vector<float> kt(nkp * D), vt(nkp * D), kf(nkp * D), bias(nkp), dkf(nkp * D), dvf(nkp * D);
+    std::vector<int32_t> block_end(nkp / kBlock);
+    std::vector<uint8_t> block_full(nkp / kBlock);
+    std::vector<float> scratch(kBwdScratchFloats);
+    float orow[128];
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / g.H, h = t % g.H;
+      std::fill(kt.begin(), kt.end(), 0.0f);
+      std::fill(vt.begin(), vt.end(), 0.0f);
+      std::fill(kf.begin(), kf.end(), 0.0f);
+      std::fill(bias.begin(), bias.end(), kNegInf);
+      for (int64_t j = 0; j < L; ++j) {
+        if (j + kPrefetchRows < L) {
+          prefetch_row(row_ptr<T>(k, b, j + kPrefetchRows, h), D, false);
+          prefetch_row(row_ptr<T>(v, b, j + kPrefetchRows, h), D, false);
+        }
+        load_row(row_ptr<T>(k, b, j, h), D, 1.0f, &kf[j * D]);
+        load_row(row_ptr<T>(v, b, j, h), D, 1.0f, orow);
+        float* kd = &kt[(j / 16) * D * 16 + (j % 16)];
+        float* vd = &vt[(j / 16) * D * 16 + (j % 16)];
+        for (int64_t e = 0; e < D; ++e) {
+          kd[e * 16] = kf[j * D + e];
+          vd[e * 16] = orow[e];
+        }
+        bias[j] = g.key_ok(b, j) ? 0.0f : kNegInf;
+      }
+      for (int64_t kb = 0; kb < nkp / kBlock; ++kb) {
+        bool full = true;
+        block_end[kb] = 0;
+        for (int64_t jj = 0; jj < kBlock; ++jj) {
+          if (bias[kb * kBlock + jj] == 0.0f) block_end[kb] = static_cast<int32_t>(jj + 1);
+          else full = false;
+        }
+        block_full[kb] = full;
+      }
+      for (int64_t i = 0; i < Nq; ++i) {
+        if (i + kPrefetchRows < Nq) {
+          prefetch_row(row_ptr<T>(q, b, i + kPrefetchRows, h), D, false);
+          prefetch_row(row_ptr<T>(dout, b, i + kPrefetchRows, h), D, false);
+          prefetch_row(row_ptr<T>(o, b, i + kPrefetchRows, h), D, false);
+        }
+        load_row(row_ptr<T>(q, b, i, h), D, 1.0f, &qf[i * D]);
+        for (int64_t e = 0; e < D; ++e) qs[i * D + e] = qf[i * D + e] * (scale * kLog2e);
+        load_row(row_ptr<T>(dout, b, i, h), D, 1.0f, &dof[i * D]);
+        load_row(row_ptr<T>(o, b, i, h), D, 1.0f, orow);
+        float dl = 0.0f;
+        for (int64_t e = 0; e < D; ++e) dl += dof[i * D + e] * orow[e];
+        delta[i] = dl;
+        const float li = lse[(b * g.H + h) * Nq + i];
+        lse2[i] = std::isfinite(li) ? li * kLog2e : std::numeric_limits<float>::infinity();
+      }
+      std::fill(dqf.begin(), dqf.end(), 0.0f);
+      std::fill(dkf.begin(), dkf.end(), 0.0f);
+      std::fill(dvf.begin(), dvf.end(), 0.0f);
+      BwdItem it{qs.data(), qf.data(), dof.data(), lse2.data(), delta.data(), kt.data(), vt.data(), kf.data(),
+                 bias.data(), block_end.data(), block_full.data(), Nq, nkp, D, g.causal, L - Nq, scale,
+                 dqf.data(), dkf.data(), dvf.data(), scratch.data()};
+      kernel(it);
+      for (int64_t i = 0; i < Nq; ++i) store_row(&dqf[i * D], D, row_ptr_mut<T>(dq, b, i, h));
+      for (int64_t j = 0; j < L; ++j) {
+        store_row(&dkf[j * D], D, row_ptr_mut<T>(dk, b, j, h));
+        store_row(&dvf[j * D], D, row_ptr_mut<T>(dv, b, j, h));
+      }
+    }
+  });
+}
+
 }  // namespace
 
 const char* attention_fwd_isa() { return kernel_choice().name; }
@@ -386,7 +464,7 @@ void attention_bwd(const TensorView& dout, const TensorView& q, const TensorView
                    const TensorView& v, const TensorView& o, const TensorView& lse,
                    const std::optional<TensorView>& key_padding_mask, const TensorView& dq,
                    const TensorView& dk, const TensorView& dv, bool causal, float softmax_scale,
-                   int nthreads) {
+                   int nthreads, int impl) {
   Geometry g = make_geometry(q, k, v, key_padding_mask, std::nullopt, causal);
   check_bshd(o, "o", g.B, g.Nq, g.H, g.D);
   check_bshd(dout, "dout", g.B, g.Nq, g.H, g.D);
@@ -403,8 +481,18 @@ void attention_bwd(const TensorView& dout, const TensorView& q, const TensorView
   if (g.B * g.H == 0) return;
   FLUID_DISPATCH_HEAD_DIM(g.D, kD, { (void)kD; });
   const float* lsep = lse.ptr<float>();
+  attn::BwdKernel kernel = nullptr;
+  const std::string isa = impl == 0 ? kernel_choice().name : impl == 2 ? "avx2" : impl == 3 ? "avx512" : "portable";
+  FLUID_CHECK(impl >= 0 && impl <= 3, "impl must be 0 (fastest), 1 (portable), 2 (avx2) or 3 (avx512)");
+  if (isa != "portable") {
+    const auto have = attention_fwd_isas();
+    FLUID_CHECK(std::find(have.begin(), have.end(), isa) != have.end(),
+                "the " + isa + " backward is not available on this CPU / build");
+    kernel = isa == "avx2" ? attn::bwd_kernel_avx2() : attn::bwd_kernel_avx512();
+  }
   FLUID_DISPATCH_FLOAT(q.dtype, T, {
-    backward_impl<T>(g, dout, q, k, v, o, lsep, dq, dk, dv, softmax_scale, nthreads);
+    if (kernel) backward_simd<T>(kernel, g, dout, q, k, v, o, lsep, dq, dk, dv, softmax_scale, nthreads);
+    else backward_impl<T>(g, dout, q, k, v, o, lsep, dq, dk, dv, softmax_scale, nthreads);
   });
 }
 

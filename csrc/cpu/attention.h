@@ -25,11 +25,12 @@ void attention_fwd(const TensorView& q, const TensorView& k, const TensorView& v
 
 // dq, dk, dv (shapes of q, k, v, in their dtype, unit stride along D) from dout, the forward's o
 // and lse. Deterministic: each (batch, head) is reduced by one thread in a fixed order.
+// impl as for attention_fwd.
 void attention_bwd(const TensorView& dout, const TensorView& q, const TensorView& k,
                    const TensorView& v, const TensorView& o, const TensorView& lse,
                    const std::optional<TensorView>& key_padding_mask, const TensorView& dq,
                    const TensorView& dk, const TensorView& dv, bool causal, float softmax_scale,
-                   int nthreads);
+                   int nthreads, int impl);
 
 // Which forward path impl=0 takes on this CPU: "avx512", "avx2" or "portable".
 const char* attention_fwd_isa();
@@ -69,9 +70,41 @@ struct FwdItem {
 };
 
 using FwdKernel = void (*)(const FwdItem&);
+
+// One backward work item (one batch and head), fp32, packed by attention.cpp. kt, kbias,
+// block_end, block_full as in FwdItem; vt = v packed like kt; k, q, dout, qs = q * scale * log2(e)
+// as rows; lse2 base-2 lse with +inf for rows that attend nothing (so P = 0 there); delta =
+// rowsum(dO * O). dq (nq, d), dk / dv (nkp, d) are zeroed fp32 accumulators (dS carries scale).
+constexpr int64_t kBwdGroup = 48;
+constexpr int64_t kBwdScratchFloats = 4 * kBwdGroup * kBlock;
+
+struct BwdItem {
+  const float* qs;
+  const float* q;
+  const float* dout;
+  const float* lse2;
+  const float* delta;
+  const float* kt;
+  const float* vt;
+  const float* k;
+  const float* kbias;
+  const int32_t* block_end;
+  const uint8_t* block_full;
+  int64_t nq, nkp, d;
+  bool causal;
+  int64_t diag;
+  float scale;
+  float* dq;
+  float* dk;
+  float* dv;
+  float* scratch;
+};
+using BwdKernel = void (*)(const BwdItem&);
 // Each returns nullptr when its file was not compiled for this target.
 FwdKernel fwd_kernel_avx2();
 FwdKernel fwd_kernel_avx512();
+BwdKernel bwd_kernel_avx2();
+BwdKernel bwd_kernel_avx512();
 
 }  // namespace attn
 }  // namespace cpu

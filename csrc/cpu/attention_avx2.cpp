@@ -64,10 +64,12 @@ struct VecAvx2 {
 };
 
 void forward_avx2(const FwdItem& it) { simd::forward<VecAvx2, 6>(it); }
+void backward_avx2(const BwdItem& it) { simd::backward<VecAvx2, 6>(it); }
 
 }  // namespace
 
 FwdKernel fwd_kernel_avx2() { return &forward_avx2; }
+BwdKernel bwd_kernel_avx2() { return &backward_avx2; }
 
 }  // namespace attn
 }  // namespace cpu
@@ -77,5 +79,6 @@ FwdKernel fwd_kernel_avx2() { return &forward_avx2; }
 #else
 namespace fluid { namespace cpu { namespace attn {
 FwdKernel fwd_kernel_avx2() { return nullptr; }
+BwdKernel bwd_kernel_avx2() { return nullptr; }
 }}}  // namespace fluid::cpu::attn
 #endif

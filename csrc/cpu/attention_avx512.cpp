@@ -50,10 +50,12 @@ struct VecAvx512 {
 };
 
 void forward_avx512(const FwdItem& it) { simd::forward<VecAvx512, 8>(it); }
+void backward_avx512(const BwdItem& it) { simd::backward<VecAvx512, 8>(it); }
 
 }  // namespace
 
 FwdKernel fwd_kernel_avx512() { return &forward_avx512; }
+BwdKernel bwd_kernel_avx512() { return &backward_avx512; }
 
 }  // namespace attn
 }  // namespace cpu
@@ -62,5 +64,6 @@ FwdKernel fwd_kernel_avx512() { return &forward_avx512; }
 #else
 namespace fluid { namespace cpu { namespace attn {
 FwdKernel fwd_kernel_avx512() { return nullptr; }
+BwdKernel bwd_kernel_avx512() { return nullptr; }
 }}}  // namespace fluid::cpu::attn
 #endif

@@ -45,7 +45,8 @@ inline void scores_tile(const float* q, const float* kt, int64_t j0, int64_t nco
 
 // O[r][e0 .. e0 + NV*W) += sum_j P[r][j] V[j0 + j][...] for j < nj.
 template <class V, int MR, int NV, int64_t d>
-inline void pv_tile(const float* p, const float* v, int64_t j0, int64_t nj, int64_t e0, float* o) {
+inline void pv_tile(const float* p, int64_t pstride, const float* v, int64_t j0, int64_t nj, int64_t e0,
+                    float* o) {
   constexpr int W = V::kW;
   typename V::T acc[MR][NV];
   for (int r = 0; r < MR; ++r)
@@ -55,12 +56,31 @@ inline void pv_tile(const float* p, const float* v, int64_t j0, int64_t nj, int6
     typename V::T vv[NV];
     for (int c = 0; c < NV; ++c) vv[c] = V::load(vp + j * d + c * W);
     for (int r = 0; r < MR; ++r) {
-      auto pb = V::set1(p[r * kBlock + j]);
+      auto pb = V::set1(p[r * pstride + j]);
       for (int c = 0; c < NV; ++c) acc[r][c] = V::fmadd(pb, vv[c], acc[r][c]);
     }
   }
   for (int r = 0; r < MR; ++r)
     for (int c = 0; c < NV; ++c) V::store(o + r * d + e0 + c * W, acc[r][c]);
+}
+
+// O rows [0, MR) (stride d) += P (MR x nj, row stride pstride) times rows [j0, j0 + nj) of v.
+template <class V, int MR, int64_t d>
+inline void pv_rows(const float* p, int64_t pstride, const float* v, int64_t j0, int64_t nj, float* o) {
+  constexpr int W = V::kW;
+  int64_t e0 = 0;
+  for (; e0 + 2 * W <= d; e0 += 2 * W) pv_tile<V, MR, 2, d>(p, pstride, v, j0, nj, e0, o);
+  if (e0 < d) pv_tile<V, MR, 1, d>(p, pstride, v, j0, nj, e0, o);
+}
+
+// pv_rows for n <= MR rows (remainder tiles).
+template <class V, int MR, int64_t d>
+inline void pv_rows_n(int64_t n, const float* p, int64_t pstride, const float* v, int64_t j0, int64_t nj,
+                      float* o) {
+  if constexpr (MR > 0) {
+    if (n == MR) return pv_rows<V, MR, d>(p, pstride, v, j0, nj, o);
+    return pv_rows_n<V, MR - 1, d>(n, p, pstride, v, j0, nj, o);
+  }
 }
 
 template <class V, int MR, int64_t d>
@@ -127,9 +147,7 @@ inline void rows_tile(const FwdItem& it, int64_t r0) {
       }
       l[r] += V::hsum(sum);
     }
-    int64_t e0 = 0;
-    for (; e0 + 2 * W <= d; e0 += 2 * W) pv_tile<V, MR, 2, d>(s, it.v, j0, nj, e0, o);
-    if (e0 < d) pv_tile<V, MR, 1, d>(s, it.v, j0, nj, e0, o);
+    pv_rows<V, MR, d>(s, kBlock, it.v, j0, nj, o);
   }
   for (int r = 0; r < MR; ++r) {
     const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
@@ -165,6 +183,113 @@ void forward(const FwdItem& it) {
     case 96: return forward_d<V, MR, 96>(it);
     case 128: return forward_d<V, MR, 128>(it);
     default: return;  // attention.cpp admits only these head dims
+  }
+}
+
+// ---- backward ------------------------------------------------------------------------------
+// For a group of up to kBwdGroup query rows and one key block: P = exp2(S2 - lse2) and
+// dS = P (dP - delta) scale tile by tile (S2 = qs Kᵀ, dP = dO Vᵀ, both with scores_tile), dQ rows
+// += dS K (pv_rows); then Pᵀ and dSᵀ are formed once so that dV += Pᵀ dO and dK += dSᵀ Q run as
+// the same register-tiled kernel with keys as rows and the group's query rows as the sum.
+template <class V, int MR, int64_t d>
+inline void bwd_subtile(const BwdItem& it, int64_t r0, int64_t g0, int64_t j0, int64_t nj, int64_t ncols,
+                        bool full, float* pbuf, float* dsbuf) {
+  constexpr int W = V::kW;
+  float* p = pbuf + (r0 - g0) * kBlock;
+  float* ds = dsbuf + (r0 - g0) * kBlock;
+  if (it.causal && j0 > r0 + MR - 1 + it.diag) {  // no row of this tile sees the block
+    for (int r = 0; r < MR; ++r)
+      for (int64_t jj = 0; jj < ncols; jj += W) {
+        V::store(p + r * kBlock + jj, V::zero());
+        V::store(ds + r * kBlock + jj, V::zero());
+      }
+    return;
+  }
+  scores_tile<V, MR, d>(it.qs + r0 * d, it.kt, j0, ncols, p);
+  scores_tile<V, MR, d>(it.dout + r0 * d, it.vt, j0, ncols, ds);
+  if (!full) {
+    for (int r = 0; r < MR; ++r)
+      for (int64_t jj = 0; jj < ncols; jj += W)
+        V::store(p + r * kBlock + jj, V::add(V::load(p + r * kBlock + jj), V::load(it.kbias + j0 + jj)));
+  }
+  if (it.causal && j0 + ncols - 1 > r0 + it.diag) {
+    for (int r = 0; r < MR; ++r) {
+      int64_t first_bad = r0 + r + it.diag + 1 - j0;
+      if (first_bad < 0) first_bad = 0;
+      for (int64_t jj = first_bad; jj < ncols; ++jj) p[r * kBlock + jj] = -__builtin_inff();
+    }
+  }
+  const auto sc = V::set1(it.scale);
+  for (int r = 0; r < MR; ++r) {
+    const auto lb = V::set1(it.lse2[r0 + r]);
+    const auto db = V::set1(it.delta[r0 + r]);
+    for (int64_t jj = 0; jj < ncols; jj += W) {
+      auto pv = V::exp2z(V::sub(V::load(p + r * kBlock + jj), lb));
+      V::store(p + r * kBlock + jj, pv);
+      V::store(ds + r * kBlock + jj, V::mul(V::mul(pv, V::sub(V::load(ds + r * kBlock + jj), db)), sc));
+    }
+  }
+  pv_rows<V, MR, d>(ds, kBlock, it.k, j0, nj, it.dq + r0 * d);
+}
+
+template <class V, int MR, int64_t d>
+inline void bwd_subtile_n(int64_t n, const BwdItem& it, int64_t r0, int64_t g0, int64_t j0, int64_t nj,
+                          int64_t ncols, bool full, float* pbuf, float* dsbuf) {
+  if constexpr (MR > 0) {
+    if (n == MR) return bwd_subtile<V, MR, d>(it, r0, g0, j0, nj, ncols, full, pbuf, dsbuf);
+    return bwd_subtile_n<V, MR - 1, d>(n, it, r0, g0, j0, nj, ncols, full, pbuf, dsbuf);
+  }
+}
+
+template <class V, int MR, int64_t d>
+void backward_d(const BwdItem& it) {
+  constexpr int W = V::kW;
+  float* pbuf = it.scratch;
+  float* dsbuf = pbuf + kBwdGroup * kBlock;
+  float* pt = dsbuf + kBwdGroup * kBlock;
+  float* dst = pt + kBwdGroup * kBlock;
+  const int64_t nblocks = it.nkp / kBlock;
+  for (int64_t g0 = 0; g0 < it.nq; g0 += kBwdGroup) {
+    const int64_t g1 = g0 + kBwdGroup < it.nq ? g0 + kBwdGroup : it.nq;
+    const int64_t ng = g1 - g0;
+    const int64_t lim_hi = g1 - 1 + it.diag;
+    for (int64_t kb = 0; kb < nblocks; ++kb) {
+      const int64_t j0 = kb * kBlock;
+      int64_t nj = it.block_end[kb];
+      if (nj == 0) continue;
+      if (it.causal) {
+        if (j0 > lim_hi) break;
+        if (j0 + nj - 1 > lim_hi) nj = lim_hi - j0 + 1;
+      }
+      const int64_t ncols = (nj + 2 * W - 1) / (2 * W) * (2 * W);
+      const bool full = it.block_full[kb] && ncols == nj;
+      for (int64_t r0 = g0; r0 < g1; r0 += MR) {
+        const int64_t n = g1 - r0 < MR ? g1 - r0 : MR;
+        bwd_subtile_n<V, MR, d>(n, it, r0, g0, j0, nj, ncols, full, pbuf, dsbuf);
+      }
+      for (int64_t jj = 0; jj < nj; ++jj)
+        for (int64_t r = 0; r < ng; ++r) {
+          pt[jj * kBwdGroup + r] = pbuf[r * kBlock + jj];
+          dst[jj * kBwdGroup + r] = dsbuf[r * kBlock + jj];
+        }
+      for (int64_t k0 = 0; k0 < nj; k0 += MR) {
+        const int64_t n = nj - k0 < MR ? nj - k0 : MR;
+        pv_rows_n<V, MR, d>(n, pt + k0 * kBwdGroup, kBwdGroup, it.dout, g0, ng, it.dv + (j0 + k0) * d);
+        pv_rows_n<V, MR, d>(n, dst + k0 * kBwdGroup, kBwdGroup, it.q, g0, ng, it.dk + (j0 + k0) * d);
+      }
+    }
+  }
+}
+
+template <class V, int MR>
+void backward(const BwdItem& it) {
+  switch (it.d) {
+    case 32: return backward_d<V, MR, 32>(it);
+    case 64: return backward_d<V, MR, 64>(it);
+    case 80: return backward_d<V, MR, 80>(it);
+    case 96: return backward_d<V, MR, 96>(it);
+    case 128: return backward_d<V, MR, 128>(it);
+    default: return;
   }
 }
 
