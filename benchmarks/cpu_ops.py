@@ -50,6 +50,8 @@ def machine_info() -> dict:
         "fluid_ops": fluid_ops.__version__,
         "fluid_ops_attention_isa": _compiled.cpu.attention_fwd_isa() if _compiled.cpu is not None else None,
         "python": platform.python_version(),
+        # other processes on a small machine skew timings (interleaving spreads it over both sides)
+        "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
 
 
@@ -94,6 +96,7 @@ def bench_attention(args) -> list[dict]:
                 flops = 4 * b * h * n * n * d
                 rows.append({
                     "op": "attention",
+                    "pass": "forward",
                     "shape": {"B": b, "H": h, "Nq": n, "Nk": n, "D": d},
                     "dtype": str(dtype).replace("torch.", ""),
                     "key_padding_mask": padded,
@@ -105,6 +108,35 @@ def bench_attention(args) -> list[dict]:
                     "speedup": med["sdpa"] / med["ours"],
                     "max_abs_diff": err,
                 })
+        # training step: forward + backward (FLOPs 3.5x forward, DESIGN.md), unmasked
+        for dtype in (torch.float32, torch.bfloat16):
+            q, k, v = (torch.randn(b, n, h, d, generator=g).to(dtype).requires_grad_() for _ in range(3))
+            do = torch.randn(b, n, h, d, generator=g).to(dtype)
+            qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
+            dot = do.transpose(1, 2).contiguous()
+
+            def ours_step():
+                return torch.autograd.grad(fluid_ops.attention(q, k, v), (q, k, v), do)
+
+            def sdpa_step():
+                return torch.autograd.grad(F.scaled_dot_product_attention(qt, kt, vt), (qt, kt, vt), dot)
+
+            gq, gq_ref = ours_step()[0], sdpa_step()[0].transpose(1, 2)
+            err = (gq.float() - gq_ref.float()).abs().max().item()
+            tol = 1e-4 if dtype == torch.float32 else 5e-2
+            if err > tol:
+                raise AssertionError(f"attention backward disagrees with SDPA: max error in dq {err:.3e} > {tol}")
+            med = time_interleaved({"ours": ours_step, "sdpa": sdpa_step}, rounds=args.rounds,
+                                   min_run_time=args.min_run_time)
+            flops = 3.5 * 4 * b * h * n * n * d
+            rows.append({
+                "op": "attention", "pass": "forward+backward",
+                "shape": {"B": b, "H": h, "Nq": n, "Nk": n, "D": d},
+                "dtype": str(dtype).replace("torch.", ""), "key_padding_mask": False,
+                "ours_ms": med["ours"] * 1e3, "peer": "torch SDPA (B,H,N,D) + autograd", "peer_ms": med["sdpa"] * 1e3,
+                "ours_gflops": flops / med["ours"] / 1e9, "peer_gflops": flops / med["sdpa"] / 1e9,
+                "speedup": med["sdpa"] / med["ours"], "max_abs_diff": err,
+            })
     return rows
 
 
@@ -112,13 +144,14 @@ SECTIONS = {"attention": bench_attention}
 
 
 def print_table(rows: list[dict]) -> None:
-    hdr = f"{'op':<10} {'shape':<22} {'dtype':<9} {'mask':<5} {'ours ms':>9} {'peer ms':>9} {'ours GF/s':>10} {'peer GF/s':>10} {'speedup':>8}"
+    hdr = f"{'op':<10} {'pass':<9} {'shape':<16} {'dtype':<9} {'mask':<5} {'ours ms':>9} {'peer ms':>9} {'ours GF/s':>10} {'peer GF/s':>10} {'speedup':>8}"
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         s = r["shape"]
         shape = "x".join(str(s[k]) for k in ("B", "H", "Nq", "D")) if "Nq" in s else str(s)
-        print(f"{r['op']:<10} {shape:<22} {r['dtype']:<9} {'yes' if r.get('key_padding_mask') else 'no':<5} "
+        kind = {"forward": "fwd", "forward+backward": "fwd+bwd"}.get(r.get("pass"), r.get("pass", ""))
+        print(f"{r['op']:<10} {kind:<9} {shape:<16} {r['dtype']:<9} {'yes' if r.get('key_padding_mask') else 'no':<5} "
               f"{r['ours_ms']:>9.3f} {r['peer_ms']:>9.3f} {r['ours_gflops']:>10.1f} {r['peer_gflops']:>10.1f} "
               f"{r['speedup']:>7.2f}x")
 
