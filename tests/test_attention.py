@@ -109,7 +109,8 @@ def test_backend_matches_reference_fp32(backend, b, nq, nk, h, d, causal, masked
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
 
 
-_ISA_CODES = {"portable": 1, "avx2": 2, "avx512": 3}
+# avx2_w16: the AVX-512 kernels' 16-lane tiling run on AVX2 registers (checks that geometry here)
+_ISA_CODES = {"portable": 1, "avx2": 2, "avx512": 3, "avx2_w16": 4}
 
 
 def _isa_params():
@@ -368,6 +369,17 @@ def test_kernel_rejects_bad_views_itself():
     with pytest.raises(ValueError, match="unsupported head dim 16"):
         q16 = torch.randn(1, 4, 1, 16)
         _compiled.cpu.attention_fwd(vw(q16), vw(q16), vw(q16), None, None, vw(q16.clone()), vw(lse), False, 0.1, 1)
+
+
+@pytest.mark.skipif(_compiled.cpu is None, reason="fluid_ops._C not built")
+def test_isa_override_env(monkeypatch):
+    q, k, v, mask = _inputs(1, 9, 9, 1, 32, masked=True)
+    want = ref.attention(q, k, v, key_padding_mask=mask)
+    monkeypatch.setenv("FLUID_OPS_CPU_ATTENTION_ISA", "portable")
+    torch.testing.assert_close(_run("cpu", q, k, v, key_padding_mask=mask), want, rtol=1e-5, atol=2e-6)
+    monkeypatch.setenv("FLUID_OPS_CPU_ATTENTION_ISA", "sse9")
+    with pytest.raises(ValueError, match="FLUID_OPS_CPU_ATTENTION_ISA must be one of"):
+        _run("cpu", q, k, v)
 
 
 # ---- KV cache --------------------------------------------------------------------------------

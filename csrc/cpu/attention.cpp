@@ -423,9 +423,29 @@ std::vector<std::string> attention_fwd_isas() {
     out.push_back("avx2");
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") && attn::fwd_kernel_avx512())
     out.push_back("avx512");
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && attn::fwd_kernel_avx2_w16())
+    out.push_back("avx2_w16");
 #endif
   return out;
 }
+
+namespace {
+const char* isa_of_impl(int impl) {
+  switch (impl) {
+    case 0: return kernel_choice().name;
+    case 1: return "portable";
+    case 2: return "avx2";
+    case 3: return "avx512";
+    case 4: return "avx2_w16";
+  }
+  throw CheckError("impl must be 0 (fastest), 1 (portable), 2 (avx2), 3 (avx512) or 4 (avx2_w16)");
+}
+void check_isa(const std::string& isa) {
+  const auto have = attention_fwd_isas();
+  FLUID_CHECK(std::find(have.begin(), have.end(), isa) != have.end(),
+              "the " + isa + " attention kernels are not available on this CPU / build");
+}
+}  // namespace
 
 void attention_fwd(const TensorView& q, const TensorView& k, const TensorView& v,
                    const std::optional<TensorView>& key_padding_mask,
@@ -442,17 +462,12 @@ void attention_fwd(const TensorView& q, const TensorView& k, const TensorView& v
   if (g.B * g.H * g.Nq == 0) return;
   FLUID_DISPATCH_HEAD_DIM(g.D, kD, { (void)kD; });
   float* lsep = lse.ptr<float>();
+  const std::string isa = isa_of_impl(impl);
   attn::FwdKernel kernel = nullptr;
-  if (impl == 0) {
-    kernel = kernel_choice().fn;
-  } else if (impl == 2 || impl == 3) {
-    const char* want = impl == 2 ? "avx2" : "avx512";
-    const auto have = attention_fwd_isas();
-    FLUID_CHECK(std::find(have.begin(), have.end(), want) != have.end(),
-                std::string("the ") + want + " forward is not available on this CPU / build");
-    kernel = impl == 2 ? attn::fwd_kernel_avx2() : attn::fwd_kernel_avx512();
-  } else {
-    FLUID_CHECK(impl == 1, "impl must be 0 (fastest), 1 (portable), 2 (avx2) or 3 (avx512)");
+  if (isa != "portable") {
+    check_isa(isa);
+    kernel = isa == "avx2" ? attn::fwd_kernel_avx2() : isa == "avx512" ? attn::fwd_kernel_avx512()
+                                                                      : attn::fwd_kernel_avx2_w16();
   }
   FLUID_DISPATCH_FLOAT(q.dtype, T, {
     if (kernel) forward_simd<T>(kernel, g, q, k, v, o, lsep, softmax_scale, nthreads);
@@ -481,14 +496,12 @@ void attention_bwd(const TensorView& dout, const TensorView& q, const TensorView
   if (g.B * g.H == 0) return;
   FLUID_DISPATCH_HEAD_DIM(g.D, kD, { (void)kD; });
   const float* lsep = lse.ptr<float>();
+  const std::string isa = isa_of_impl(impl);
   attn::BwdKernel kernel = nullptr;
-  const std::string isa = impl == 0 ? kernel_choice().name : impl == 2 ? "avx2" : impl == 3 ? "avx512" : "portable";
-  FLUID_CHECK(impl >= 0 && impl <= 3, "impl must be 0 (fastest), 1 (portable), 2 (avx2) or 3 (avx512)");
   if (isa != "portable") {
-    const auto have = attention_fwd_isas();
-    FLUID_CHECK(std::find(have.begin(), have.end(), isa) != have.end(),
-                "the " + isa + " backward is not available on this CPU / build");
-    kernel = isa == "avx2" ? attn::bwd_kernel_avx2() : attn::bwd_kernel_avx512();
+    check_isa(isa);
+    kernel = isa == "avx2" ? attn::bwd_kernel_avx2() : isa == "avx512" ? attn::bwd_kernel_avx512()
+                                                                      : attn::bwd_kernel_avx2_w16();
   }
   FLUID_DISPATCH_FLOAT(q.dtype, T, {
     if (kernel) backward_simd<T>(kernel, g, dout, q, k, v, o, lsep, dq, dk, dv, softmax_scale, nthreads);

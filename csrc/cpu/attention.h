@@ -16,8 +16,9 @@ namespace cpu {
 // key_padding_mask: optional (B, Nk) bool, true = may attend. seqlens_k: optional (B,) int32/int64,
 // the number of valid keys of each batch (a KV cache's filled length); causal is bottom-right
 // relative to that length: query i attends key j iff j <= i + Lk_b - Nq.
-// impl: 0 = fastest available, 1 = portable C++, 2 = AVX2, 3 = AVX-512 (tests run each one the
-// CPU has; asking for one it lacks is an error).
+// impl: 0 = fastest available, 1 = portable C++, 2 = AVX2, 3 = AVX-512, 4 = "avx2_w16" (test
+// only: the AVX-512 kernels' 16-lane tiling on AVX2). Tests run each one the CPU has; asking for
+// one it lacks is an error.
 void attention_fwd(const TensorView& q, const TensorView& k, const TensorView& v,
                    const std::optional<TensorView>& key_padding_mask,
                    const std::optional<TensorView>& seqlens_k, const TensorView& o,
@@ -34,7 +35,7 @@ void attention_bwd(const TensorView& dout, const TensorView& q, const TensorView
 
 // Which forward path impl=0 takes on this CPU: "avx512", "avx2" or "portable".
 const char* attention_fwd_isa();
-// Every forward path this CPU and build can run, portable first.
+// Every forward / backward path this CPU and build can run, portable first.
 std::vector<std::string> attention_fwd_isas();
 
 namespace attn {
@@ -104,6 +105,9 @@ using BwdKernel = void (*)(const BwdItem&);
 FwdKernel fwd_kernel_avx2();
 FwdKernel fwd_kernel_avx512();
 BwdKernel bwd_kernel_avx2();
+// Test only: the 16-lane (AVX-512) tiling emulated with pairs of AVX2 registers.
+FwdKernel fwd_kernel_avx2_w16();
+BwdKernel bwd_kernel_avx2_w16();
 BwdKernel bwd_kernel_avx512();
 
 }  // namespace attn

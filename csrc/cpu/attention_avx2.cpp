@@ -63,12 +63,38 @@ struct VecAvx2 {
   }
 };
 
+// 16 lanes from two AVX2 registers. Not for speed: it runs the 16-lane tiling of the AVX-512
+// kernels (32-key score tiles, the 16-wide remainder chunk of D = 80, 8-row tiles) on CPUs without
+// AVX-512, so the tests check that geometry on any AVX2 machine.
+struct VecAvx2x2 {
+  struct T { __m256 lo, hi; };
+  static constexpr int kW = 16;
+  using H = VecAvx2;
+  static T zero() { return {H::zero(), H::zero()}; }
+  static T set1(float f) { return {H::set1(f), H::set1(f)}; }
+  static T load(const float* p) { return {H::load(p), H::load(p + 8)}; }
+  static void store(float* p, T v) { H::store(p, v.lo); H::store(p + 8, v.hi); }
+  static T add(T a, T b) { return {H::add(a.lo, b.lo), H::add(a.hi, b.hi)}; }
+  static T sub(T a, T b) { return {H::sub(a.lo, b.lo), H::sub(a.hi, b.hi)}; }
+  static T mul(T a, T b) { return {H::mul(a.lo, b.lo), H::mul(a.hi, b.hi)}; }
+  static T max(T a, T b) { return {H::max(a.lo, b.lo), H::max(a.hi, b.hi)}; }
+  static T fmadd(T a, T b, T c) { return {H::fmadd(a.lo, b.lo, c.lo), H::fmadd(a.hi, b.hi, c.hi)}; }
+  static float hmax(T v) { return H::hmax(H::max(v.lo, v.hi)); }
+  static float hsum(T v) { return H::hsum(H::add(v.lo, v.hi)); }
+  static T exp2z(T x) { return {H::exp2z(x.lo), H::exp2z(x.hi)}; }
+};
+
+void forward_avx2_w16(const FwdItem& it) { simd::forward<VecAvx2x2, 8>(it); }
+void backward_avx2_w16(const BwdItem& it) { simd::backward<VecAvx2x2, 8>(it); }
+
 void forward_avx2(const FwdItem& it) { simd::forward<VecAvx2, 6>(it); }
 void backward_avx2(const BwdItem& it) { simd::backward<VecAvx2, 6>(it); }
 
 }  // namespace
 
 FwdKernel fwd_kernel_avx2() { return &forward_avx2; }
+FwdKernel fwd_kernel_avx2_w16() { return &forward_avx2_w16; }
+BwdKernel bwd_kernel_avx2_w16() { return &backward_avx2_w16; }
 BwdKernel bwd_kernel_avx2() { return &backward_avx2; }
 
 }  // namespace attn
@@ -79,6 +105,8 @@ BwdKernel bwd_kernel_avx2() { return &backward_avx2; }
 #else
 namespace fluid { namespace cpu { namespace attn {
 FwdKernel fwd_kernel_avx2() { return nullptr; }
+FwdKernel fwd_kernel_avx2_w16() { return nullptr; }
+BwdKernel bwd_kernel_avx2_w16() { return nullptr; }
 BwdKernel bwd_kernel_avx2() { return nullptr; }
 }}}  // namespace fluid::cpu::attn
 #endif

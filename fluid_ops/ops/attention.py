@@ -11,6 +11,7 @@ float32 / float16 / bfloat16.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -51,6 +52,19 @@ def _kv_reference(q, k_cache, v_cache, k_new, v_new, cache_seqlens, causal, soft
                                  causal=causal, softmax_scale=softmax_scale)
 
 
+_ISA_CODES = {"": 0, "auto": 0, "portable": 1, "avx2": 2, "avx512": 3}
+
+
+def _cpu_impl() -> int:
+    """FLUID_OPS_CPU_ATTENTION_ISA=portable|avx2|avx512 forces a compiled path (default: the
+    fastest this CPU has; the AVX-512 one is chosen at run time and was not run on the AVX2
+    machine this was written on, so this is the switch to rule it out)."""
+    name = os.environ.get("FLUID_OPS_CPU_ATTENTION_ISA", "").strip().lower()
+    if name not in _ISA_CODES:
+        raise ValueError(f"FLUID_OPS_CPU_ATTENTION_ISA must be one of portable, avx2, avx512 (or unset), got {name!r}")
+    return _ISA_CODES[name]
+
+
 def _cpu_supports(q, *args, **kwargs):
     if q.dtype not in FLOAT_DTYPES:
         return f"dtype {q.dtype} is not supported by the CPU kernels (float32, float16, bfloat16)"
@@ -62,14 +76,14 @@ def _unit_d(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _cpu_forward(q, k, v, key_padding_mask, seqlens_k, causal, softmax_scale, impl=0):
+def _cpu_forward(q, k, v, key_padding_mask, seqlens_k, causal, softmax_scale, impl=None):
     q, k, v = _unit_d(q), _unit_d(k), _unit_d(v)
     b, nq, h, _ = q.shape
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(b, h, nq, dtype=torch.float32)
     vw = _compiled.view
     _compiled.cpu.attention_fwd(vw(q), vw(k), vw(v), vw(key_padding_mask), vw(seqlens_k), vw(o), vw(lse),
-                                causal, softmax_scale, _compiled.cpu_threads(), impl)
+                                causal, softmax_scale, _compiled.cpu_threads(), _cpu_impl() if impl is None else impl)
     return o, lse
 
 
@@ -86,7 +100,7 @@ def _bwd_cpu(dout, q, k, v, o, lse, key_padding_mask, causal, softmax_scale):
     dv = torch.empty(v.shape, dtype=v.dtype)
     vw = _compiled.view
     _compiled.cpu.attention_bwd(vw(dout), vw(q), vw(k), vw(v), vw(o), vw(lse.contiguous()), vw(key_padding_mask),
-                                vw(dq), vw(dk), vw(dv), causal, softmax_scale, _compiled.cpu_threads())
+                                vw(dq), vw(dk), vw(dv), causal, softmax_scale, _compiled.cpu_threads(), _cpu_impl())
     return dq, dk, dv
 
 
