@@ -134,6 +134,50 @@ def test_cpu_paths_with_lse(impl, b, nq, nk, h, d, causal):
     torch.testing.assert_close(lse[fin], want_lse[fin].float(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.skipif(_compiled.cpu is None, reason="fluid_ops._C not built")
+@pytest.mark.parametrize("impl", _isa_params())
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_paths_skip_whole_masked_key_blocks(impl, causal):
+    """Masks that empty whole key blocks (the kernels skip them): a padded tail, a hole in the
+    middle, a single attendable key far out; forward and backward."""
+    b, nq, nk, h, d = 3, 70, 400, 1, 64
+    q, k, v, _ = _inputs(b, nq, nk, h, d, seed=7)
+    mask = torch.zeros(b, nk, dtype=torch.bool)
+    mask[0, :100] = True                        # padded tail: blocks 1..3 empty
+    mask[1, :128] = True
+    mask[1, 256:] = True                        # hole: block 1 empty
+    mask[2, 383] = True                         # one key, in the last block
+    want_o, want_lse = ref.attention_with_lse(q.double(), k.double(), v.double(), key_padding_mask=mask, causal=causal)
+    o, lse = ops_attn._cpu_forward(q, k, v, mask, None, causal, d ** -0.5, impl)
+    torch.testing.assert_close(o, want_o.float(), rtol=1e-5, atol=2e-6)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    want = ref.attention_backward(do.double(), q.double(), k.double(), v.double(), o.double(), lse.double(),
+                                  key_padding_mask=mask, causal=causal)
+    got = [torch.full_like(t, float("nan")) for t in (q, k, v)]
+    vw = _compiled.view
+    _compiled.cpu.attention_bwd(vw(do), vw(q), vw(k), vw(v), vw(o), vw(lse), vw(mask), *[vw(t) for t in got],
+                                causal, d ** -0.5, 2, impl)
+    for name, g, w in zip("qkv", got, want):
+        torch.testing.assert_close(g, w.float(), rtol=1e-4, atol=1e-5, msg=f"d{name}")
+
+
+@pytest.mark.skipif(_compiled.cpu is None, reason="fluid_ops._C not built")
+@pytest.mark.parametrize("impl", _isa_params())
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_paths_seqlens_k(impl, causal):
+    """Per-batch key lengths (the KV-cache kernel argument): keys past the length are never read."""
+    b, nq, nk, h, d = 4, 5, 300, 2, 80
+    q, k, v, _ = _inputs(b, nq, nk, h, d, seed=8)
+    lens = torch.tensor([0, 3, 129, 300], dtype=torch.int64)
+    for bi, n in enumerate(lens.tolist()):  # poison everything past the valid length
+        k[bi, n:] = float("nan")
+        v[bi, n:] = float("nan")
+    o, lse = ops_attn._cpu_forward(q, k, v, None, lens, causal, d ** -0.5, impl)
+    for bi, n in enumerate(lens.tolist()):
+        want = _naive(q[bi:bi + 1], k[bi:bi + 1, :n], v[bi:bi + 1, :n], causal=causal)
+        torch.testing.assert_close(o[bi:bi + 1], want.float(), rtol=1e-5, atol=2e-6)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("b,nq,nk,h,d", [(2, 65, 65, 2, 64), (2, 33, 7, 2, 80), (1, 129, 257, 2, 128)])
