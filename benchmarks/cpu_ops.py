@@ -162,10 +162,14 @@ def main(argv=None) -> int:
     p.add_argument("--sections", nargs="*", default=list(SECTIONS), choices=list(SECTIONS))
     p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 5, quick 1)")
     p.add_argument("--min-run-time", type=float, default=None, help="seconds per blocked_autorange (default 1, quick 0.05)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (our kernels follow it); default: torch's choice")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu_ops.json"))
     args = p.parse_args(argv)
     args.rounds = args.rounds or (1 if args.quick else 5)
     args.min_run_time = args.min_run_time or (0.05 if args.quick else 1.0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if _compiled.cpu is None:
         print(f"fluid_ops._C is not built: {_compiled.cpu_error}", file=sys.stderr)
         return 1
