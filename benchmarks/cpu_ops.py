@@ -108,6 +108,26 @@ def bench_attention(args) -> list[dict]:
                     "speedup": med["sdpa"] / med["ours"],
                     "max_abs_diff": err,
                 })
+        # causal self-attention (Nq == Nk, so SDPA's top-left is_causal equals our bottom-right);
+        # FLOPs halved (DESIGN.md)
+        for dtype in (torch.float32, torch.bfloat16):
+            q, k, v = (torch.randn(b, n, h, d, generator=g).to(dtype) for _ in range(3))
+            qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+            fns = {"ours": lambda: fluid_ops.attention(q, k, v, causal=True),
+                   "sdpa": lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)}
+            err = (fns["ours"]().float() - fns["sdpa"]().transpose(1, 2).float()).abs().max().item()
+            if err > (1e-4 if dtype == torch.float32 else 3e-2):
+                raise AssertionError(f"causal attention disagrees with SDPA: max error {err:.3e}")
+            med = time_interleaved(fns, rounds=args.rounds, min_run_time=args.min_run_time)
+            flops = 2 * b * h * n * n * d
+            rows.append({
+                "op": "attention", "pass": "forward", "causal": True,
+                "shape": {"B": b, "H": h, "Nq": n, "Nk": n, "D": d},
+                "dtype": str(dtype).replace("torch.", ""), "key_padding_mask": False,
+                "ours_ms": med["ours"] * 1e3, "peer": "torch SDPA (B,H,N,D), is_causal", "peer_ms": med["sdpa"] * 1e3,
+                "ours_gflops": flops / med["ours"] / 1e9, "peer_gflops": flops / med["sdpa"] / 1e9,
+                "speedup": med["sdpa"] / med["ours"], "max_abs_diff": err,
+            })
         # training step: forward + backward (FLOPs 3.5x forward, DESIGN.md), unmasked
         for dtype in (torch.float32, torch.bfloat16):
             q, k, v = (torch.randn(b, n, h, d, generator=g).to(dtype).requires_grad_() for _ in range(3))
@@ -144,14 +164,16 @@ SECTIONS = {"attention": bench_attention}
 
 
 def print_table(rows: list[dict]) -> None:
-    hdr = f"{'op':<10} {'pass':<9} {'shape':<16} {'dtype':<9} {'mask':<5} {'ours ms':>9} {'peer ms':>9} {'ours GF/s':>10} {'peer GF/s':>10} {'speedup':>8}"
+    hdr = f"{'op':<10} {'pass':<14} {'shape':<16} {'dtype':<9} {'mask':<5} {'ours ms':>9} {'peer ms':>9} {'ours GF/s':>10} {'peer GF/s':>10} {'speedup':>8}"
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         s = r["shape"]
         shape = "x".join(str(s[k]) for k in ("B", "H", "Nq", "D")) if "Nq" in s else str(s)
         kind = {"forward": "fwd", "forward+backward": "fwd+bwd"}.get(r.get("pass"), r.get("pass", ""))
-        print(f"{r['op']:<10} {kind:<9} {shape:<16} {r['dtype']:<9} {'yes' if r.get('key_padding_mask') else 'no':<5} "
+        if r.get("causal"):
+            kind += " causal"
+        print(f"{r['op']:<10} {kind:<14} {shape:<16} {r['dtype']:<9} {'yes' if r.get('key_padding_mask') else 'no':<5} "
               f"{r['ours_ms']:>9.3f} {r['peer_ms']:>9.3f} {r['ours_gflops']:>10.1f} {r['peer_gflops']:>10.1f} "
               f"{r['speedup']:>7.2f}x")
 
