@@ -406,13 +406,15 @@ def test_kernel_rejects_bad_views_itself():
     q, k = torch.randn(1, 4, 1, 32), torch.randn(1, 4, 1, 32)
     o, lse = torch.empty_like(q), torch.empty(1, 1, 4)
     vw = _compiled.view
+    v5 = torch.randn(1, 5, 1, 32)
     with pytest.raises(ValueError, match="v has a shape"):
-        _compiled.cpu.attention_fwd(vw(q), vw(k), vw(torch.randn(1, 5, 1, 32)), None, None, vw(o), vw(lse), False, 0.1, 1)
+        _compiled.cpu.attention_fwd(vw(q), vw(k), vw(v5), None, None, vw(o), vw(lse), False, 0.1, 1)
     with pytest.raises(ValueError, match="impl must be"):
         _compiled.cpu.attention_fwd(vw(q), vw(k), vw(k), None, None, vw(o), vw(lse), False, 0.1, 1, 7)
     with pytest.raises(ValueError, match="unsupported head dim 16"):
         q16 = torch.randn(1, 4, 1, 16)
-        _compiled.cpu.attention_fwd(vw(q16), vw(q16), vw(q16), None, None, vw(q16.clone()), vw(lse), False, 0.1, 1)
+        o16 = q16.clone()
+        _compiled.cpu.attention_fwd(vw(q16), vw(q16), vw(q16), None, None, vw(o16), vw(lse), False, 0.1, 1)
 
 
 @pytest.mark.skipif(_compiled.cpu is None, reason="fluid_ops._C not built")

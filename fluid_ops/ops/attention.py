@@ -94,12 +94,14 @@ def _fwd_cpu(q, k, v, key_padding_mask, causal, softmax_scale):
 
 @backend.register(BWD, "cpu", supports=lambda dout, q, *a, **kw: _cpu_supports(q))
 def _bwd_cpu(dout, q, k, v, o, lse, key_padding_mask, causal, softmax_scale):
+    # locals keep every tensor (and any copy) alive until the kernel returns: a view is a raw pointer
     dout, q, k, v, o = (_unit_d(t) for t in (dout, q, k, v, o))
+    lse = lse.contiguous()
     dq = torch.empty(q.shape, dtype=q.dtype)
     dk = torch.empty(k.shape, dtype=k.dtype)
     dv = torch.empty(v.shape, dtype=v.dtype)
     vw = _compiled.view
-    _compiled.cpu.attention_bwd(vw(dout), vw(q), vw(k), vw(v), vw(o), vw(lse.contiguous()), vw(key_padding_mask),
+    _compiled.cpu.attention_bwd(vw(dout), vw(q), vw(k), vw(v), vw(o), vw(lse), vw(key_padding_mask),
                                 vw(dq), vw(dk), vw(dv), causal, softmax_scale, _compiled.cpu_threads(), _cpu_impl())
     return dq, dk, dv
 
