@@ -77,7 +77,7 @@ using FwdKernel = void (*)(const FwdItem&);
 // as rows; lse2 base-2 lse with +inf for rows that attend nothing (so P = 0 there); delta =
 // rowsum(dO * O). dq (nq, d), dk / dv (nkp, d) are zeroed fp32 accumulators (dS carries scale).
 constexpr int64_t kBwdGroup = 48;
-constexpr int64_t kBwdScratchFloats = 4 * kBwdGroup * kBlock;
+constexpr int64_t kBwdScratchFloats = 2 * kBwdGroup * kBlock;
 
 struct BwdItem {
   const float* qs;

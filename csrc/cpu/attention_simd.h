@@ -43,8 +43,9 @@ inline void scores_tile(const float* q, const float* kt, int64_t j0, int64_t nco
   }
 }
 
-// O[r][e0 .. e0 + NV*W) += sum_j P[r][j] V[j0 + j][...] for j < nj.
-template <class V, int MR, int NV, int64_t d>
+// O[r][e0 .. e0 + NV*W) += sum_j P[r][j] V[j0 + j][...] for j < nj, with P[r][j] at
+// p[r * pstride + j], or at p[r + j * pstride] when TRANS (the backward's Pᵀ / dSᵀ, read in place).
+template <class V, int MR, int NV, int64_t d, bool TRANS>
 inline void pv_tile(const float* p, int64_t pstride, const float* v, int64_t j0, int64_t nj, int64_t e0,
                     float* o) {
   constexpr int W = V::kW;
@@ -56,7 +57,7 @@ inline void pv_tile(const float* p, int64_t pstride, const float* v, int64_t j0,
     typename V::T vv[NV];
     for (int c = 0; c < NV; ++c) vv[c] = V::load(vp + j * d + c * W);
     for (int r = 0; r < MR; ++r) {
-      auto pb = V::set1(p[r * pstride + j]);
+      auto pb = V::set1(TRANS ? p[r + j * pstride] : p[r * pstride + j]);
       for (int c = 0; c < NV; ++c) acc[r][c] = V::fmadd(pb, vv[c], acc[r][c]);
     }
   }
@@ -64,22 +65,22 @@ inline void pv_tile(const float* p, int64_t pstride, const float* v, int64_t j0,
     for (int c = 0; c < NV; ++c) V::store(o + r * d + e0 + c * W, acc[r][c]);
 }
 
-// O rows [0, MR) (stride d) += P (MR x nj, row stride pstride) times rows [j0, j0 + nj) of v.
-template <class V, int MR, int64_t d>
+// O rows [0, MR) (stride d) += P (MR x nj, see pv_tile) times rows [j0, j0 + nj) of v.
+template <class V, int MR, int64_t d, bool TRANS = false>
 inline void pv_rows(const float* p, int64_t pstride, const float* v, int64_t j0, int64_t nj, float* o) {
   constexpr int W = V::kW;
   int64_t e0 = 0;
-  for (; e0 + 2 * W <= d; e0 += 2 * W) pv_tile<V, MR, 2, d>(p, pstride, v, j0, nj, e0, o);
-  if (e0 < d) pv_tile<V, MR, 1, d>(p, pstride, v, j0, nj, e0, o);
+  for (; e0 + 2 * W <= d; e0 += 2 * W) pv_tile<V, MR, 2, d, TRANS>(p, pstride, v, j0, nj, e0, o);
+  if (e0 < d) pv_tile<V, MR, 1, d, TRANS>(p, pstride, v, j0, nj, e0, o);
 }
 
 // pv_rows for n <= MR rows (remainder tiles).
-template <class V, int MR, int64_t d>
+template <class V, int MR, int64_t d, bool TRANS = false>
 inline void pv_rows_n(int64_t n, const float* p, int64_t pstride, const float* v, int64_t j0, int64_t nj,
                       float* o) {
   if constexpr (MR > 0) {
-    if (n == MR) return pv_rows<V, MR, d>(p, pstride, v, j0, nj, o);
-    return pv_rows_n<V, MR - 1, d>(n, p, pstride, v, j0, nj, o);
+    if (n == MR) return pv_rows<V, MR, d, TRANS>(p, pstride, v, j0, nj, o);
+    return pv_rows_n<V, MR - 1, d, TRANS>(n, p, pstride, v, j0, nj, o);
   }
 }
 
@@ -189,8 +190,8 @@ void forward(const FwdItem& it) {
 // ---- backward ------------------------------------------------------------------------------
 // For a group of up to kBwdGroup query rows and one key block: P = exp2(S2 - lse2) and
 // dS = P (dP - delta) scale tile by tile (S2 = qs Kᵀ, dP = dO Vᵀ, both with scores_tile), dQ rows
-// += dS K (pv_rows); then Pᵀ and dSᵀ are formed once so that dV += Pᵀ dO and dK += dSᵀ Q run as
-// the same register-tiled kernel with keys as rows and the group's query rows as the sum.
+// += dS K (pv_rows); then dV += Pᵀ dO and dK += dSᵀ Q run as the same register-tiled kernel with
+// keys as rows and the group's query rows as the sum, reading P and dS transposed in place.
 template <class V, int MR, int64_t d>
 inline void bwd_subtile(const BwdItem& it, int64_t r0, int64_t g0, int64_t j0, int64_t nj, int64_t ncols,
                         bool full, float* pbuf, float* dsbuf) {
@@ -246,8 +247,6 @@ void backward_d(const BwdItem& it) {
   constexpr int W = V::kW;
   float* pbuf = it.scratch;
   float* dsbuf = pbuf + kBwdGroup * kBlock;
-  float* pt = dsbuf + kBwdGroup * kBlock;
-  float* dst = pt + kBwdGroup * kBlock;
   const int64_t nblocks = it.nkp / kBlock;
   for (int64_t g0 = 0; g0 < it.nq; g0 += kBwdGroup) {
     const int64_t g1 = g0 + kBwdGroup < it.nq ? g0 + kBwdGroup : it.nq;
@@ -267,15 +266,10 @@ void backward_d(const BwdItem& it) {
         const int64_t n = g1 - r0 < MR ? g1 - r0 : MR;
         bwd_subtile_n<V, MR, d>(n, it, r0, g0, j0, nj, ncols, full, pbuf, dsbuf);
       }
-      for (int64_t jj = 0; jj < nj; ++jj)
-        for (int64_t r = 0; r < ng; ++r) {
-          pt[jj * kBwdGroup + r] = pbuf[r * kBlock + jj];
-          dst[jj * kBwdGroup + r] = dsbuf[r * kBlock + jj];
-        }
       for (int64_t k0 = 0; k0 < nj; k0 += MR) {
         const int64_t n = nj - k0 < MR ? nj - k0 : MR;
-        pv_rows_n<V, MR, d>(n, pt + k0 * kBwdGroup, kBwdGroup, it.dout, g0, ng, it.dv + (j0 + k0) * d);
-        pv_rows_n<V, MR, d>(n, dst + k0 * kBwdGroup, kBwdGroup, it.q, g0, ng, it.dk + (j0 + k0) * d);
+        pv_rows_n<V, MR, d, true>(n, pbuf + k0, kBlock, it.dout, g0, ng, it.dv + (j0 + k0) * d);
+        pv_rows_n<V, MR, d, true>(n, dsbuf + k0, kBlock, it.q, g0, ng, it.dk + (j0 + k0) * d);
       }
     }
   }
