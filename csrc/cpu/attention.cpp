@@ -113,6 +113,40 @@ inline void prefetch_row(const T* p, int64_t d, bool for_write) {
   }
 }
 
+// K into 16-key chunks (kt[(j / 16) * D * 16 + e * 16 + j % 16]), V into rows, and the key bias,
+// for keys [0, L) of (b, h); zero / -inf up to nkp. Each chunk's 16 rows are read into a small
+// buffer first so that kt is written sequentially (a scatter with stride 16 into a kt larger than
+// L1 was the costliest part of packing).
+template <typename T>
+void pack_keys(const Geometry& g, const TensorView& k, const TensorView& v, int64_t b, int64_t h, int64_t L,
+               int64_t nkp, float* kt, float* vf, float* bias) {
+  const int64_t D = g.D;
+  float chunk[16 * 128];
+  for (int64_t c0 = 0; c0 < nkp; c0 += 16) {
+    float* dst = kt + c0 * D;
+    if (c0 >= L) {
+      std::fill(dst, dst + 16 * D, 0.0f);
+      std::fill(vf + c0 * D, vf + (c0 + 16) * D, 0.0f);
+      continue;
+    }
+    const int64_t n = std::min<int64_t>(16, L - c0);
+    for (int64_t jj = 0; jj < n; ++jj) {
+      const int64_t j = c0 + jj;
+      if (j + kPrefetchRows < L) {
+        prefetch_row(row_ptr<T>(k, b, j + kPrefetchRows, h), D, false);
+        prefetch_row(row_ptr<T>(v, b, j + kPrefetchRows, h), D, false);
+      }
+      load_row(row_ptr<T>(k, b, j, h), D, 1.0f, chunk + jj * D);
+      load_row(row_ptr<T>(v, b, j, h), D, 1.0f, vf + j * D);
+      bias[j] = g.key_ok(b, j) ? 0.0f : kNegInf;
+    }
+    std::fill(chunk + n * D, chunk + 16 * D, 0.0f);
+    std::fill(vf + (c0 + n) * D, vf + (c0 + 16) * D, 0.0f);
+    for (int64_t e = 0; e < D; ++e)
+      for (int64_t jj = 0; jj < 16; ++jj) dst[e * 16 + jj] = chunk[jj * D + e];
+  }
+}
+
 // ---- forward ---------------------------------------------------------------------------------
 
 // Portable path: one query row at a time, online softmax over blocks of 64 keys, fp32.
@@ -203,21 +237,10 @@ void forward_simd(attn::FwdKernel kernel, const Geometry& g, const TensorView& q
       const int64_t nkp = std::max<int64_t>(kBlock, (L + kBlock - 1) / kBlock * kBlock);
       if (packed_for != bhi) {
         packed_for = bhi;
-        kt.assign(nkp * D, 0.0f);
-        vf.assign(nkp * D, 0.0f);
+        kt.resize(nkp * D);
+        vf.resize(nkp * D);
         bias.assign(nkp, kNegInf);
-        float row[128];
-        for (int64_t j = 0; j < L; ++j) {
-          if (j + kPrefetchRows < L) {
-            prefetch_row(row_ptr<T>(k, b, j + kPrefetchRows, h), D, false);
-            prefetch_row(row_ptr<T>(v, b, j + kPrefetchRows, h), D, false);
-          }
-          load_row(row_ptr<T>(k, b, j, h), D, 1.0f, row);
-          float* dst = &kt[(j / 16) * D * 16 + (j % 16)];
-          for (int64_t e = 0; e < D; ++e) dst[e * 16] = row[e];
-          load_row(row_ptr<T>(v, b, j, h), D, 1.0f, &vf[j * D]);
-          bias[j] = g.key_ok(b, j) ? 0.0f : kNegInf;
-        }
+        pack_keys<T>(g, k, v, b, h, L, nkp, kt.data(), vf.data(), bias.data());
         const int64_t nb = nkp / kBlock;
         block_end.assign(nb, 0);
         block_full.assign(nb, 0);
