@@ -114,7 +114,7 @@ inline void prefetch_row(const T* p, int64_t d, bool for_write) {
 }
 
 // K into 16-key chunks (kt[(j / 16) * D * 16 + e * 16 + j % 16]), V into rows, and the key bias,
-// for keys [0, L) of (b, h); zero / -inf up to nkp. Each chunk's 16 rows are read into a small
+// for keys [0, L) of (b, h); zero / -inf up to nkp. vf may be null (rows not wanted). Each chunk's 16 rows are read into a small
 // buffer first so that kt is written sequentially (a scatter with stride 16 into a kt larger than
 // L1 was the costliest part of packing).
 template <typename T>
@@ -126,7 +126,7 @@ void pack_keys(const Geometry& g, const TensorView& k, const TensorView& v, int6
     float* dst = kt + c0 * D;
     if (c0 >= L) {
       std::fill(dst, dst + 16 * D, 0.0f);
-      std::fill(vf + c0 * D, vf + (c0 + 16) * D, 0.0f);
+      if (vf) std::fill(vf + c0 * D, vf + (c0 + 16) * D, 0.0f);
       continue;
     }
     const int64_t n = std::min<int64_t>(16, L - c0);
@@ -134,14 +134,14 @@ void pack_keys(const Geometry& g, const TensorView& k, const TensorView& v, int6
       const int64_t j = c0 + jj;
       if (j + kPrefetchRows < L) {
         prefetch_row(row_ptr<T>(k, b, j + kPrefetchRows, h), D, false);
-        prefetch_row(row_ptr<T>(v, b, j + kPrefetchRows, h), D, false);
+        if (vf) prefetch_row(row_ptr<T>(v, b, j + kPrefetchRows, h), D, false);
       }
       load_row(row_ptr<T>(k, b, j, h), D, 1.0f, chunk + jj * D);
-      load_row(row_ptr<T>(v, b, j, h), D, 1.0f, vf + j * D);
+      if (vf) load_row(row_ptr<T>(v, b, j, h), D, 1.0f, vf + j * D);
       bias[j] = g.key_ok(b, j) ? 0.0f : kNegInf;
     }
     std::fill(chunk + n * D, chunk + 16 * D, 0.0f);
-    std::fill(vf + (c0 + n) * D, vf + (c0 + 16) * D, 0.0f);
+    if (vf) std::fill(vf + (c0 + n) * D, vf + (c0 + 16) * D, 0.0f);
     for (int64_t e = 0; e < D; ++e)
       for (int64_t jj = 0; jj < 16; ++jj) dst[e * 16 + jj] = chunk[jj * D + e];
   }
@@ -388,25 +388,9 @@ void backward_simd(attn::BwdKernel kernel, const Geometry& g, const TensorView& 
     float orow[128];
     for (int64_t t = next++; t < ntasks; t = next++) {
       const int64_t b = t / g.H, h = t % g.H;
-      std::fill(kt.begin(), kt.end(), 0.0f);
-      std::fill(vt.begin(), vt.end(), 0.0f);
-      std::fill(kf.begin(), kf.end(), 0.0f);
       std::fill(bias.begin(), bias.end(), kNegInf);
-      for (int64_t j = 0; j < L; ++j) {
-        if (j + kPrefetchRows < L) {
-          prefetch_row(row_ptr<T>(k, b, j + kPrefetchRows, h), D, false);
-          prefetch_row(row_ptr<T>(v, b, j + kPrefetchRows, h), D, false);
-        }
-        load_row(row_ptr<T>(k, b, j, h), D, 1.0f, &kf[j * D]);
-        load_row(row_ptr<T>(v, b, j, h), D, 1.0f, orow);
-        float* kd = &kt[(j / 16) * D * 16 + (j % 16)];
-        float* vd = &vt[(j / 16) * D * 16 + (j % 16)];
-        for (int64_t e = 0; e < D; ++e) {
-          kd[e * 16] = kf[j * D + e];
-          vd[e * 16] = orow[e];
-        }
-        bias[j] = g.key_ok(b, j) ? 0.0f : kNegInf;
-      }
+      pack_keys<T>(g, k, v, b, h, L, nkp, kt.data(), nullptr, bias.data());  // K chunks
+      pack_keys<T>(g, v, k, b, h, L, nkp, vt.data(), kf.data(), bias.data());  // V chunks, K rows
       for (int64_t kb = 0; kb < nkp / kBlock; ++kb) {
         bool full = true;
         block_end[kb] = 0;
