@@ -1,2 +1,292 @@
-"""(placeholder: filled in by its owner)"""
-__all__ = []
+"""`attention` and `attention_kvcache` (SPEC §2.1).
+
+Numerical contract: exact for fp32 (fp32 scores, online softmax and accumulation; only the
+summation order and the exp polynomial differ from the reference); fp16 / bf16 inputs are read
+into fp32 and the output is rounded once, well inside the flash-attn 2x rule.
+
+Custom ops: `fluid_ops::attention_fwd` -> (o, lse), `fluid_ops::attention_bwd` -> (dq, dk, dv)
+(recomputes the probabilities from lse), `fluid_ops::attention_kvcache` (mutates the caches).
+float64 inputs run on the reference backend only (for gradcheck); the compiled backends take
+float32 / float16 / bfloat16.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+
+from fluid_ops import _compiled, backend
+from fluid_ops.ops._checks import FLOAT_DTYPES, check_finite_scalar, check_same_device, check_tensor
+import importlib
+
+ref = importlib.import_module("fluid_ops.reference.attention")  # the module (the package re-exports a function of that name)
+
+__all__ = ["attention", "attention_kvcache"]
+
+FWD, BWD, KV = "attention_fwd", "attention_bwd", "attention_kvcache"
+HEAD_DIMS = (32, 64, 80, 96, 128)
+_DTYPES = FLOAT_DTYPES + (torch.float64,)
+
+
+def _lse_dtype(dtype):
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---- backends ---------------------------------------------------------------------------
+@backend.register(FWD, "reference")
+def _fwd_reference(q, k, v, key_padding_mask, causal, softmax_scale):
+    return ref.attention_with_lse(q, k, v, key_padding_mask=key_padding_mask, causal=causal,
+                                  softmax_scale=softmax_scale)
+
+
+@backend.register(BWD, "reference")
+def _bwd_reference(dout, q, k, v, o, lse, key_padding_mask, causal, softmax_scale):
+    return ref.attention_backward(dout, q, k, v, o, lse, key_padding_mask=key_padding_mask,
+                                  causal=causal, softmax_scale=softmax_scale)
+
+
+@backend.register(KV, "reference")
+def _kv_reference(q, k_cache, v_cache, k_new, v_new, cache_seqlens, causal, softmax_scale):
+    return ref.attention_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=cache_seqlens,
+                                 causal=causal, softmax_scale=softmax_scale)
+
+
+_ISA_CODES = {"": 0, "auto": 0, "portable": 1, "avx2": 2, "avx512": 3}
+
+
+def _cpu_impl() -> int:
+    """FLUID_OPS_CPU_ATTENTION_ISA=portable|avx2|avx512 forces a compiled path (default: the
+    fastest this CPU has; the AVX-512 one is chosen at run time and was not run on the AVX2
+    machine this was written on, so this is the switch to rule it out)."""
+    name = os.environ.get("FLUID_OPS_CPU_ATTENTION_ISA", "").strip().lower()
+    if name not in _ISA_CODES:
+        raise ValueError(f"FLUID_OPS_CPU_ATTENTION_ISA must be one of portable, avx2, avx512 (or unset), got {name!r}")
+    return _ISA_CODES[name]
+
+
+def _cpu_supports(q, *args, **kwargs):
+    if q.dtype not in FLOAT_DTYPES:
+        return f"dtype {q.dtype} is not supported by the CPU kernels (float32, float16, bfloat16)"
+    return None
+
+
+def _unit_d(t):
+    """The kernels take any strides but need unit stride along D (views of a fused QKV are fine)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _cpu_forward(q, k, v, key_padding_mask, seqlens_k, causal, softmax_scale, impl=None):
+    q, k, v = _unit_d(q), _unit_d(k), _unit_d(v)
+    b, nq, h, _ = q.shape
+    o = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(b, h, nq, dtype=torch.float32)
+    vw = _compiled.view
+    _compiled.cpu.attention_fwd(vw(q), vw(k), vw(v), vw(key_padding_mask), vw(seqlens_k), vw(o), vw(lse),
+                                causal, softmax_scale, _compiled.cpu_threads(), _cpu_impl() if impl is None else impl)
+    return o, lse
+
+
+@backend.register(FWD, "cpu", supports=_cpu_supports)
+def _fwd_cpu(q, k, v, key_padding_mask, causal, softmax_scale):
+    return _cpu_forward(q, k, v, key_padding_mask, None, causal, softmax_scale)
+
+
+@backend.register(BWD, "cpu", supports=lambda dout, q, *a, **kw: _cpu_supports(q))
+def _bwd_cpu(dout, q, k, v, o, lse, key_padding_mask, causal, softmax_scale):
+    # locals keep every tensor (and any copy) alive until the kernel returns: a view is a raw pointer
+    dout, q, k, v, o = (_unit_d(t) for t in (dout, q, k, v, o))
+    lse = lse.contiguous()
+    dq = torch.empty(q.shape, dtype=q.dtype)
+    dk = torch.empty(k.shape, dtype=k.dtype)
+    dv = torch.empty(v.shape, dtype=v.dtype)
+    vw = _compiled.view
+    _compiled.cpu.attention_bwd(vw(dout), vw(q), vw(k), vw(v), vw(o), vw(lse), vw(key_padding_mask),
+                                vw(dq), vw(dk), vw(dv), causal, softmax_scale, _compiled.cpu_threads(), _cpu_impl())
+    return dq, dk, dv
+
+
+def _append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens):
+    if k_new is None or k_new.shape[1] == 0:
+        return 0
+    b, nnew = k_new.shape[0], k_new.shape[1]
+    rows = cache_seqlens.to(torch.int64).view(b, 1) + torch.arange(nnew, device=k_new.device).view(1, nnew)
+    bidx = torch.arange(b, device=k_new.device).view(b, 1).expand(b, nnew)
+    k_cache[bidx, rows] = k_new
+    v_cache[bidx, rows] = v_new
+    return nnew
+
+
+@backend.register(KV, "cpu", supports=_cpu_supports)
+def _kv_cpu(q, k_cache, v_cache, k_new, v_new, cache_seqlens, causal, softmax_scale):
+    nnew = _append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens)
+    seqlens_k = (cache_seqlens.to(torch.int64) + nnew).contiguous()
+    return _cpu_forward(q, k_cache, v_cache, None, seqlens_k, causal, softmax_scale)[0]
+
+
+# ---- custom ops -------------------------------------------------------------------------
+def _empty_fwd(q, k):
+    b, nq, h, _ = q.shape
+    o = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.full((b, h, nq), float("-inf"), dtype=_lse_dtype(q.dtype), device=q.device)
+    return o, lse
+
+
+@torch.library.custom_op("fluid_ops::attention_fwd", mutates_args=())
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: Optional[torch.Tensor],
+                   causal: bool, softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    if q.numel() == 0 or k.shape[1] == 0:  # empty batch / no queries / no keys (every row masked: 0)
+        return _empty_fwd(q, k)
+    o, lse = backend.dispatch(FWD, q.device, q, k, v, key_padding_mask, causal, softmax_scale)
+    return o.contiguous(), lse
+
+
+@_attention_fwd.register_fake
+def _(q, k, v, key_padding_mask, causal, softmax_scale):
+    b, nq, h, _ = q.shape
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device), q.new_empty((b, h, nq), dtype=_lse_dtype(q.dtype))
+
+
+@torch.library.custom_op("fluid_ops::attention_bwd", mutates_args=())
+def _attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                   lse: torch.Tensor, key_padding_mask: Optional[torch.Tensor], causal: bool,
+                   softmax_scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    if q.numel() == 0 or k.numel() == 0:
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dq, dk, dv = backend.dispatch(BWD, q.device, dout, q, k, v, o, lse, key_padding_mask, causal, softmax_scale)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous()
+
+
+@_attention_bwd.register_fake
+def _(dout, q, k, v, o, lse, key_padding_mask, causal, softmax_scale):
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device), torch.empty(k.shape, dtype=k.dtype, device=k.device),
+            torch.empty(v.shape, dtype=v.dtype, device=v.device))
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, key_padding_mask, causal, softmax_scale = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse, key_padding_mask)
+    ctx.causal, ctx.softmax_scale = causal, softmax_scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, do, dlse):
+    q, k, v, o, lse, key_padding_mask = ctx.saved_tensors
+    if do is None:
+        return None, None, None, None, None, None
+    dq, dk, dv = torch.ops.fluid_ops.attention_bwd(do, q, k, v, o, lse, key_padding_mask, ctx.causal,
+                                                   ctx.softmax_scale)
+    return dq, dk, dv, None, None, None
+
+
+_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("fluid_ops::attention_kvcache", mutates_args=("k_cache", "v_cache"))
+def _attention_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: Optional[torch.Tensor],
+                       v_new: Optional[torch.Tensor], cache_seqlens: torch.Tensor, causal: bool,
+                       softmax_scale: float) -> torch.Tensor:
+    if q.shape[0] == 0:
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    return backend.dispatch(KV, q.device, q, k_cache, v_cache, k_new, v_new, cache_seqlens, causal,
+                            softmax_scale).contiguous()
+
+
+@_attention_kvcache.register_fake
+def _(q, k_cache, v_cache, k_new, v_new, cache_seqlens, causal, softmax_scale):
+    return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+# ---- checks -----------------------------------------------------------------------------
+def _check_qkv(op, q, k, v, *, kname="k", vname="v"):
+    check_tensor(op, "q", q, ndim=4, dtypes=_DTYPES)
+    b, nq, h, d = q.shape
+    if d not in HEAD_DIMS:
+        raise ValueError(f"{op}: head dim D = q.shape[3] must be one of {HEAD_DIMS}, got {d}")
+    check_tensor(op, kname, k, ndim=4, dtypes=_DTYPES)
+    check_tensor(op, vname, v, ndim=4, dtypes=_DTYPES)
+    for name, t in ((kname, k), (vname, v)):
+        if t.shape[0] != b or t.shape[2] != h or t.shape[3] != d:
+            raise ValueError(f"{op}: {name} must have shape ({b}, *, {h}, {d}) (batch, heads and head dim "
+                             f"of q), got {tuple(t.shape)}")
+        if t.dtype != q.dtype:
+            raise TypeError(f"{op}: {name} must have q's dtype {str(q.dtype).replace('torch.', '')}, "
+                            f"got {str(t.dtype).replace('torch.', '')}")
+    if v.shape[1] != k.shape[1]:
+        raise ValueError(f"{op}: {vname} must have shape {tuple(k.shape)} (that of {kname}), got {tuple(v.shape)}")
+
+
+def _check_scale(op, softmax_scale, d):
+    if softmax_scale is None:
+        return d ** -0.5
+    return check_finite_scalar(op, "softmax_scale", softmax_scale, min_value=0.0, min_inclusive=False)
+
+
+def _check_causal(op, causal):
+    if not isinstance(causal, bool):
+        raise TypeError(f"{op}: causal must be a bool, got {type(causal).__name__}")
+
+
+# ---- public API -------------------------------------------------------------------------
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_padding_mask: torch.Tensor | None = None,
+              causal: bool = False, softmax_scale: float | None = None) -> torch.Tensor:
+    """softmax(Q Kᵀ · scale + mask) V (SPEC §2.1), differentiable in q, k, v.
+
+    q (B, Nq, H, D), k / v (B, Nk, H, D), D in {32, 64, 80, 96, 128}, float32 / float16 /
+    bfloat16 (float64 on the reference backend). Views with unit stride along D (e.g. slices of
+    a fused QKV projection) are read in place. key_padding_mask (B, Nk) bool, True = may be
+    attended. causal: query i attends key j iff j <= i + Nk - Nq (bottom-right). softmax_scale
+    defaults to D ** -0.5. A row with no attendable key returns 0 and gets 0 gradient.
+    Contract: exact in fp32; rounding-level (one output rounding) in fp16 / bf16."""
+    op = "attention"
+    _check_qkv(op, q, k, v)
+    b, nk = k.shape[0], k.shape[1]
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor):
+            raise TypeError(f"{op}: key_padding_mask must be a torch.Tensor or None, got {type(key_padding_mask).__name__}")
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"{op}: key_padding_mask must have dtype bool (True = may attend), "
+                            f"got {str(key_padding_mask.dtype).replace('torch.', '')}")
+        check_tensor(op, "key_padding_mask", key_padding_mask, shape=(b, nk))
+    _check_causal(op, causal)
+    scale = _check_scale(op, softmax_scale, q.shape[3])
+    check_same_device(op, q=q, k=k, v=v, key_padding_mask=key_padding_mask)
+    return torch.ops.fluid_ops.attention_fwd(q, k, v, key_padding_mask, causal, scale)[0]
+
+
+def attention_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor | None = None,
+                      v_new: torch.Tensor | None = None, *, cache_seqlens: torch.Tensor, causal: bool = True,
+                      softmax_scale: float | None = None) -> torch.Tensor:
+    """Decode step with a preallocated KV cache, in one call (SPEC §2.1, last bullet).
+
+    k_cache / v_cache (B, Nmax, H, D); cache_seqlens (B,) int32 / int64, each batch's filled
+    length before this call; k_new / v_new (B, Nnew, H, D) or None. Writes k_new / v_new IN PLACE
+    into rows [cache_seqlens[b], cache_seqlens[b] + Nnew) of the caches, then returns attention of
+    q (B, Nq, H, D) over the first cache_seqlens[b] + Nnew rows of batch b (causal: bottom-right
+    relative to that length, so one query attends the whole valid prefix). Forward only.
+    The caller advances cache_seqlens by Nnew. Contract: as `attention`."""
+    op = "attention_kvcache"
+    _check_qkv(op, q, k_cache, v_cache, kname="k_cache", vname="v_cache")
+    b, nmax = k_cache.shape[0], k_cache.shape[1]
+    if (k_new is None) != (v_new is None):
+        raise ValueError(f"{op}: k_new and v_new must both be given or both be None, got "
+                         f"k_new={'None' if k_new is None else 'a tensor'}, v_new={'None' if v_new is None else 'a tensor'}")
+    nnew = 0
+    if k_new is not None:
+        _check_qkv(op, q, k_new, v_new, kname="k_new", vname="v_new")
+        nnew = k_new.shape[1]
+    if not isinstance(cache_seqlens, torch.Tensor):
+        raise TypeError(f"{op}: cache_seqlens must be a torch.Tensor of shape ({b},), got {type(cache_seqlens).__name__}")
+    check_tensor(op, "cache_seqlens", cache_seqlens, shape=(b,), dtypes=(torch.int32, torch.int64))
+    _check_causal(op, causal)
+    scale = _check_scale(op, softmax_scale, q.shape[3])
+    check_same_device(op, q=q, k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new, cache_seqlens=cache_seqlens)
+    if b > 0:
+        lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
+        if lo < 0:
+            raise ValueError(f"{op}: cache_seqlens must be >= 0, got min {lo}")
+        if hi + nnew > nmax:
+            raise ValueError(f"{op}: appending {nnew} rows would overflow the cache: cache_seqlens max {hi} + "
+                             f"{nnew} > Nmax = {nmax} (k_cache.shape[1])")
+    return torch.ops.fluid_ops.attention_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens, causal, scale)

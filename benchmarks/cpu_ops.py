@@ -1,0 +1,213 @@
+"""CPU kernel microbenchmarks: fluid_ops against PyTorch's own CPU paths.
+
+    python benchmarks/cpu_ops.py            # full shapes, writes benchmarks/results/cpu_ops.json
+    python benchmarks/cpu_ops.py --quick    # tiny shapes, a few seconds (CI smoke test)
+
+Each section is a function `bench_<name>(args) -> list[dict]` (one dict per row) registered in
+SECTIONS; `main` runs them, prints one table and writes JSON with the machine description.
+Timings: torch.utils.benchmark medians with torch's thread count; ours and the peer are timed
+interleaved (ours, peer, ours, peer, ...) so load from other processes hits both alike, and the
+reported time is the median over the rounds.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils import benchmark
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run from a source checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+import fluid_ops  # noqa: E402
+from fluid_ops import _compiled  # noqa: E402
+
+
+def machine_info() -> dict:
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "logical_cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "fluid_ops": fluid_ops.__version__,
+        "fluid_ops_attention_isa": _compiled.cpu.attention_fwd_isa() if _compiled.cpu is not None else None,
+        "python": platform.python_version(),
+        # other processes on a small machine skew timings (interleaving spreads it over both sides)
+        "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+    }
+
+
+def time_interleaved(fns: dict, *, rounds: int, min_run_time: float) -> dict:
+    """{name: median seconds}: each round times every fn once (blocked_autorange median)."""
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            t = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+            samples[name].append(t.blocked_autorange(min_run_time=min_run_time).median)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
+# ---- attention ---------------------------------------------------------------------------------
+def bench_attention(args) -> list[dict]:
+    """fluid_ops.attention (B, N, H, D) vs torch SDPA (B, H, N, D) on CPU, fp32 and bf16, with and
+    without a key-padding mask (each batch's last 15-35% keys padded; SDPA gets the same mask as
+    its boolean attn_mask). FLOPs = 4 B H Nq Nk D (padding is counted: same work for both)."""
+    shapes = [(2, 2, 64, 64)] if args.quick else [(8, 8, 256, 64)]
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for b, h, n, d in shapes:
+        for dtype in (torch.float32, torch.bfloat16):
+            for padded in (False, True):
+                q, k, v = (torch.randn(b, n, h, d, generator=g).to(dtype) for _ in range(3))
+                qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+                mask = attn_mask = None
+                if padded:
+                    pad = (n * (0.15 + 0.2 * torch.rand(b, generator=g))).long()
+                    mask = torch.arange(n).view(1, n) < (n - pad).view(b, 1)
+                    attn_mask = mask.view(b, 1, 1, n)
+                fns = {
+                    "ours": lambda: fluid_ops.attention(q, k, v, key_padding_mask=mask),
+                    "sdpa": lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=attn_mask),
+                }
+                # same numbers first: a benchmark of a wrong result is worthless
+                err = (fns["ours"]().float() - fns["sdpa"]().transpose(1, 2).float()).abs().max().item()
+                tol = 1e-4 if dtype == torch.float32 else 3e-2
+                if err > tol:
+                    raise AssertionError(f"attention disagrees with SDPA: max error {err:.3e} > {tol}")
+                med = time_interleaved(fns, rounds=args.rounds, min_run_time=args.min_run_time)
+                flops = 4 * b * h * n * n * d
+                rows.append({
+                    "op": "attention",
+                    "pass": "forward",
+                    "shape": {"B": b, "H": h, "Nq": n, "Nk": n, "D": d},
+                    "dtype": str(dtype).replace("torch.", ""),
+                    "key_padding_mask": padded,
+                    "ours_ms": med["ours"] * 1e3,
+                    "peer": "torch SDPA (B,H,N,D)" + (", bool attn_mask" if padded else ""),
+                    "peer_ms": med["sdpa"] * 1e3,
+                    "ours_gflops": flops / med["ours"] / 1e9,
+                    "peer_gflops": flops / med["sdpa"] / 1e9,
+                    "speedup": med["sdpa"] / med["ours"],
+                    "max_abs_diff": err,
+                })
+        # causal self-attention (Nq == Nk, so SDPA's top-left is_causal equals our bottom-right);
+        # FLOPs halved (DESIGN.md)
+        for dtype in (torch.float32, torch.bfloat16):
+            q, k, v = (torch.randn(b, n, h, d, generator=g).to(dtype) for _ in range(3))
+            qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+            fns = {"ours": lambda: fluid_ops.attention(q, k, v, causal=True),
+                   "sdpa": lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=True)}
+            err = (fns["ours"]().float() - fns["sdpa"]().transpose(1, 2).float()).abs().max().item()
+            if err > (1e-4 if dtype == torch.float32 else 3e-2):
+                raise AssertionError(f"causal attention disagrees with SDPA: max error {err:.3e}")
+            med = time_interleaved(fns, rounds=args.rounds, min_run_time=args.min_run_time)
+            flops = 2 * b * h * n * n * d
+            rows.append({
+                "op": "attention", "pass": "forward", "causal": True,
+                "shape": {"B": b, "H": h, "Nq": n, "Nk": n, "D": d},
+                "dtype": str(dtype).replace("torch.", ""), "key_padding_mask": False,
+                "ours_ms": med["ours"] * 1e3, "peer": "torch SDPA (B,H,N,D), is_causal", "peer_ms": med["sdpa"] * 1e3,
+                "ours_gflops": flops / med["ours"] / 1e9, "peer_gflops": flops / med["sdpa"] / 1e9,
+                "speedup": med["sdpa"] / med["ours"], "max_abs_diff": err,
+            })
+        # training step: forward + backward (FLOPs 3.5x forward, DESIGN.md), unmasked
+        for dtype in (torch.float32, torch.bfloat16):
+            q, k, v = (torch.randn(b, n, h, d, generator=g).to(dtype).requires_grad_() for _ in range(3))
+            do = torch.randn(b, n, h, d, generator=g).to(dtype)
+            qt, kt, vt = (t.detach().transpose(1, 2).contiguous().requires_grad_() for t in (q, k, v))
+            dot = do.transpose(1, 2).contiguous()
+
+            def ours_step():
+                return torch.autograd.grad(fluid_ops.attention(q, k, v), (q, k, v), do)
+
+            def sdpa_step():
+                return torch.autograd.grad(F.scaled_dot_product_attention(qt, kt, vt), (qt, kt, vt), dot)
+
+            gq, gq_ref = ours_step()[0], sdpa_step()[0].transpose(1, 2)
+            err = (gq.float() - gq_ref.float()).abs().max().item()
+            tol = 1e-4 if dtype == torch.float32 else 5e-2
+            if err > tol:
+                raise AssertionError(f"attention backward disagrees with SDPA: max error in dq {err:.3e} > {tol}")
+            med = time_interleaved({"ours": ours_step, "sdpa": sdpa_step}, rounds=args.rounds,
+                                   min_run_time=args.min_run_time)
+            flops = 3.5 * 4 * b * h * n * n * d
+            rows.append({
+                "op": "attention", "pass": "forward+backward",
+                "shape": {"B": b, "H": h, "Nq": n, "Nk": n, "D": d},
+                "dtype": str(dtype).replace("torch.", ""), "key_padding_mask": False,
+                "ours_ms": med["ours"] * 1e3, "peer": "torch SDPA (B,H,N,D) + autograd", "peer_ms": med["sdpa"] * 1e3,
+                "ours_gflops": flops / med["ours"] / 1e9, "peer_gflops": flops / med["sdpa"] / 1e9,
+                "speedup": med["sdpa"] / med["ours"], "max_abs_diff": err,
+            })
+    return rows
+
+
+SECTIONS = {"attention": bench_attention}
+
+
+def print_table(rows: list[dict]) -> None:
+    hdr = f"{'op':<10} {'pass':<14} {'shape':<16} {'dtype':<9} {'mask':<5} {'ours ms':>9} {'peer ms':>9} {'ours GF/s':>10} {'peer GF/s':>10} {'speedup':>8}"
+    print(hdr)
+    print("-" * len(hdr))
+    for r in rows:
+        s = r["shape"]
+        shape = "x".join(str(s[k]) for k in ("B", "H", "Nq", "D")) if "Nq" in s else str(s)
+        kind = {"forward": "fwd", "forward+backward": "fwd+bwd"}.get(r.get("pass"), r.get("pass", ""))
+        if r.get("causal"):
+            kind += " causal"
+        print(f"{r['op']:<10} {kind:<14} {shape:<16} {r['dtype']:<9} {'yes' if r.get('key_padding_mask') else 'no':<5} "
+              f"{r['ours_ms']:>9.3f} {r['peer_ms']:>9.3f} {r['ours_gflops']:>10.1f} {r['peer_gflops']:>10.1f} "
+              f"{r['speedup']:>7.2f}x")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="tiny shapes and short timings (CI smoke test)")
+    p.add_argument("--sections", nargs="*", default=list(SECTIONS), choices=list(SECTIONS))
+    p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds (default 5, quick 1)")
+    p.add_argument("--min-run-time", type=float, default=None, help="seconds per blocked_autorange (default 1, quick 0.05)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch.set_num_threads (our kernels follow it); default: torch's choice")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "cpu_ops.json"))
+    args = p.parse_args(argv)
+    args.rounds = args.rounds or (1 if args.quick else 5)
+    args.min_run_time = args.min_run_time or (0.05 if args.quick else 1.0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if _compiled.cpu is None:
+        print(f"fluid_ops._C is not built: {_compiled.cpu_error}", file=sys.stderr)
+        return 1
+    info = machine_info()
+    print(json.dumps(info))
+    rows = []
+    for name in args.sections:
+        rows += SECTIONS[name](args)
+    print_table(rows)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"machine": info, "quick": args.quick, "rounds": args.rounds,
+                               "min_run_time_s": args.min_run_time, "rows": rows}, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,499 @@
+"""attention / attention_kvcache: the reference against SPEC §2.1 written naively, every backend
+against the reference (awkward shapes, masks, causal, dtypes, strided views), gradients,
+torch.library contracts, a property test, bad inputs and the KV cache."""
+import importlib
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fluid_ops
+from fluid_ops import _compiled
+from tests.conftest import assert_lowp_close, backend_params
+
+ref = importlib.import_module("fluid_ops.reference.attention")
+ops_attn = importlib.import_module("fluid_ops.ops.attention")
+
+BACKENDS = backend_params("reference", "cpu")
+
+
+def _naive(q, k, v, mask=None, causal=False, scale=None, seqlens_k=None, dtype=torch.float64):
+    """softmax(Q Kᵀ · scale + mask) V per (b, h), written from SPEC §2.1 with explicit loops
+    over batch and head, in `dtype`; a row with no allowed key is 0."""
+    b, nq, h, d = q.shape
+    nk = k.shape[1]
+    scale = d ** -0.5 if scale is None else scale
+    out = torch.zeros(b, nq, h, d, dtype=dtype)
+    for bi in range(b):
+        lk = nk if seqlens_k is None else int(seqlens_k[bi])
+        i = torch.arange(nq).view(nq, 1)
+        j = torch.arange(nk).view(1, nk)
+        allowed = (j < lk).expand(nq, nk)
+        if mask is not None:
+            allowed = allowed & mask[bi].view(1, nk)
+        if causal:
+            allowed = allowed & (j <= i + (lk - nq))
+        for hi in range(h):
+            qq, kk, vv = (t[bi, :, hi].to(dtype) for t in (q, k, v))
+            s = (qq @ kk.T) * scale
+            s = s.masked_fill(~allowed, float("-inf"))
+            p = torch.softmax(s.float() if dtype != torch.float64 else s, dim=-1).to(dtype)
+            p = torch.nan_to_num(p, nan=0.0)  # fully masked rows: softmax of all -inf
+            out[bi, :, hi] = (p @ vv).to(dtype)
+    return out
+
+
+def _inputs(b, nq, nk, h, d, dtype=torch.float32, seed=0, masked=False, full_mask_batch=None):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, nq, h, d, generator=g).to(dtype)
+    k = torch.randn(b, nk, h, d, generator=g).to(dtype)
+    v = torch.randn(b, nk, h, d, generator=g).to(dtype)
+    mask = None
+    if masked:
+        mask = torch.rand(b, nk, generator=g) > 0.3
+        if full_mask_batch is not None and b > full_mask_batch:
+            mask[full_mask_batch] = False
+    return q, k, v, mask
+
+
+def _run(backend, *args, **kwargs):
+    with fluid_ops.use_backend(backend):
+        return fluid_ops.attention(*args, **kwargs)
+
+
+# ---- the reference against the SPEC formula ------------------------------------------------
+@pytest.mark.parametrize("b,nq,nk,h,d", [(2, 5, 5, 2, 32), (1, 7, 3, 1, 64), (2, 3, 9, 2, 80)])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_reference_matches_spec_formula(b, nq, nk, h, d, causal, masked):
+    q, k, v, mask = _inputs(b, nq, nk, h, d, dtype=torch.float64, masked=masked, full_mask_batch=1)
+    want = _naive(q, k, v, mask, causal, scale=0.3)
+    got = ref.attention(q, k, v, key_padding_mask=mask, causal=causal, softmax_scale=0.3)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert torch.isfinite(got).all()
+
+
+def test_reference_causal_is_bottom_right():
+    # one query over 5 keys attends all of them (decode step); 5 queries over 3 keys: the first
+    # two see nothing and return 0
+    q, k, v, _ = _inputs(1, 1, 5, 1, 32, dtype=torch.float64)
+    torch.testing.assert_close(ref.attention(q, k, v, causal=True), ref.attention(q, k, v))
+    q, k, v, _ = _inputs(1, 5, 3, 1, 32, dtype=torch.float64)
+    o = ref.attention(q, k, v, causal=True)
+    assert (o[:, :2] == 0).all() and (o[:, 2:].abs().sum(-1) > 0).all()
+
+
+# ---- every backend against the reference -----------------------------------------------------
+SHAPES = [  # (b, nq, nk, h, d)
+    (1, 1, 1, 1, 64),
+    (2, 17, 17, 3, 32),
+    (2, 65, 65, 2, 80),
+    (1, 257, 257, 1, 96),
+    (2, 33, 7, 2, 128),   # cross-attention, Nq > Nk
+    (2, 7, 33, 2, 64),    # Nq < Nk
+    (3, 1, 130, 2, 64),   # decode-like
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("b,nq,nk,h,d", SHAPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_backend_matches_reference_fp32(backend, b, nq, nk, h, d, causal, masked):
+    q, k, v, mask = _inputs(b, nq, nk, h, d, masked=masked, full_mask_batch=1)
+    want = ref.attention(q.double(), k.double(), v.double(), key_padding_mask=mask, causal=causal).float()
+    got = _run(backend, q, k, v, key_padding_mask=mask, causal=causal)
+    assert got.dtype == torch.float32 and got.shape == q.shape
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+
+
+# avx2_w16: the AVX-512 kernels' 16-lane tiling run on AVX2 registers (checks that geometry here)
+_ISA_CODES = {"portable": 1, "avx2": 2, "avx512": 3, "avx2_w16": 4}
+
+
+def _isa_params():
+    have = _compiled.cpu.attention_fwd_isas() if _compiled.cpu is not None else []
+    return [pytest.param(code, id=name, marks=pytest.mark.skipif(name not in have, reason=f"no {name} on this CPU/build"))
+            for name, code in _ISA_CODES.items()]
+
+
+@pytest.mark.skipif(_compiled.cpu is None, reason="fluid_ops._C not built")
+@pytest.mark.parametrize("impl", _isa_params())
+@pytest.mark.parametrize("b,nq,nk,h,d", SHAPES[1:] + [(2, 300, 129, 1, 32)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_paths_with_lse(impl, b, nq, nk, h, d, causal):
+    """Every compiled forward path this CPU has (portable, AVX2, AVX-512), o and lse."""
+    q, k, v, mask = _inputs(b, nq, nk, h, d, masked=True, full_mask_batch=0)
+    want_o, want_lse = ref.attention_with_lse(q.double(), k.double(), v.double(), key_padding_mask=mask, causal=causal)
+    o, lse = ops_attn._cpu_forward(q, k, v, mask, None, causal, d ** -0.5, impl)
+    torch.testing.assert_close(o, want_o.float(), rtol=1e-5, atol=2e-6)
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+    fin = torch.isfinite(want_lse)
+    torch.testing.assert_close(lse[fin], want_lse[fin].float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(_compiled.cpu is None, reason="fluid_ops._C not built")
+@pytest.mark.parametrize("impl", _isa_params())
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_paths_skip_whole_masked_key_blocks(impl, causal):
+    """Masks that empty whole key blocks (the kernels skip them): a padded tail, a hole in the
+    middle, a single attendable key far out; forward and backward."""
+    b, nq, nk, h, d = 3, 70, 400, 1, 64
+    q, k, v, _ = _inputs(b, nq, nk, h, d, seed=7)
+    mask = torch.zeros(b, nk, dtype=torch.bool)
+    mask[0, :100] = True                        # padded tail: blocks 1..3 empty
+    mask[1, :128] = True
+    mask[1, 256:] = True                        # hole: block 1 empty
+    mask[2, 383] = True                         # one key, in the last block
+    want_o, want_lse = ref.attention_with_lse(q.double(), k.double(), v.double(), key_padding_mask=mask, causal=causal)
+    o, lse = ops_attn._cpu_forward(q, k, v, mask, None, causal, d ** -0.5, impl)
+    torch.testing.assert_close(o, want_o.float(), rtol=1e-5, atol=2e-6)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
+    want = ref.attention_backward(do.double(), q.double(), k.double(), v.double(), o.double(), lse.double(),
+                                  key_padding_mask=mask, causal=causal)
+    got = [torch.full_like(t, float("nan")) for t in (q, k, v)]
+    vw = _compiled.view
+    _compiled.cpu.attention_bwd(vw(do), vw(q), vw(k), vw(v), vw(o), vw(lse), vw(mask), *[vw(t) for t in got],
+                                causal, d ** -0.5, 2, impl)
+    for name, g, w in zip("qkv", got, want):
+        torch.testing.assert_close(g, w.float(), rtol=1e-4, atol=1e-5, msg=f"d{name}")
+
+
+@pytest.mark.skipif(_compiled.cpu is None, reason="fluid_ops._C not built")
+@pytest.mark.parametrize("impl", _isa_params())
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_paths_seqlens_k(impl, causal):
+    """Per-batch key lengths (the KV-cache kernel argument): keys past the length are never read."""
+    b, nq, nk, h, d = 4, 5, 300, 2, 80
+    q, k, v, _ = _inputs(b, nq, nk, h, d, seed=8)
+    lens = torch.tensor([0, 3, 129, 300], dtype=torch.int64)
+    for bi, n in enumerate(lens.tolist()):  # poison everything past the valid length
+        k[bi, n:] = float("nan")
+        v[bi, n:] = float("nan")
+    o, lse = ops_attn._cpu_forward(q, k, v, None, lens, causal, d ** -0.5, impl)
+    for bi, n in enumerate(lens.tolist()):
+        want = _naive(q[bi:bi + 1], k[bi:bi + 1, :n], v[bi:bi + 1, :n], causal=causal)
+        torch.testing.assert_close(o[bi:bi + 1], want.float(), rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("b,nq,nk,h,d", [(2, 65, 65, 2, 64), (2, 33, 7, 2, 80), (1, 129, 257, 2, 128)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_backend_lowp_flash_rule(backend, dtype, b, nq, nk, h, d, causal):
+    q, k, v, mask = _inputs(b, nq, nk, h, d, dtype=dtype, masked=True)
+    ref64 = _naive(q, k, v, mask, causal)
+    ref_lowp = _naive(q, k, v, mask, causal, dtype=dtype)  # the formula run in the low precision
+    got = _run(backend, q, k, v, key_padding_mask=mask, causal=causal)
+    assert got.dtype == dtype
+    assert_lowp_close(got, ref64, ref_lowp)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_strided_views_of_fused_qkv(backend):
+    b, n, h, d = 2, 19, 3, 64
+    qkv = torch.randn(b, n, 3, h, d)
+    q, k, v = qkv.unbind(2)  # views, strides (n*3*h*d, 3*h*d, d, 1)
+    assert not q.is_contiguous()
+    want = ref.attention(q.contiguous().double(), k.contiguous().double(), v.contiguous().double(), causal=True)
+    torch.testing.assert_close(_run(backend, q, k, v, causal=True), want.float(), rtol=1e-5, atol=2e-6)
+    # a view without unit stride along D is copied, not misread
+    qt = torch.randn(b, n, d, h).transpose(2, 3)
+    torch.testing.assert_close(_run(backend, qt, k, v), ref.attention(qt.contiguous(), k, v), rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fully_masked_rows_are_zero_with_zero_grad(backend):
+    # batch 1: mask all False; causal with Nq > Nk: the first Nq - Nk rows see nothing
+    q, k, v, mask = _inputs(2, 9, 4, 2, 32, masked=True, full_mask_batch=1)
+    mask[0] = True
+    q.requires_grad_()
+    k.requires_grad_()
+    v.requires_grad_()
+    o = _run(backend, q, k, v, key_padding_mask=mask, causal=True)
+    assert torch.isfinite(o).all()
+    assert (o[1] == 0).all() and (o[0, :5] == 0).all() and (o[0, 5:].abs().sum(-1) > 0).all()
+    with fluid_ops.use_backend(backend):
+        gq, gk, gv = torch.autograd.grad(o, (q, k, v), torch.randn_like(o))
+    for g in (gq, gk, gv):
+        assert torch.isfinite(g).all()
+    assert (gq[1] == 0).all() and (gk[1] == 0).all() and (gv[1] == 0).all()
+    assert (gq[0, :5] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_inputs(backend):
+    for shape_q, shape_k in [((0, 5, 2, 32), (0, 5, 2, 32)), ((2, 0, 2, 32), (2, 5, 2, 32))]:
+        q, k = torch.randn(shape_q), torch.randn(shape_k)
+        o = _run(backend, q, k, k.clone())
+        assert o.shape == shape_q
+    # no keys at all: every row fully masked -> zeros, and zero gradients
+    q = torch.randn(2, 3, 2, 32, requires_grad=True)
+    k = torch.randn(2, 0, 2, 32, requires_grad=True)
+    o = _run(backend, q, k, k)
+    assert o.shape == q.shape and (o == 0).all()
+    (gq,) = torch.autograd.grad(o.sum(), (q,))
+    assert (gq == 0).all()
+
+
+# ---- gradients -------------------------------------------------------------------------------
+@pytest.mark.parametrize("causal,masked,nq,nk", [(False, False, 3, 3), (True, True, 4, 3), (False, True, 2, 4)])
+def test_gradcheck_reference_fp64(causal, masked, nq, nk):
+    q, k, v, mask = _inputs(2, nq, nk, 1, 32, dtype=torch.float64, masked=masked, full_mask_batch=1)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    with fluid_ops.use_backend("reference"):
+        torch.autograd.gradcheck(lambda a, b, c: fluid_ops.attention(a, b, c, key_padding_mask=mask, causal=causal),
+                                 (q, k, v), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("b,nq,nk,h,d", [(2, 17, 17, 2, 64), (2, 33, 7, 1, 80), (1, 5, 70, 2, 128), (2, 65, 65, 1, 32)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_backward_matches_autograd_through_reference(backend, b, nq, nk, h, d, causal):
+    q, k, v, mask = _inputs(b, nq, nk, h, d, masked=True, full_mask_batch=1, seed=3)
+    do = torch.randn(b, nq, h, d, generator=torch.Generator().manual_seed(9))
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    want = torch.autograd.grad(ref.attention(q64, k64, v64, key_padding_mask=mask, causal=causal), (q64, k64, v64),
+                               do.double())
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    with fluid_ops.use_backend(backend):
+        out = fluid_ops.attention(qs, ks, vs, key_padding_mask=mask, causal=causal)
+        got = torch.autograd.grad(out, (qs, ks, vs), do)
+    for name, g, w in zip("qkv", got, want):
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, w.float(), rtol=1e-4, atol=1e-5, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_backward_lowp(backend, dtype):
+    q, k, v, mask = _inputs(2, 33, 40, 2, 64, dtype=dtype, masked=True)
+    do = torch.randn(q.shape).to(dtype)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    want = torch.autograd.grad(ref.attention(q64, k64, v64, key_padding_mask=mask, causal=True), (q64, k64, v64),
+                               do.double())
+    ql, kl, vl = (t.clone().requires_grad_() for t in (q, k, v))
+    lowp = torch.autograd.grad(_naive_autograd_lowp(ql, kl, vl, mask), (ql, kl, vl), do)
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    with fluid_ops.use_backend(backend):
+        got = torch.autograd.grad(fluid_ops.attention(qs, ks, vs, key_padding_mask=mask, causal=True), (qs, ks, vs), do)
+    for name, g, w, lo in zip("qkv", got, want, lowp):
+        assert g.dtype == dtype
+        assert_lowp_close(g, w, lo, atol=1e-3, name=f"d{name}")
+
+
+def _naive_autograd_lowp(q, k, v, mask):
+    """The SPEC formula in the low precision itself, differentiable (the 2x rule's baseline)."""
+    nq, nk, d = q.shape[1], k.shape[1], q.shape[3]
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    s = (qt @ kt.transpose(-1, -2)) * d ** -0.5
+    allowed = mask.view(-1, 1, 1, nk) & (torch.arange(nk).view(1, nk) <= torch.arange(nq).view(nq, 1) + nk - nq)
+    s = s.masked_fill(~allowed, float("-inf"))
+    p = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)
+    return (p @ vt).transpose(1, 2)
+
+
+@pytest.mark.skipif(_compiled.cpu is None, reason="fluid_ops._C not built")
+@pytest.mark.parametrize("impl", _isa_params())
+@pytest.mark.parametrize("b,nq,nk,h,d", [(2, 17, 17, 2, 64), (2, 100, 33, 1, 80), (1, 5, 300, 2, 128),
+                                         (2, 65, 140, 1, 32), (1, 129, 129, 1, 96)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cpu_backward_paths(impl, b, nq, nk, h, d, causal):
+    """Every compiled backward path this CPU has, against the fp64 formula from the saved lse."""
+    q, k, v, mask = _inputs(b, nq, nk, h, d, masked=True, full_mask_batch=1, seed=5)
+    do = torch.randn(b, nq, h, d, generator=torch.Generator().manual_seed(2))
+    o, lse = ref.attention_with_lse(q, k, v, key_padding_mask=mask, causal=causal)
+    want = ref.attention_backward(do.double(), q.double(), k.double(), v.double(), o.double(), lse.double(),
+                                  key_padding_mask=mask, causal=causal)
+    got = [torch.full_like(t, float("nan")) for t in (q, k, v)]
+    vw = _compiled.view
+    _compiled.cpu.attention_bwd(vw(do), vw(q), vw(k), vw(v), vw(o), vw(lse), vw(mask), *[vw(t) for t in got],
+                                causal, d ** -0.5, 2, impl)
+    for name, g, w in zip("qkv", got, want):
+        torch.testing.assert_close(g, w.float(), rtol=1e-4, atol=1e-5, msg=f"d{name}")
+
+
+@pytest.mark.skipif(_compiled.cpu is None, reason="fluid_ops._C not built")
+def test_cpu_backward_is_deterministic():
+    q, k, v, mask = _inputs(2, 40, 50, 2, 64, masked=True)
+    do = torch.randn_like(q)
+    outs = []
+    for _ in range(2):
+        qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+        with fluid_ops.use_backend("cpu"):
+            outs.append(torch.autograd.grad(fluid_ops.attention(qs, ks, vs, key_padding_mask=mask), (qs, ks, vs), do))
+    for a, b in zip(*outs):
+        assert torch.equal(a, b)
+
+
+# ---- torch.library contracts -----------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_opcheck(backend):
+    q, k, v, mask = _inputs(2, 9, 6, 2, 32, masked=True)
+    with fluid_ops.use_backend(backend):
+        for m, causal in ((None, False), (mask, True)):
+            torch.library.opcheck(torch.ops.fluid_ops.attention_fwd.default, (q, k, v, m, causal, 0.2))
+            o, lse = torch.ops.fluid_ops.attention_fwd(q, k, v, m, causal, 0.2)
+            torch.library.opcheck(torch.ops.fluid_ops.attention_bwd.default,
+                                  (torch.randn_like(o), q, k, v, o, lse, m, causal, 0.2))
+        kc, vc = torch.randn(2, 12, 2, 32), torch.randn(2, 12, 2, 32)
+        torch.library.opcheck(torch.ops.fluid_ops.attention_kvcache.default,
+                              (q[:, :3], kc, vc, k[:, :3], v[:, :3], torch.tensor([2, 5]), True, 0.2))
+
+
+# ---- property test ---------------------------------------------------------------------------
+@settings(max_examples=25, deadline=None)
+@given(b=st.integers(1, 3), nq=st.integers(1, 40), nk=st.integers(1, 40), h=st.integers(1, 2),
+       d=st.sampled_from([32, 64, 80, 96, 128]), causal=st.booleans(), masked=st.booleans(),
+       seed=st.integers(0, 2**16))
+def test_property_cpu_matches_reference(b, nq, nk, h, d, causal, masked, seed):
+    backend = "cpu" if fluid_ops.backends()["cpu"]["available"] else "reference"
+    q, k, v, mask = _inputs(b, nq, nk, h, d, masked=masked, seed=seed)
+    want = ref.attention(q.double(), k.double(), v.double(), key_padding_mask=mask, causal=causal)
+    got = _run(backend, q, k, v, key_padding_mask=mask, causal=causal)
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=2e-6)
+    # rows with no attendable key are exactly 0
+    allowed = ref.allowed_mask(nq, nk, key_padding_mask=mask, causal=causal, batch=b)
+    dead = ~allowed.any(-1).squeeze(1)  # (B, Nq)
+    assert (got[dead] == 0).all()
+
+
+# ---- bad inputs ------------------------------------------------------------------------------
+def _bad_cases():
+    q, k, v = torch.randn(2, 5, 2, 32), torch.randn(2, 6, 2, 32), torch.randn(2, 6, 2, 32)
+    m = torch.ones(2, 6, dtype=torch.bool)
+    return [
+        (dict(q=torch.randn(2, 5, 32)), ValueError, "q must have 4 dims"),
+        (dict(k=torch.randn(2, 6, 64)), ValueError, "k must have 4 dims"),
+        (dict(q=torch.randn(2, 5, 2, 48), k=torch.randn(2, 6, 2, 48), v=torch.randn(2, 6, 2, 48)), ValueError,
+         r"head dim D = q.shape\[3\] must be one of \(32, 64, 80, 96, 128\), got 48"),
+        (dict(k=torch.randn(3, 6, 2, 32)), ValueError, r"k must have shape \(2, \*, 2, 32\)"),
+        (dict(k=torch.randn(2, 6, 4, 32)), ValueError, r"k must have shape \(2, \*, 2, 32\)"),
+        (dict(v=torch.randn(2, 6, 2, 64)), ValueError, r"v must have shape \(2, \*, 2, 32\)"),
+        (dict(v=torch.randn(2, 7, 2, 32)), ValueError, r"v must have shape \(2, 6, 2, 32\) \(that of k\)"),
+        (dict(q=q.long()), TypeError, "q must have dtype in"),
+        (dict(k=k.half()), TypeError, "k must have q's dtype float32, got float16"),
+        (dict(v=v.bfloat16()), TypeError, "v must have q's dtype float32, got bfloat16"),
+        (dict(key_padding_mask=m.float()), TypeError, "key_padding_mask must have dtype bool"),
+        (dict(key_padding_mask=m[:, :5]), ValueError, r"key_padding_mask must have shape \(2, 6\)"),
+        (dict(key_padding_mask=[True] * 6), TypeError, "key_padding_mask must be a torch.Tensor"),
+        (dict(key_padding_mask=m.to("meta")), ValueError, "key_padding_mask is on meta but q is on cpu"),
+        (dict(v=v.to("meta")), ValueError, "v is on meta but q is on cpu"),
+        (dict(softmax_scale=float("nan")), ValueError, "softmax_scale must be finite"),
+        (dict(softmax_scale=float("inf")), ValueError, "softmax_scale must be finite"),
+        (dict(softmax_scale=0.0), ValueError, "softmax_scale must be > 0"),
+        (dict(softmax_scale=-1.0), ValueError, "softmax_scale must be > 0"),
+        (dict(softmax_scale="big"), TypeError, "softmax_scale must be a real number"),
+        (dict(causal=1), TypeError, "causal must be a bool"),
+    ], dict(q=q, k=k, v=v, key_padding_mask=None, causal=False, softmax_scale=None)
+
+
+@pytest.mark.parametrize("idx", range(len(_bad_cases()[0])))
+def test_bad_inputs_name_the_argument(idx):
+    cases, args = _bad_cases()
+    bad, exc, match = cases[idx]
+    args.update(bad)
+    with pytest.raises(exc, match=match):
+        fluid_ops.attention(args["q"], args["k"], args["v"], key_padding_mask=args["key_padding_mask"],
+                            causal=args["causal"], softmax_scale=args["softmax_scale"])
+
+
+@pytest.mark.skipif(_compiled.cpu is None, reason="fluid_ops._C not built")
+def test_kernel_rejects_bad_views_itself():
+    """The compiled second line of defence: a bad call raises instead of reading out of bounds."""
+    q, k = torch.randn(1, 4, 1, 32), torch.randn(1, 4, 1, 32)
+    o, lse = torch.empty_like(q), torch.empty(1, 1, 4)
+    vw = _compiled.view
+    v5 = torch.randn(1, 5, 1, 32)
+    with pytest.raises(ValueError, match="v has a shape"):
+        _compiled.cpu.attention_fwd(vw(q), vw(k), vw(v5), None, None, vw(o), vw(lse), False, 0.1, 1)
+    with pytest.raises(ValueError, match="impl must be"):
+        _compiled.cpu.attention_fwd(vw(q), vw(k), vw(k), None, None, vw(o), vw(lse), False, 0.1, 1, 7)
+    with pytest.raises(ValueError, match="unsupported head dim 16"):
+        q16 = torch.randn(1, 4, 1, 16)
+        o16 = q16.clone()
+        _compiled.cpu.attention_fwd(vw(q16), vw(q16), vw(q16), None, None, vw(o16), vw(lse), False, 0.1, 1)
+
+
+@pytest.mark.skipif(_compiled.cpu is None, reason="fluid_ops._C not built")
+def test_isa_override_env(monkeypatch):
+    q, k, v, mask = _inputs(1, 9, 9, 1, 32, masked=True)
+    want = ref.attention(q, k, v, key_padding_mask=mask)
+    monkeypatch.setenv("FLUID_OPS_CPU_ATTENTION_ISA", "portable")
+    torch.testing.assert_close(_run("cpu", q, k, v, key_padding_mask=mask), want, rtol=1e-5, atol=2e-6)
+    monkeypatch.setenv("FLUID_OPS_CPU_ATTENTION_ISA", "sse9")
+    with pytest.raises(ValueError, match="FLUID_OPS_CPU_ATTENTION_ISA must be one of"):
+        _run("cpu", q, k, v)
+
+
+# ---- KV cache --------------------------------------------------------------------------------
+def _kv_inputs(b=3, nmax=40, h=2, d=64, nnew=4, nq=4, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    kc = torch.randn(b, nmax, h, d, generator=g).to(dtype)
+    vc = torch.randn(b, nmax, h, d, generator=g).to(dtype)
+    kn = torch.randn(b, nnew, h, d, generator=g).to(dtype)
+    vn = torch.randn(b, nnew, h, d, generator=g).to(dtype)
+    q = torch.randn(b, nq, h, d, generator=g).to(dtype)
+    lens = torch.tensor([0, 17, 36][:b], dtype=torch.int32)
+    return q, kc, vc, kn, vn, lens
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("nq,nnew", [(4, 4), (1, 1), (2, 0), (1, 3)])
+def test_kvcache_appends_and_attends_valid_prefix(backend, causal, nq, nnew):
+    q, kc, vc, kn, vn, lens = _kv_inputs(nnew=nnew, nq=nq)
+    want_k, want_v = kc.clone(), vc.clone()
+    for bi in range(q.shape[0]):
+        idx = torch.arange(int(lens[bi]), int(lens[bi]) + nnew)
+        want_k[bi].index_put_((idx,), kn[bi])
+        want_v[bi].index_put_((idx,), vn[bi])
+    with fluid_ops.use_backend(backend):
+        o = fluid_ops.attention_kvcache(q, kc, vc, kn if nnew else None, vn if nnew else None,
+                                        cache_seqlens=lens, causal=causal)
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+    for bi in range(q.shape[0]):
+        n = int(lens[bi]) + nnew
+        want = _naive(q[bi:bi + 1], want_k[bi:bi + 1, :n], want_v[bi:bi + 1, :n], causal=causal)
+        torch.testing.assert_close(o[bi:bi + 1], want.float(), rtol=1e-5, atol=2e-6)
+    if lens[0] + nnew == 0:  # an empty cache and nothing appended: nothing to attend, output 0
+        assert (o[0] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_kvcache_decode_loop_matches_full_causal(backend):
+    """Prefill 5 tokens then decode 3 one at a time: each step equals causal attention over all."""
+    b, h, d, n = 2, 2, 32, 8
+    q, k, v, _ = _inputs(b, n, n, h, d, seed=4)
+    want = ref.attention(q, k, v, causal=True)
+    kc, vc = torch.zeros(b, 16, h, d), torch.zeros(b, 16, h, d)
+    lens = torch.zeros(b, dtype=torch.int64)
+    outs = []
+    with fluid_ops.use_backend(backend):
+        for s0, s1 in [(0, 5), (5, 6), (6, 7), (7, 8)]:
+            outs.append(fluid_ops.attention_kvcache(q[:, s0:s1], kc, vc, k[:, s0:s1], v[:, s0:s1], cache_seqlens=lens))
+            lens += s1 - s0
+    torch.testing.assert_close(torch.cat(outs, 1), want, rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("bad,exc,match", [
+    (dict(cache_seqlens=torch.tensor([0, 17, 37], dtype=torch.int32)), ValueError, "would overflow the cache"),
+    (dict(cache_seqlens=torch.tensor([0, -1, 3])), ValueError, "cache_seqlens must be >= 0"),
+    (dict(cache_seqlens=torch.tensor([0.0, 1.0, 2.0])), TypeError, "cache_seqlens must have dtype"),
+    (dict(cache_seqlens=torch.tensor([0, 1])), ValueError, r"cache_seqlens must have shape \(3\)"),
+    (dict(v_new=None), ValueError, "k_new and v_new must both be given"),
+    (dict(k_new=torch.randn(3, 4, 2, 32)), ValueError, r"k_new must have shape \(3, \*, 2, 64\)"),
+    (dict(v_new=torch.randn(3, 5, 2, 64)), ValueError, r"v_new must have shape \(3, 4, 2, 64\) \(that of k_new\)"),
+    (dict(k_cache=torch.randn(3, 40, 2, 64).half()), TypeError, "k_cache must have q's dtype"),
+])
+def test_kvcache_bad_inputs(bad, exc, match):
+    q, kc, vc, kn, vn, lens = _kv_inputs()
+    args = dict(q=q, k_cache=kc, v_cache=vc, k_new=kn, v_new=vn, cache_seqlens=lens)
+    args.update(bad)
+    before = kc.clone()
+    with pytest.raises(exc, match=match):
+        fluid_ops.attention_kvcache(args["q"], args["k_cache"], args["v_cache"], args["k_new"], args["v_new"],
+                                    cache_seqlens=args["cache_seqlens"])
+    assert torch.equal(kc, before)  # nothing written when the call is refused
