@@ -160,7 +160,50 @@ def bench_attention(args) -> list[dict]:
     return rows
 
 
-SECTIONS = {"attention": bench_attention}
+def bench_sampling(args) -> list[dict]:
+    """The 100-step diffusion_sample of a MAR-B sized head at 256 rows, fluid_ops (fp32 GEMMs,
+    and bf16 GEMMs) against the reference loop as MAR runs it. Full mode times whole 100-step
+    loops (3 interleaved rounds); bf16 is timed over 10 steps per round where this CPU has no
+    native bf16 dot products (there it is emulated and slow: see the cpu_native_bf16 field)."""
+    from benchmarks._sampling_bench import MAR_B, bench_sampling as run
+    from fluid_ops.nn.denoiser import _cpu_has_native_bf16
+
+    d, cin, cout, zc, nb = (MAR_B[k] for k in ("model_channels", "in_channels", "out_channels", "z_channels",
+                                               "num_res_blocks"))
+    rows = 256
+    # multiply-adds per row and step as the reference runs it (time and cond embeddings per row)
+    macs = 256 * d + d * d + zc * d + cin * d + nb * (2 * d * d + 3 * d * d) + 2 * d * d + d * cout
+    if args.quick:
+        res = run(True, rounds=args.rounds, quality=False)
+    else:
+        res = run(False, steps=100, rounds=3, quality=False, variants_wanted=("fast_fp32",))
+        bf16_steps = 100 if _cpu_has_native_bf16() else 10
+        res_bf16 = run(False, steps=bf16_steps, rounds=3, quality=False, variants_wanted=("fast_bf16",))
+        res += [r for r in res_bf16 if r["name"].endswith("fast_bf16")]
+    by = {r["name"].split("/")[1]: r for r in res}
+    ref_ms = by["reference"]["ms_per_step"]
+    out = []
+    for k in ("fast_fp32", "fast_bf16"):
+        if k not in by:
+            continue
+        r = by[k]
+        steps = r["steps_timed"]
+        gflop = 2 * macs * rows * steps / 1e9
+        out.append({
+            "op": "sampling", "pass": f"{steps}-step loop", "shape": {"rows": rows, "head": "MAR-B 6x1024"},
+            "dtype": "fp32" if k == "fast_fp32" else "bf16 GEMM",
+            "key_padding_mask": False,
+            "ours_ms": r["ms_per_step"] * steps, "peer": "reference loop (fp32, MAR's graph)",
+            "peer_ms": ref_ms * steps, "ours_gflops": gflop / (r["ms_per_step"] * steps / 1e3),
+            "peer_gflops": gflop / (ref_ms * steps / 1e3),
+            # median of per-round ratios (each round saw the same load on both sides)
+            "speedup": r["speedup_vs_reference"], "cpu_native_bf16": r["cpu_native_bf16"],
+            "ms_per_step": r["ms_per_step"], "ref_ms_per_step": ref_ms,
+        })
+    return out
+
+
+SECTIONS = {"attention": bench_attention, "sampling": bench_sampling}
 
 
 def print_table(rows: list[dict]) -> None:
@@ -169,7 +212,7 @@ def print_table(rows: list[dict]) -> None:
     print("-" * len(hdr))
     for r in rows:
         s = r["shape"]
-        shape = "x".join(str(s[k]) for k in ("B", "H", "Nq", "D")) if "Nq" in s else str(s)
+        shape = "x".join(str(s[k]) for k in ("B", "H", "Nq", "D")) if "Nq" in s else f"{s['rows']} rows"
         kind = {"forward": "fwd", "forward+backward": "fwd+bwd"}.get(r.get("pass"), r.get("pass", ""))
         if r.get("causal"):
             kind += " causal"
