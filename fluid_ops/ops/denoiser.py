@@ -175,34 +175,30 @@ def _cuda_has(name):
         f"this build of fluid_ops._C_cuda has no {name} kernel"
 
 
-@backend.register(LNM, "cuda", supports=lambda x, shift, scale, weight, bias, eps, out_dtype:
-                  _no_f64(x, shift, scale, weight, bias) or _cuda_has("layernorm_modulate") or (
-                      "float64 output is handled by the reference backend only" if out_dtype == torch.float64 else None) or (
-                      None if shift.dtype == scale.dtype else "the CUDA kernel needs shift and scale in one dtype") or (
-                      None if weight is None or bias is None or weight.dtype == bias.dtype
-                      else "the CUDA kernel needs weight and bias in one dtype"))
-def _lnm_cuda(x, shift, scale, weight, bias, eps, out_dtype):
-    x, shift, scale = _unit_cols(x), _unit_cols(shift), _unit_cols(scale)
-    weight = None if weight is None else weight.contiguous()
-    bias = None if bias is None else bias.contiguous()
-    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
-    _compiled.cuda.layernorm_modulate(_v(x), _v(weight), _v(bias), _v(shift), _v(scale), eps, _v(out),
-                                      _compiled.cuda_stream(x.device))
-    return out
+def _lnm_cuda_unsupported(x, shift, scale, weight, bias, *outs):
+    return _no_f64(x, shift, scale, weight, bias, *outs) or _cuda_has("layernorm_modulate") or (
+        None if shift.dtype == scale.dtype else "the CUDA kernel needs shift and scale in one dtype") or (
+        None if weight is None or bias is None or weight.dtype == bias.dtype
+        else "the CUDA kernel needs weight and bias in one dtype")
 
 
 @backend.register("layernorm_modulate_into", "cuda", supports=lambda x, shift, scale, weight, bias, eps, out:
-                  _no_f64(x, shift, scale, weight, bias, out) or _writable_rows(out) or
-                  _cuda_has("layernorm_modulate") or (
-                      None if shift.dtype == scale.dtype else "the CUDA kernel needs shift and scale in one dtype") or (
-                      None if weight is None or bias is None or weight.dtype == bias.dtype
-                      else "the CUDA kernel needs weight and bias in one dtype"))
+                  _writable_rows(out) or _lnm_cuda_unsupported(x, shift, scale, weight, bias, out))
 def _lnm_into_cuda(x, shift, scale, weight, bias, eps, out):
     x, shift, scale = _unit_cols(x), _unit_cols(shift), _unit_cols(scale)
     weight = None if weight is None else weight.contiguous()
     bias = None if bias is None else bias.contiguous()
     _compiled.cuda.layernorm_modulate(_v(x), _v(weight), _v(bias), _v(shift), _v(scale), eps, _v(out),
                                       _compiled.cuda_stream(x.device))
+
+
+@backend.register(LNM, "cuda", supports=lambda x, shift, scale, weight, bias, eps, out_dtype:
+                  ("float64 output is handled by the reference backend only" if out_dtype == torch.float64 else None)
+                  or _lnm_cuda_unsupported(x, shift, scale, weight, bias))
+def _lnm_cuda(x, shift, scale, weight, bias, eps, out_dtype):
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    _lnm_into_cuda(x, shift, scale, weight, bias, eps, out)
+    return out
 
 
 @backend.register(GR, "cuda", supports=lambda h, gate, y: _no_f64(h, gate, y) or _cuda_has("gated_residual"))
