@@ -16,7 +16,7 @@
 // picks one per CPU (GCC/Clang function multiversioning): the module still loads anywhere while
 // AVX2 machines get 8-wide loops. The helpers they call are inlined into each clone.
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FLUID_ROW_CLONES __attribute__((target_clones("avx2", "default")))
+#define FLUID_ROW_CLONES __attribute__((target_clones("avx2", "default"), noinline))
 #else
 #define FLUID_ROW_CLONES
 #endif
