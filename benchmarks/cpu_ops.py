@@ -221,6 +221,38 @@ def print_table(rows: list[dict]) -> None:
               f"{r['speedup']:>7.2f}x")
 
 
+def plot(rows: list[dict], info: dict, path: Path) -> bool:
+    """Bar chart of speedup over the peer, one bar per row (needs matplotlib; skipped without)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    labels, ratios = [], []
+    for r in rows:
+        kind = {"forward": "fwd", "forward+backward": "fwd+bwd"}.get(r.get("pass"), r.get("pass", ""))
+        kind += " causal" if r.get("causal") else ""
+        kind += " masked" if r.get("key_padding_mask") else ""
+        labels.append(f"{r['op']} {kind}, {r['dtype']}")
+        ratios.append(r["speedup"])
+    fig, ax = plt.subplots(figsize=(8, 0.42 * len(rows) + 1.4))
+    colors = ["#2a9d8f" if x >= 1 else "#e76f51" for x in ratios]
+    ax.barh(range(len(rows)), ratios, color=colors)
+    ax.axvline(1.0, color="black", lw=1)
+    for i, x in enumerate(ratios):
+        ax.text(x, i, f" {x:.2f}x", va="center", fontsize=8)
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("speedup over the PyTorch peer (SDPA / reference loop); > 1 is faster")
+    ax.set_title(f"fluid_ops CPU kernels: {info['cpu']}, {info['threads']} threads, torch {info['torch']}", fontsize=9)
+    ax.set_xlim(0, max(ratios) * 1.18)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny shapes and short timings (CI smoke test)")
@@ -249,6 +281,8 @@ def main(argv=None) -> int:
     out.write_text(json.dumps({"machine": info, "quick": args.quick, "rounds": args.rounds,
                                "min_run_time_s": args.min_run_time, "rows": rows}, indent=2) + "\n")
     print(f"wrote {out}")
+    if plot(rows, info, out.with_suffix(".png")):
+        print(f"wrote {out.with_suffix('.png')}")
     return 0
 
 
