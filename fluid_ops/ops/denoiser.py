@@ -357,6 +357,19 @@ def _vec(op, name, t, d, dtypes):
     return t
 
 
+def _check_lnm_args(op, x, shift, scale, weight, bias, eps):
+    """The checks layernorm_modulate and layernorm_modulate_into share; returns the arguments
+    with shift / scale broadcast to (R, D) and eps as a float."""
+    check_tensor(op, "x", x, ndim=2, dtypes=_DTYPES)
+    r, d = x.shape
+    shift = _rows(op, "shift", shift, r, d, _DTYPES)
+    scale = _rows(op, "scale", scale, r, d, (shift.dtype,))
+    weight = _vec(op, "weight", weight, d, _DTYPES)
+    bias = _vec(op, "bias", bias, d, _DTYPES)
+    eps = check_finite_scalar(op, "eps", eps, min_value=0.0, min_inclusive=False)
+    return shift, scale, weight, bias, eps
+
+
 def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, *,
                        weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                        eps: float = 1e-6, out_dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -367,13 +380,7 @@ def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
     column chunks of one adaLN output; weight, bias (D,). Returns (R, D) in `out_dtype`
     (default x's dtype): an fp32 residual stream can feed a bf16 GEMM directly. Differentiable in
     x, shift, scale, weight and bias. Contract: exact (fp32 arithmetic)."""
-    check_tensor(LNM, "x", x, ndim=2, dtypes=_DTYPES)
-    r, d = x.shape
-    shift = _rows(LNM, "shift", shift, r, d, _DTYPES)
-    scale = _rows(LNM, "scale", scale, r, d, (shift.dtype,))
-    weight = _vec(LNM, "weight", weight, d, _DTYPES)
-    bias = _vec(LNM, "bias", bias, d, _DTYPES)
-    eps = check_finite_scalar(LNM, "eps", eps, min_value=0.0, min_inclusive=False)
+    shift, scale, weight, bias, eps = _check_lnm_args(LNM, x, shift, scale, weight, bias, eps)
     if out_dtype is None:
         out_dtype = x.dtype
     elif not isinstance(out_dtype, torch.dtype) or out_dtype not in _DTYPES:
@@ -388,14 +395,9 @@ def layernorm_modulate_into(x: torch.Tensor, shift: torch.Tensor, scale: torch.T
     """`layernorm_modulate` written into a preallocated `out` (R, D) of any float dtype, for
     inference loops that reuse workspaces (no autograd); returns out."""
     op = "layernorm_modulate_into"
-    check_tensor(op, "x", x, ndim=2, dtypes=_DTYPES)
+    shift, scale, weight, bias, eps = _check_lnm_args(op, x, shift, scale, weight, bias, eps)
     r, d = x.shape
-    shift = _rows(op, "shift", shift, r, d, _DTYPES)
-    scale = _rows(op, "scale", scale, r, d, (shift.dtype,))
-    weight = _vec(op, "weight", weight, d, _DTYPES)
-    bias = _vec(op, "bias", bias, d, _DTYPES)
     check_tensor(op, "out", out, ndim=2, dtypes=_DTYPES, shape=(r, d))
-    eps = check_finite_scalar(op, "eps", eps, min_value=0.0, min_inclusive=False)
     check_same_device(op, x=x, shift=shift, scale=scale, weight=weight, bias=bias, out=out)
     if d > 1 and out.stride(1) != 1 or r > 1 and out.stride(0) < d:
         raise ValueError(f"{op}: out must have unit column stride and non-overlapping rows, got strides {tuple(out.stride())}")
