@@ -134,6 +134,18 @@ def test_cpu_paths_with_lse(impl, b, nq, nk, h, d, causal):
     torch.testing.assert_close(lse[fin], want_lse[fin].float(), rtol=1e-5, atol=1e-5)
 
 
+def _assert_cpu_backward(do, q, k, v, o, lse, mask, causal, impl, want):
+    """The compiled backward path `impl` (outputs pre-filled with NaN, so every element must be
+    written) against `want` = (dq, dk, dv) from the fp64 formula."""
+    d = q.shape[-1]
+    got = [torch.full_like(t, float("nan")) for t in (q, k, v)]
+    vw = _compiled.view
+    _compiled.cpu.attention_bwd(vw(do), vw(q), vw(k), vw(v), vw(o), vw(lse), vw(mask), *[vw(t) for t in got],
+                                causal, d ** -0.5, 2, impl)
+    for name, g, w in zip("qkv", got, want):
+        torch.testing.assert_close(g, w.float(), rtol=1e-4, atol=1e-5, msg=f"d{name}")
+
+
 @pytest.mark.skipif(_compiled.cpu is None, reason="fluid_ops._C not built")
 @pytest.mark.parametrize("impl", _isa_params())
 @pytest.mark.parametrize("causal", [False, True])
@@ -153,12 +165,7 @@ def test_cpu_paths_skip_whole_masked_key_blocks(impl, causal):
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1))
     want = ref.attention_backward(do.double(), q.double(), k.double(), v.double(), o.double(), lse.double(),
                                   key_padding_mask=mask, causal=causal)
-    got = [torch.full_like(t, float("nan")) for t in (q, k, v)]
-    vw = _compiled.view
-    _compiled.cpu.attention_bwd(vw(do), vw(q), vw(k), vw(v), vw(o), vw(lse), vw(mask), *[vw(t) for t in got],
-                                causal, d ** -0.5, 2, impl)
-    for name, g, w in zip("qkv", got, want):
-        torch.testing.assert_close(g, w.float(), rtol=1e-4, atol=1e-5, msg=f"d{name}")
+    _assert_cpu_backward(do, q, k, v, o, lse, mask, causal, impl, want)
 
 
 @pytest.mark.skipif(_compiled.cpu is None, reason="fluid_ops._C not built")
@@ -307,12 +314,7 @@ def test_cpu_backward_paths(impl, b, nq, nk, h, d, causal):
     o, lse = ref.attention_with_lse(q, k, v, key_padding_mask=mask, causal=causal)
     want = ref.attention_backward(do.double(), q.double(), k.double(), v.double(), o.double(), lse.double(),
                                   key_padding_mask=mask, causal=causal)
-    got = [torch.full_like(t, float("nan")) for t in (q, k, v)]
-    vw = _compiled.view
-    _compiled.cpu.attention_bwd(vw(do), vw(q), vw(k), vw(v), vw(o), vw(lse), vw(mask), *[vw(t) for t in got],
-                                causal, d ** -0.5, 2, impl)
-    for name, g, w in zip("qkv", got, want):
-        torch.testing.assert_close(g, w.float(), rtol=1e-4, atol=1e-5, msg=f"d{name}")
+    _assert_cpu_backward(do, q, k, v, o, lse, mask, causal, impl, want)
 
 
 @pytest.mark.skipif(_compiled.cpu is None, reason="fluid_ops._C not built")
