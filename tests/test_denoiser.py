@@ -142,6 +142,20 @@ def _ref_lnm(x, shift, scale, w, b, out_dtype=None, eps=1e-6):
 
 
 @pytest.mark.parametrize("backend", backend_params("reference", "cpu"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("which", ["weight", "bias"])
+def test_layernorm_modulate_half_affine(backend, dtype, which):
+    """Only one of weight / bias given (a branch of its own in the kernels), fp32 and mixed."""
+    x, shift, scale, w, b = _lnm_inputs(33, 80, "chunk", affine=True, seed=3)
+    w, b = (w, None) if which == "weight" else (None, b)
+    with fluid_ops.use_backend(backend):
+        got = fluid_ops.layernorm_modulate(x, shift.to(dtype), scale.to(dtype), weight=w, bias=b)
+    want = _ref_lnm(x.double(), shift.to(dtype).double(), scale.to(dtype).double(),
+                    None if w is None else w.double(), None if b is None else b.double())
+    torch.testing.assert_close(got.double(), want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("backend", backend_params("reference", "cpu"))
 @pytest.mark.parametrize("r,d", [(1, 1), (3, 16), (257, 80), (3, 1024), (257, 1024)])
 @pytest.mark.parametrize("layout", ["contiguous", "chunk", "broadcast"])
 @pytest.mark.parametrize("affine", [False, True])

@@ -127,10 +127,37 @@ void lnm_row(float* xb, const float* shb, const float* scb, const float* w, cons
   }
 }
 
+// out := LN(x) (affine with w / b when given) * (1 + sc) + sh on fp32 rows, read in place (out
+// may be x: stats come first, then each element is read before it is written).
+FLUID_ROW_CLONES
+void lnm_row_f32(const float* x, const float* sh, const float* sc, const float* w, const float* b,
+                 float* out, int64_t d, float inv_d, float eps) {
+  const float mean = sum16(x, d) * inv_d;
+  const float rstd = 1.0f / std::sqrt(sumsq_centered16(x, mean, d) * inv_d + eps);
+  if (w && b) {
+    for (int64_t j = 0; j < d; ++j)
+      out[j] = ((x[j] - mean) * rstd * w[j] + b[j]) * (1.0f + sc[j]) + sh[j];
+  } else if (w || b) {
+    for (int64_t j = 0; j < d; ++j) {
+      float v = (x[j] - mean) * rstd;
+      v = v * (w ? w[j] : 1.0f) + (b ? b[j] : 0.0f);
+      out[j] = v * (1.0f + sc[j]) + sh[j];
+    }
+  } else {
+    for (int64_t j = 0; j < d; ++j) out[j] = (x[j] - mean) * rstd * (1.0f + sc[j]) + sh[j];
+  }
+}
+
 // hb := hb + gb * yb.
 FLUID_ROW_CLONES
 void gated_row(float* hb, const float* gb, const float* yb, int64_t d) {
   for (int64_t j = 0; j < d; ++j) hb[j] += gb[j] * yb[j];
+}
+
+// out := h + g * y on fp32 rows in place (out may be h: each element is read before it is written).
+FLUID_ROW_CLONES
+void gated_row_f32(const float* h, const float* g, const float* y, float* out, int64_t d) {
+  for (int64_t j = 0; j < d; ++j) out[j] = h[j] + g[j] * y[j];
 }
 
 void check_rows(const TensorView& t, int64_t rows, int64_t d, const char* name) {
@@ -178,6 +205,17 @@ void layernorm_modulate(const TensorView& x, const TensorView* weight, const Ten
   const float* w = weight ? weight->ptr<float>() : nullptr;
   const float* b = bias ? bias->ptr<float>() : nullptr;
   const float inv_d = 1.0f / static_cast<float>(d);
+  if (x.dtype == DType::F32 && shift.dtype == DType::F32 && scale.dtype == DType::F32 &&
+      out.dtype == DType::F32) {  // all fp32: straight from the rows, no scratch copies
+    parallel_for(rows, nthreads, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        lnm_row_f32(static_cast<const float*>(row_ptr(x, r)),
+                    static_cast<const float*>(row_ptr(shift, r)),
+                    static_cast<const float*>(row_ptr(scale, r)), w, b,
+                    static_cast<float*>(row_ptr_mut(out, r)), d, inv_d, eps);
+    });
+    return;
+  }
   parallel_for(rows, nthreads, [&](int64_t r0, int64_t r1) {
     std::vector<float> buf(3 * d);
     float *xb = buf.data(), *shb = xb + d, *scb = shb + d;
@@ -275,6 +313,17 @@ void gated_residual(const TensorView& h, const TensorView& gate, const TensorVie
   check_rows(out, rows, d, "out");
   FLUID_CHECK(out.stride[0] > 0 || rows <= 1, "out must not broadcast rows");
   if (rows == 0 || d == 0) return;
+  if (h.dtype == DType::F32 && gate.dtype == DType::F32 && y.dtype == DType::F32 &&
+      out.dtype == DType::F32) {  // all fp32: straight from the rows, no scratch copies
+    parallel_for(rows, nthreads, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        gated_row_f32(static_cast<const float*>(row_ptr(h, r)),
+                      static_cast<const float*>(row_ptr(gate, r)),
+                      static_cast<const float*>(row_ptr(y, r)),
+                      static_cast<float*>(row_ptr_mut(out, r)), d);
+    });
+    return;
+  }
   const LoadRow lh = loader(h.dtype), lgt = loader(gate.dtype), ly = loader(y.dtype);
   const StoreRow so = storer(out.dtype);
   parallel_for(rows, nthreads, [&](int64_t r0, int64_t r1) {
