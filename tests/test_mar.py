@@ -99,6 +99,22 @@ def test_state_dict_round_trip_strict():
         b.load_state_dict(bad, strict=True)
 
 
+def test_load_mar_checkpoint_picks_ema_or_model(tmp_path):
+    a, b = tiny(), tiny()
+    randomize_zero_inits(a)
+    ema = {k: v + 1.0 for k, v in a.state_dict().items()}
+    path = tmp_path / "checkpoint-last.pth"
+    torch.save({"model": a.state_dict(), "model_ema": ema, "epoch": 3}, path)
+    b.load_mar_checkpoint(path)
+    assert all(torch.equal(b.state_dict()[k], ema[k]) for k in ema)
+    b.load_mar_checkpoint(str(path), ema=False)
+    assert all(torch.equal(b.state_dict()[k], v) for k, v in a.state_dict().items())
+    with pytest.raises(KeyError, match="model_ema"):
+        b.load_mar_checkpoint({"model": a.state_dict()})
+    with pytest.raises(TypeError, match="checkpoint must be"):
+        b.load_mar_checkpoint(3)
+
+
 # ---- tokens and masks ---------------------------------------------------------------------
 @pytest.mark.parametrize("patch", [1, 2])
 def test_patchify_matches_mar_and_round_trips(patch):

@@ -232,6 +232,23 @@ class MAR(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
+    def load_mar_checkpoint(self, checkpoint, *, ema: bool = True, strict: bool = True):
+        """Load a published MAR checkpoint: a path (torch.load on the CPU, weights_only) or the
+        loaded dict `{'model': ..., 'model_ema': ...}` (ema=True picks 'model_ema', the weights
+        MAR evaluates with), or a bare state dict. Returns load_state_dict's result."""
+        if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
+            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        if not isinstance(checkpoint, dict):
+            raise TypeError(f"MAR.load_mar_checkpoint: checkpoint must be a path or a dict, got "
+                            f"{type(checkpoint).__name__}")
+        key = "model_ema" if ema else "model"
+        if "model" in checkpoint or "model_ema" in checkpoint:
+            if key not in checkpoint:
+                raise KeyError(f"MAR.load_mar_checkpoint: the checkpoint has no {key!r} entry "
+                               f"(keys: {sorted(checkpoint)}); pass ema={not ema}")
+            checkpoint = checkpoint[key]
+        return self.load_state_dict(checkpoint, strict=strict)
+
     # ---- tokens ---------------------------------------------------------------------------
     def _check_latents(self, op, imgs):
         size = self.seq_h * self.patch_size
