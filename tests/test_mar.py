@@ -36,7 +36,16 @@ def randomize_zero_inits(model):
     g = gen(123)
     with torch.no_grad():
         for p in model.diffloss.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
+            if not p.any():
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+
+
+def assert_close_scaled(a, b, rel=1e-5):
+    """max |a - b| <= rel * max |b|: an untrained head's samples reach ~1e4 (its x0 estimate
+    x_T / sqrt(alpha_bar_T) is never pulled back), so an element-wise rtol is the wrong yardstick."""
+    assert a.shape == b.shape
+    err, scale = (a - b).abs().max().item(), b.abs().max().item()
+    assert err <= rel * scale, f"max abs diff {err} > {rel} * {scale}"
 
 
 def tsv_shapes():
@@ -331,8 +340,8 @@ def test_sample_tokens_equals_mar_loop():
             # the gathered positions are exactly MAR's mask_to_pred
             assert torch.equal(torch.zeros(bsz, 16, dtype=torch.bool).scatter(1, idx, True), pred)
             tokens, mask = ref_tokens, nxt
-    # fp32 summation-order differences, amplified by 5 x 8 sampling steps of random weights
-    torch.testing.assert_close(got, m.unpatchify(tokens), rtol=1e-3, atol=1e-4)
+    # fp32 summation-order differences only
+    assert_close_scaled(got, m.unpatchify(tokens))
 
 
 def test_sample_tokens_reference_backend_close_to_default():
@@ -342,7 +351,7 @@ def test_sample_tokens_reference_backend_close_to_default():
     a = m.sample_tokens(2, num_iter=4, cfg=3.0, labels=lab, generator=gen(5))
     with fluid_ops.use_backend("reference"):
         b = m.sample_tokens(2, num_iter=4, cfg=3.0, labels=lab, generator=gen(5))
-    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)  # fp32 rounding through 4 x 8 steps
+    assert_close_scaled(a, b)  # fp32 rounding through 4 x 8 steps
 
 
 def test_sample_tokens_more_steps_than_tokens_and_empty_batch():
