@@ -194,6 +194,51 @@ def test_encoder_decoder_equal_mar_gather(num_masked):
                                    rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("num_masked", [0, 11, 16])
+def test_compact_encoder_decoder_equal_mar_gather(num_masked):
+    """known_index = orders[:, num_masked:]: MAR's compacted encoder, tokens in order-of-order."""
+    m = tiny().eval()
+    b = 3
+    x = torch.randn(b, 16, 16, generator=gen(2))
+    orders = m.sample_orders(b, gen(3))
+    mask = schedules.training_mask(b, 16, num_masked / 16, orders)
+    known = orders[:, num_masked:]
+    ce = m.class_emb(torch.tensor([0, 4, 9]))
+    with torch.no_grad():
+        ours = m.forward_mae_encoder(x, mask, ce, known_index=known)
+        ref = mar_encoder_gather(m, x, mask, ce)
+        assert ours.shape == ref.shape == (b, 4 + 16 - num_masked, 64)
+        torch.testing.assert_close(ours[:, :4], ref[:, :4], rtol=1e-5, atol=1e-5)
+        # MAR's compacted tokens are in ascending position order; ours follow the order
+        rank = known.argsort(1)
+        torch.testing.assert_close(ours[:, 4:].gather(1, rank[..., None].expand(-1, -1, 64)), ref[:, 4:],
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(m.forward_mae_decoder(ours, mask, known_index=known),
+                                   mar_decoder_scatter(m, ref, mask), rtol=1e-5, atol=1e-5)
+
+
+def test_compact_and_fixed_shape_paths_agree_in_training_and_sampling():
+    m = tiny(label_drop_prob=0.5).train()
+    randomize_zero_inits(m)
+    x, y = torch.randn(3, 16, 4, 4, generator=gen(0)), torch.tensor([1, 2, 3])
+    res = []
+    for compact in (True, False):
+        m.compact_encoder = compact
+        m.zero_grad()
+        loss = m(x, y, generator=gen(6))
+        loss.backward()
+        res.append((loss.detach(), [p.grad.clone() for p in m.parameters()]))
+    torch.testing.assert_close(res[0][0], res[1][0], rtol=1e-5, atol=1e-6)
+    for a, b in zip(res[0][1], res[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    m.eval()
+    out = []
+    for compact in (True, False):
+        m.compact_encoder = compact
+        out.append(m.sample_tokens(2, num_iter=4, cfg=2.0, labels=torch.tensor([1, 5]), generator=gen(2)))
+    assert_close_scaled(out[0], out[1])
+
+
 def test_encoder_label_drop_uses_generator_and_fake_latent():
     m = tiny(label_drop_prob=1.0).train()
     x = torch.randn(2, 16, 16, generator=gen(2))
@@ -405,6 +450,14 @@ def test_methods_reject_bad_arguments():
         m.forward_mae_decoder(h[:, 4:], mask)
     with pytest.raises(ValueError, match="forward_mae_decoder: mask must be"):
         m.forward_mae_decoder(h, torch.zeros(3, 16))
+    with pytest.raises(ValueError, match="known_index must be"):
+        m.forward_mae_encoder(tok, mask, ce, known_index=torch.zeros(2, 17, dtype=torch.int64))
+    with pytest.raises(ValueError, match="known_index must be"):
+        m.forward_mae_encoder(tok, mask, ce, known_index=torch.zeros(2, 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="known_index must be"):
+        m.forward_mae_decoder(h[:, :7], mask, known_index=torch.zeros(3, 3, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"x must have shape \(B, 7, E\)"):
+        m.forward_mae_decoder(h, mask, known_index=torch.zeros(2, 3, dtype=torch.int64))
     z = m.forward_mae_decoder(h, mask)
     with pytest.raises(ValueError, match="forward_loss: target"):
         m.forward_loss(z, tok.reshape(2, -1), mask)

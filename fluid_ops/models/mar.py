@@ -5,16 +5,20 @@ Same constructor arguments, parameter names and shapes as MAR's `models/mar.py`,
 MAR checkpoint (`ckpt['model']` or `ckpt['model_ema']`) loads with `strict=True`.
 
 Differences from MAR's code, all on purpose (the results are MAR's):
-* Fixed shapes. MAR's encoder drops the masked tokens with a boolean gather (`nonzero`, a host
-  sync, a shape that changes every step). Here the encoder runs on all `buffer_size + seq_len`
-  positions and a key-padding mask keeps every query from attending masked tokens; attention is
-  permutation-equivariant and everything else is per token, so the outputs at the known
-  positions equal MAR's (up to summation order) and the decoder replaces the others by
-  `mask_token` exactly as MAR's scatter does. Cost: in training the encoder also computes the
-  rows of masked tokens (MAR skips them).
-* No `nonzero` in sampling: the masked tokens are always a prefix of the order, so the tokens
-  predicted at a step are `orders[:, n_after:n_before]` with both counts known on the host
-  (`mask_schedule`); they are gathered and scattered by those indices. The tokens reach the
+* No `nonzero`. MAR drops the masked tokens before its encoder with a boolean gather
+  (`nonzero`: a host sync and a data-dependent shape). Here the masked tokens are always a
+  prefix of the order, so the known ones are `orders[:, num_masked:]` with `num_masked` known on
+  the host (training: from the mask ratio; sampling: `mask_schedule`); `forward` and
+  `sample_tokens` gather / scatter by those indices (`known_index=`; `compact_encoder = True`).
+  Inside the encoder the tokens follow the order instead of MAR's ascending positions;
+  attention is permutation-equivariant and everything else is per token, so the results equal
+  MAR's up to summation order.
+* Fixed shapes, when wanted (`compact_encoder = False`, or `forward_mae_encoder` without
+  known_index): the encoder runs on all buffer + L positions and a key-padding mask keeps every
+  query from attending masked tokens; outputs at known positions equal MAR's, the decoder
+  replaces the others by `mask_token` as MAR's scatter does. One shape for every step (CUDA-graph
+  friendly) at the cost of computing the masked rows too.
+* The tokens predicted at a sampling step are `orders[:, n_after:n_before]`; they reach the
   diffusion head in order-of-generation rather than MAR's row-major order, which only changes
   which noise draw goes to which token (same distribution).
 * Randomness: orders, the training mask ratio, label dropout and all diffusion noise come from
@@ -214,6 +218,9 @@ class MAR(nn.Module):
         self.diffloss = DiffLoss(self.token_embed_dim, decoder_embed_dim, diffloss_d, diffloss_w, steps,
                                  grad_checkpointing)
         self.diffusion_batch_mul = diffusion_batch_mul
+        # forward / sample_tokens run the encoder on the buffer + known tokens only (gathered by
+        # order, as MAR); False: fixed shapes (all positions, key-padding mask), same results.
+        self.compact_encoder = True
 
     def initialize_weights(self):
         """MAR's init (before the diffusion head exists, which keeps its own): N(0, 0.02)
@@ -285,9 +292,14 @@ class MAR(nn.Module):
     def random_masking(self, x: torch.Tensor, orders: torch.Tensor, generator: torch.Generator | None = None):
         """(B, L) float mask, 1 = masked (to predict): the first ceil(L * r) tokens of each order,
         r ~ truncated normal on [mask_ratio_min, 1] (one ratio per batch)."""
+        return self._random_masking(x, orders, generator)[0]
+
+    def _random_masking(self, x, orders, generator):
+        """(mask, number of masked tokens per row) -- the count as a Python int (no sync)."""
         bsz, seq_len = x.shape[0], x.shape[1]
         r = schedules.mask_ratio(generator=generator, min_ratio=self.mask_ratio_min)
-        return schedules.training_mask(bsz, seq_len, r, orders.to(x.device)).to(x.dtype)
+        mask = schedules.training_mask(bsz, seq_len, r, orders.to(x.device)).to(x.dtype)
+        return mask, int(math.ceil(seq_len * r))
 
     # ---- encoder / decoder ----------------------------------------------------------------
     def _check_mask(self, op, mask, bsz):
@@ -301,6 +313,18 @@ class MAR(nn.Module):
         buf = torch.ones(known.shape[0], self.buffer_size, dtype=torch.bool, device=known.device)
         return torch.cat([buf, known], dim=1)
 
+    def _check_known_index(self, op, known_index, bsz, device):
+        """Validate known_index (B, K) and prepend the buffer positions: (B, buffer + K) indices
+        into the buffer + L sequence."""
+        if not isinstance(known_index, torch.Tensor) or known_index.dtype != torch.int64 \
+                or known_index.dim() != 2 or known_index.shape[0] != bsz or known_index.shape[1] > self.seq_len:
+            got = f"{tuple(known_index.shape)} {known_index.dtype}" if isinstance(known_index, torch.Tensor) \
+                else type(known_index).__name__
+            raise ValueError(f"MAR.{op}: known_index must be an int64 tensor of shape ({bsz}, K), K <= "
+                             f"{self.seq_len}, got {got}")
+        buf = torch.arange(self.buffer_size, device=device).expand(bsz, self.buffer_size)
+        return torch.cat([buf, known_index.to(device) + self.buffer_size], dim=1)
+
     def _run(self, blocks, x, key_padding_mask):
         for blk in blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
@@ -310,13 +334,18 @@ class MAR(nn.Module):
         return x
 
     def forward_mae_encoder(self, x: torch.Tensor, mask: torch.Tensor, class_embedding: torch.Tensor,
-                            generator: torch.Generator | None = None) -> torch.Tensor:
+                            generator: torch.Generator | None = None, *,
+                            known_index: torch.Tensor | None = None) -> torch.Tensor:
         """x (B, L, token_dim) tokens, mask (B, L) (nonzero = masked), class_embedding (B, E).
 
-        Returns (B, buffer + L, E): at the buffer and the known positions, MAR's encoder output
-        (which MAR returns compacted, masked tokens dropped); rows of masked positions are
-        unspecified (the decoder replaces them). In training, each row's class embedding is
-        replaced by `fake_latent` with probability label_drop_prob (drawn from generator)."""
+        known_index None (fixed shapes): returns (B, buffer + L, E), at the buffer and the known
+        positions MAR's encoder output; rows of masked positions are unspecified (the decoder
+        replaces them) and cost compute. known_index (B, K) int64, the positions of the K known
+        tokens of each row (e.g. orders[:, num_masked:]; must agree with mask): the encoder runs
+        on the buffer and those tokens only, as MAR's, and returns (B, buffer + K, E) in that
+        order (MAR's compacted output, its tokens permuted). Pass the same known_index to
+        `forward_mae_decoder`. In training, each row's class embedding is replaced by
+        `fake_latent` with probability label_drop_prob (drawn from generator)."""
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1:] != (self.seq_len, self.token_embed_dim):
             raise ValueError(f"MAR.forward_mae_encoder: x must have shape (B, {self.seq_len}, {self.token_embed_dim}), "
                              f"got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -333,21 +362,34 @@ class MAR(nn.Module):
         buf = class_embedding.to(x.dtype).unsqueeze(1).expand(bsz, self.buffer_size, x.shape[2])
         x = torch.cat([buf, x], dim=1) + self.encoder_pos_embed_learned
         x = self.z_proj_ln(x)
-        x = self._run(self.encoder_blocks, x, self._known_with_buffer(mask))
+        if known_index is None:
+            x = self._run(self.encoder_blocks, x, self._known_with_buffer(mask))
+        else:
+            idx = self._check_known_index("forward_mae_encoder", known_index, bsz, x.device)
+            x = self._run(self.encoder_blocks, x.gather(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[2])), None)
         return self.encoder_norm(x)
 
-    def forward_mae_decoder(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """x: `forward_mae_encoder`'s (B, buffer + L, E); mask (B, L). Returns z (B, L, decoder dim):
-        masked positions start from mask_token, all positions attend all others."""
+    def forward_mae_decoder(self, x: torch.Tensor, mask: torch.Tensor, *,
+                            known_index: torch.Tensor | None = None) -> torch.Tensor:
+        """x: `forward_mae_encoder`'s output (with the same known_index); mask (B, L). Returns
+        z (B, L, decoder dim): masked positions start from mask_token, all positions attend all
+        others."""
         bsz = x.shape[0] if isinstance(x, torch.Tensor) else 0
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] != self.buffer_size + self.seq_len:
-            raise ValueError(f"MAR.forward_mae_decoder: x must have shape (B, {self.buffer_size + self.seq_len}, E) "
+        n_in = self.buffer_size + (self.seq_len if known_index is None else known_index.shape[-1])
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] != n_in:
+            raise ValueError(f"MAR.forward_mae_decoder: x must have shape (B, {n_in}, E) "
                              f"(forward_mae_encoder's output), got "
                              f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
         self._check_mask("forward_mae_decoder", mask, bsz)
         x = self.decoder_embed(x)
-        keep = self._known_with_buffer(mask).unsqueeze(-1)
-        x = torch.where(keep, x, self.mask_token.to(x.dtype)) + self.decoder_pos_embed_learned
+        if known_index is None:
+            keep = self._known_with_buffer(mask).unsqueeze(-1)
+            x = torch.where(keep, x, self.mask_token.to(x.dtype))
+        else:  # scatter the encoded tokens among mask tokens (MAR's x_after_pad, without nonzero)
+            idx = self._check_known_index("forward_mae_decoder", known_index, bsz, x.device)
+            full = self.mask_token.to(x.dtype).expand(bsz, self.buffer_size + self.seq_len, x.shape[2])
+            x = full.scatter(1, idx.unsqueeze(-1).expand(-1, -1, x.shape[2]), x)
+        x = x + self.decoder_pos_embed_learned
         x = self._run(self.decoder_blocks, x, None)
         x = self.decoder_norm(x)
         return x[:, self.buffer_size:] + self.diffusion_pos_embed_learned
@@ -377,9 +419,10 @@ class MAR(nn.Module):
         x = self.patchify(imgs)
         gt = x.detach()
         orders = self.sample_orders(x.shape[0], generator, device=x.device)
-        mask = self.random_masking(x, orders, generator)
-        h = self.forward_mae_encoder(x, mask, class_embedding, generator)
-        z = self.forward_mae_decoder(h, mask)
+        mask, num_masked = self._random_masking(x, orders, generator)
+        known = orders[:, num_masked:] if self.compact_encoder else None
+        h = self.forward_mae_encoder(x, mask, class_embedding, generator, known_index=known)
+        z = self.forward_mae_decoder(h, mask, known_index=known)
         return self.forward_loss(z, gt, mask, generator)
 
     def _check_labels(self, op, labels, bsz):
@@ -437,7 +480,12 @@ class MAR(nn.Module):
             if n_after == n_before:  # K > L: this step unmasks nothing (MAR predicts no tokens)
                 continue
             tok_in, mask_in = (torch.cat([tokens, tokens]), torch.cat([mask, mask])) if guided else (tokens, mask)
-            z = self.forward_mae_decoder(self.forward_mae_encoder(tok_in, mask_in, cond), mask_in)
+            known = None
+            if self.compact_encoder:  # the known tokens are the order's suffix orders[:, n_before:]
+                known = orders[:, n_before:]
+                known = torch.cat([known, known]) if guided else known
+            z = self.forward_mae_encoder(tok_in, mask_in, cond, known_index=known)
+            z = self.forward_mae_decoder(z, mask_in, known_index=known)
             # this step's tokens: orders[:, n_after:n_before] (masked tokens are the order's prefix)
             idx = orders[:, n_after:n_before]
             zs = z[:bsz][bidx, idx].reshape(-1, z.shape[-1])
