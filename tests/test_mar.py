@@ -299,8 +299,10 @@ def test_loss_decreases_with_adam():
     assert losses[-1] < 0.8 * losses[0], losses
 
 
-def test_dropout_training_path_runs_and_differs_from_eval():
+@pytest.mark.parametrize("compact", [True, False])
+def test_dropout_training_path_runs_and_differs_from_eval(compact):
     m = tiny(attn_dropout=0.5, proj_dropout=0.5, label_drop_prob=0.0)
+    m.compact_encoder = compact
     randomize_zero_inits(m)
     x, y = torch.randn(2, 16, 4, 4, generator=gen(0)), torch.tensor([1, 2])
     torch.manual_seed(0)
@@ -397,6 +399,12 @@ def test_sample_tokens_reference_backend_close_to_default():
     with fluid_ops.use_backend("reference"):
         b = m.sample_tokens(2, num_iter=4, cfg=3.0, labels=lab, generator=gen(5))
     assert_close_scaled(a, b)  # fp32 rounding through 4 x 8 steps
+
+
+def test_sample_tokens_progress_bar_does_not_change_the_result(capsys):
+    m = tiny().eval()
+    a = m.sample_tokens(2, num_iter=3, generator=gen(0))
+    assert torch.equal(a, m.sample_tokens(2, num_iter=3, progress=True, generator=gen(0)))
 
 
 def test_sample_tokens_more_steps_than_tokens_and_empty_batch():
