@@ -134,6 +134,11 @@ class DiffLoss(nn.Module):
                                           temperature=temperature, cfg=cfg, generator=generator)
 
 
+def _shape_of(t):
+    """For error messages: a tensor's shape, or the type of whatever came instead."""
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
 def _check_pos_int(name, v, minimum=1):
     if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
         raise ValueError(f"MAR: {name} must be an int >= {minimum}, got {v!r}")
@@ -277,9 +282,10 @@ class MAR(nn.Module):
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(B, L, C p^2) tokens -> (B, C, h, w) latents (inverse of `patchify`)."""
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or tuple(x.shape[1:]) != (self.seq_len, self.token_embed_dim):
+        want = (self.seq_len, self.token_embed_dim)
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or tuple(x.shape[1:]) != want:
             raise ValueError(f"MAR.unpatchify: x must have shape (B, {self.seq_len}, {self.token_embed_dim}), "
-                             f"got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+                             f"got {_shape_of(x)}")
         b, p, c = x.shape[0], self.patch_size, self.vae_embed_dim
         x = x.reshape(b, self.seq_h, self.seq_w, c, p, p).permute(0, 3, 1, 4, 2, 5)
         return x.reshape(b, c, self.seq_h * p, self.seq_w * p)
@@ -305,7 +311,7 @@ class MAR(nn.Module):
     def _check_mask(self, op, mask, bsz):
         if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (bsz, self.seq_len):
             raise ValueError(f"MAR.{op}: mask must be a tensor of shape ({bsz}, {self.seq_len}), got "
-                             f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+                             f"{_shape_of(mask)}")
 
     def _known_with_buffer(self, mask):
         """(B, buffer + L) bool, True at the buffer and the known (unmasked) tokens."""
@@ -348,13 +354,13 @@ class MAR(nn.Module):
         `fake_latent` with probability label_drop_prob (drawn from generator)."""
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1:] != (self.seq_len, self.token_embed_dim):
             raise ValueError(f"MAR.forward_mae_encoder: x must have shape (B, {self.seq_len}, {self.token_embed_dim}), "
-                             f"got {tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+                             f"got {_shape_of(x)}")
         bsz = x.shape[0]
         self._check_mask("forward_mae_encoder", mask, bsz)
         e = self.fake_latent.shape[1]
         if not isinstance(class_embedding, torch.Tensor) or tuple(class_embedding.shape) != (bsz, e):
             raise ValueError(f"MAR.forward_mae_encoder: class_embedding must have shape ({bsz}, {e}), got "
-                             f"{tuple(class_embedding.shape) if isinstance(class_embedding, torch.Tensor) else type(class_embedding).__name__}")
+                             f"{_shape_of(class_embedding)}")
         x = self.z_proj(x)
         if self.training and self.label_drop_prob > 0:
             drop = schedules.null_condition_mask(bsz, self.label_drop_prob, generator=generator, device=x.device)
@@ -379,7 +385,7 @@ class MAR(nn.Module):
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] != n_in:
             raise ValueError(f"MAR.forward_mae_decoder: x must have shape (B, {n_in}, E) "
                              f"(forward_mae_encoder's output), got "
-                             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+                             f"{_shape_of(x)}")
         self._check_mask("forward_mae_decoder", mask, bsz)
         x = self.decoder_embed(x)
         if known_index is None:
@@ -399,14 +405,14 @@ class MAR(nn.Module):
         """Diffusion loss of the masked tokens: z (B, L, Dz), target (B, L, C), mask (B, L)."""
         if not isinstance(target, torch.Tensor) or target.dim() != 3:
             raise ValueError(f"MAR.forward_loss: target must have shape (B, L, C), got "
-                             f"{tuple(target.shape) if isinstance(target, torch.Tensor) else type(target).__name__}")
+                             f"{_shape_of(target)}")
         b, l, c = target.shape
         if not isinstance(z, torch.Tensor) or z.dim() != 3 or z.shape[:2] != (b, l):
             raise ValueError(f"MAR.forward_loss: z must have shape ({b}, {l}, *), got "
-                             f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
+                             f"{_shape_of(z)}")
         if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (b, l):
             raise ValueError(f"MAR.forward_loss: mask must have shape ({b}, {l}), got "
-                             f"{tuple(mask.shape) if isinstance(mask, torch.Tensor) else type(mask).__name__}")
+                             f"{_shape_of(mask)}")
         return self.diffloss(target.reshape(b * l, c), z.reshape(b * l, -1), mask.reshape(b * l),
                              diffusion_batch_mul=self.diffusion_batch_mul, generator=generator)
 
