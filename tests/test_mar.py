@@ -124,6 +124,27 @@ def test_load_mar_checkpoint_picks_ema_or_model(tmp_path):
         b.load_mar_checkpoint(3)
 
 
+def timm_block(blk, x):
+    """timm's Block (MAR's), written out: qkv reshaped (B, N, 3, H, D), heads permuted to the front."""
+    b, n, c = x.shape
+    h = blk.attn.num_heads
+    y = blk.norm1(x)
+    qkv = blk.attn.qkv(y).reshape(b, n, 3, h, c // h).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    attn = (q @ k.transpose(-2, -1) * (c // h) ** -0.5).softmax(-1)
+    x = x + blk.attn.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+    return x + blk.mlp.fc2(torch.nn.functional.gelu(blk.mlp.fc1(blk.norm2(x))))
+
+
+def test_block_matches_timm_layout():
+    """A checkpoint's qkv rows are [q; k; v], each split into heads: the block must read them so."""
+    m = tiny().eval()
+    x = torch.randn(2, 20, 64, generator=gen(0))
+    with torch.no_grad():
+        for blk in list(m.encoder_blocks) + list(m.decoder_blocks):
+            torch.testing.assert_close(blk(x), timm_block(blk, x), rtol=1e-5, atol=1e-5)
+
+
 # ---- tokens and masks ---------------------------------------------------------------------
 @pytest.mark.parametrize("patch", [1, 2])
 def test_patchify_matches_mar_and_round_trips(patch):
