@@ -1,0 +1,4 @@
+"""Models assembled from fluid_ops' modules: MAR (class-conditional)."""
+from fluid_ops.models.mar import MAR, mar_base, mar_huge, mar_large  # noqa: F401
+
+__all__ = ["MAR", "mar_base", "mar_large", "mar_huge"]
