@@ -1,0 +1,395 @@
+"""fluid_ops.accelerate on a stand-in of MAR's own class (tests/mar_standin.py: timm-like blocks,
+MAR's DiffLoss / SimpleMLPAdaLN / IDDPM sampling): same outputs before and after, refusals that
+change nothing, idempotence, undo."""
+from __future__ import annotations
+
+import copy
+import importlib
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+
+from tests import mar_standin as mar
+
+acc = importlib.import_module("fluid_ops.accelerate")  # the module (fluid_ops may re-export the function)
+accelerate = acc.accelerate
+
+
+def tiny(seed=0, **kw) -> mar.MAR:
+    args = dict(attn_dropout=0.0, proj_dropout=0.0, num_sampling_steps="10")
+    args.update(kw)
+    torch.manual_seed(seed)
+    return mar.randomize_head(mar.MAR(**args), seed=seed)
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the calls of fluid_ops.attention / diffusion_sample made by the swapped code."""
+    n = {"attention": 0, "diffusion_sample": 0}
+
+    def wrap(name, fn):
+        def counted(*a, **k):
+            n[name] += 1
+            return fn(*a, **k)
+        return counted
+
+    monkeypatch.setattr(acc, "attention", wrap("attention", acc.attention))
+    monkeypatch.setattr(acc, "diffusion_sample", wrap("diffusion_sample", acc.diffusion_sample))
+    return n
+
+
+def zero(calls):
+    calls.update(attention=0, diffusion_sample=0)
+
+
+def pair(**kw):
+    """(MAR as is, an accelerated copy with the same weights)."""
+    ref = tiny(**kw)
+    fast = accelerate(copy.deepcopy(ref))
+    return ref, fast
+
+
+def close(got, want, rel=1e-5):
+    """fp32 tolerance relative to the largest magnitude (samples of a random head get large)."""
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=0, atol=rel * (1.0 + want.abs().max().item()))
+
+
+def inputs(model, bsz=3, masked=10, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(bsz, model.seq_len, model.token_embed_dim, generator=g)
+    orders = torch.stack([torch.randperm(model.seq_len, generator=g) for _ in range(bsz)])
+    mask = torch.zeros(bsz, model.seq_len).scatter(-1, orders[:, :masked], 1.0)
+    labels = torch.randint(0, model.num_classes, (bsz,), generator=g)
+    return x, mask, model.class_emb(labels).detach()
+
+
+def swapped(model):
+    attns = [b.attn for b in list(model.encoder_blocks) + list(model.decoder_blocks)]
+    return ["forward" in a.__dict__ for a in attns] + ["sample" in model.diffloss.__dict__]
+
+
+# ---- same outputs ----------------------------------------------------------------------------
+@pytest.mark.parametrize("qk_norm,fused_attn", [(False, True), (True, True), (False, False)])
+def test_encoder_decoder_eval_equal(calls, qk_norm, fused_attn):
+    ref, fast = pair(qk_norm=qk_norm, fused_attn=fused_attn)
+    zero(calls)  # the probes of accelerate also call fluid_ops.attention
+    if qk_norm:  # non-trivial q/k norms
+        with torch.no_grad():
+            for m in (ref, fast):
+                for blk in m.encoder_blocks:
+                    blk.attn.q_norm.weight.copy_(torch.linspace(0.5, 1.5, blk.attn.head_dim))
+    ref.eval(), fast.eval()
+    x, mask, cls = inputs(ref)
+    with torch.no_grad():
+        e_ref, e_fast = ref.forward_mae_encoder(x, mask, cls), fast.forward_mae_encoder(x, mask, cls)
+        close(e_fast, e_ref)
+        close(fast.forward_mae_decoder(e_ref, mask), ref.forward_mae_decoder(e_ref, mask))
+    assert calls["attention"] == len(ref.encoder_blocks) + len(ref.decoder_blocks)
+
+
+def test_encoder_with_key_masking_equal(calls):
+    """All positions through the encoder with a boolean key mask (timm >= 1.0 attn_mask): becomes
+    fluid_ops' key_padding_mask; the known positions equal MAR's dropped-token encoder."""
+    ref, fast = pair()
+    zero(calls)  # the probes of accelerate also call fluid_ops.attention
+    ref.eval(), fast.eval()
+    x, mask, cls = inputs(ref, masked=12)
+    with torch.no_grad():
+        full_ref = ref.forward_mae_encoder(x, mask, cls, key_masking=True)
+        full_fast = fast.forward_mae_encoder(x, mask, cls, key_masking=True)
+        dropped = ref.forward_mae_encoder(x, mask, cls)
+    close(full_fast, full_ref)
+    assert calls["attention"] == len(ref.encoder_blocks)
+    keep = torch.cat([torch.ones(3, ref.buffer_size), 1 - mask], 1).bool()
+    close(full_fast[keep].reshape(dropped.shape), dropped)
+
+
+@pytest.mark.parametrize("proj_dropout", [0.0, 0.2])
+def test_training_loss_and_grads_equal(calls, proj_dropout):
+    ref, fast = pair(proj_dropout=proj_dropout)
+    zero(calls)  # the probes of accelerate also call fluid_ops.attention
+    ref.train(), fast.train()
+    imgs = torch.randn(2, ref.vae_embed_dim, ref.seq_h, ref.seq_w)
+    labels = torch.tensor([1, 7])
+    torch.manual_seed(3)
+    l_ref = ref(imgs, labels)
+    torch.manual_seed(3)
+    l_fast = fast(imgs, labels)
+    close(l_fast, l_ref)
+    assert calls["attention"] == len(ref.encoder_blocks) + len(ref.decoder_blocks)
+    l_ref.backward(), l_fast.backward()
+    for (name, p), q in zip(ref.named_parameters(), fast.parameters()):
+        assert (p.grad is None) == (q.grad is None), name
+        if p.grad is not None:
+            close(q.grad, p.grad, rel=1e-4)
+
+
+def test_training_with_attention_dropout_runs_timm(calls):
+    """fluid_ops.attention has no dropout: with attn_drop p > 0 in training, timm's own forward runs
+    (same RNG draws, same loss); in eval the fluid path runs."""
+    ref, fast = pair(attn_dropout=0.3, proj_dropout=0.1)
+    zero(calls)  # the probes of accelerate also call fluid_ops.attention
+    ref.train(), fast.train()
+    imgs = torch.randn(2, ref.vae_embed_dim, ref.seq_h, ref.seq_w)
+    labels = torch.tensor([0, 4])
+    torch.manual_seed(9)
+    l_ref = ref(imgs, labels)
+    torch.manual_seed(9)
+    l_fast = fast(imgs, labels)
+    assert calls["attention"] == 0
+    assert torch.equal(l_fast, l_ref)
+    fast.eval()
+    x, mask, cls = inputs(fast)
+    with torch.no_grad():
+        fast.forward_mae_encoder(x, mask, cls)
+    assert calls["attention"] == len(fast.encoder_blocks)
+
+
+@pytest.mark.parametrize("cfg,temperature", [(1.0, 1.0), (1.0, 0.8), (3.0, 0.95), (1.5, 1.0)])
+def test_diffloss_sample_equal_under_global_seed(calls, cfg, temperature):
+    ref, fast = pair()
+    zero(calls)  # the probes of accelerate also call fluid_ops.attention
+    ref.eval(), fast.eval()
+    z = torch.randn(8, 64)
+    torch.manual_seed(11)
+    want = ref.diffloss.sample(z, temperature, cfg)
+    after_ref = torch.rand(4)  # the global RNG must end where MAR's leaves it
+    torch.manual_seed(11)
+    got = fast.diffloss.sample(z, temperature, cfg)
+    after_fast = torch.rand(4)
+    assert calls["diffusion_sample"] == 1
+    assert got.shape == want.shape == (8, ref.token_embed_dim)
+    half = 4 if cfg != 1.0 else 8  # with guidance MAR keeps only the first (cond) half
+    close(got[:half], want[:half])
+    assert torch.equal(after_fast, after_ref)
+    torch.manual_seed(12)  # a different seed gives different samples (the noise is really used)
+    assert not torch.allclose(fast.diffloss.sample(z, temperature, cfg)[:half], got[:half])
+
+
+def test_diffloss_sample_tensor_cfg(calls):
+    """MAR's sample_tokens passes a one-element tensor as cfg (the linear schedule)."""
+    ref, fast = pair()
+    zero(calls)  # the probes of accelerate also call fluid_ops.attention
+    z = torch.randn(6, 64)
+    cfg = torch.tensor([2.5])
+    torch.manual_seed(1)
+    want = ref.diffloss.sample(z, 1.0, cfg)
+    torch.manual_seed(1)
+    got = fast.diffloss.sample(z, 1.0, cfg)
+    close(got[:3], want[:3])
+
+
+@pytest.mark.parametrize("cfg", [1.0, 2.0])
+def test_sample_tokens_equal(calls, cfg):
+    ref, fast = pair()
+    zero(calls)  # the probes of accelerate also call fluid_ops.attention
+    ref.eval(), fast.eval()
+    labels = torch.tensor([3, 5])
+    with torch.no_grad():
+        torch.manual_seed(21)
+        want = ref.sample_tokens(2, num_iter=4, cfg=cfg, labels=labels, temperature=0.9)
+        torch.manual_seed(21)
+        got = fast.sample_tokens(2, num_iter=4, cfg=cfg, labels=labels, temperature=0.9)
+    close(got, want)
+    assert calls["diffusion_sample"] == 4
+    assert calls["attention"] == 4 * (len(ref.encoder_blocks) + len(ref.decoder_blocks))
+
+
+# ---- the model stays the same model -------------------------------------------------------
+def test_state_dict_types_and_parameters_unchanged():
+    m = tiny()
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    types = [(n, type(x)) for n, x in m.named_modules()]
+    params = [id(p) for p in m.parameters()]
+    assert accelerate(m) is m
+    after = m.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert [(n, type(x)) for n, x in m.named_modules()] == types
+    assert [id(p) for p in m.parameters()] == params
+
+
+def test_head_shares_parameters_with_mar_net():
+    """Weight updates after accelerate (in place, or a replaced Parameter) are seen by sampling."""
+    ref, fast = pair()
+    z = torch.randn(4, 64)
+    sample = fast.diffloss.sample
+    torch.manual_seed(0)
+    sample(z)
+    new = mar.randomize_head(tiny(seed=1), seed=7).diffloss.net.state_dict()
+    ref.diffloss.net.load_state_dict(new)
+    fast.diffloss.net.load_state_dict(new)  # copies in place into the shared tensors
+    torch.manual_seed(4)
+    want = ref.diffloss.sample(z)
+    torch.manual_seed(4)
+    close(fast.diffloss.sample(z), want)
+    with torch.no_grad():  # a replaced Parameter object
+        w = ref.diffloss.net.final_layer.linear.weight * 1.5
+    ref.diffloss.net.final_layer.linear.weight = nn.Parameter(w.clone())
+    fast.diffloss.net.final_layer.linear.weight = nn.Parameter(w.clone())
+    torch.manual_seed(4)
+    want2 = ref.diffloss.sample(z)
+    torch.manual_seed(4)
+    close(fast.diffloss.sample(z), want2)
+    assert not torch.allclose(want2, want)
+
+
+def test_deepcopy_and_pickle_keep_the_swaps(calls):
+    _, fast = pair()
+    zero(calls)  # the probes of accelerate also call fluid_ops.attention
+    for other in (copy.deepcopy(fast), _roundtrip(fast)):
+        assert all(swapped(other))
+        attn = other.encoder_blocks[0].attn
+        assert attn.forward.args[0] is attn  # bound to the copy, not to the original
+        assert other.diffloss.sample.args[0] is other.diffloss
+        x, mask, cls = inputs(other)
+        other.eval(), fast.eval()
+        with torch.no_grad():
+            close(other.forward_mae_encoder(x, mask, cls), fast.forward_mae_encoder(x, mask, cls))
+
+
+def _roundtrip(model):
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+def test_idempotent_and_undo(calls):
+    ref, fast = pair()
+    zero(calls)  # the probes of accelerate also call fluid_ops.attention
+    fwd = fast.encoder_blocks[0].attn.forward
+    accelerate(fast)
+    zero(calls)
+    assert fast.encoder_blocks[0].attn.forward is fwd
+    assert len(fast.state_dict()) == len(ref.state_dict())
+    ref.eval(), fast.eval()
+    x, mask, cls = inputs(ref)
+    with torch.no_grad():
+        close(fast.forward_mae_encoder(x, mask, cls), ref.forward_mae_encoder(x, mask, cls))
+    n = calls["attention"]
+    assert n == len(ref.encoder_blocks)  # each block once, not wrapped twice
+    assert accelerate(fast, undo=True) is fast
+    assert not any(swapped(fast))
+    assert acc._NET_KEY not in fast.diffloss.__dict__
+    with torch.no_grad():
+        assert torch.equal(fast.forward_mae_encoder(x, mask, cls), ref.forward_mae_encoder(x, mask, cls))
+        torch.manual_seed(2)
+        a = fast.diffloss.sample(torch.randn(4, 64))
+        torch.manual_seed(2)
+        b = ref.diffloss.sample(torch.randn(4, 64))
+    assert torch.equal(a, b)
+    assert calls["attention"] == n and calls["diffusion_sample"] == 0
+    accelerate(fast, undo=True)  # undo of a plain model: nothing to do
+    accelerate(fast)
+    assert all(swapped(fast))
+
+
+# ---- refusals change nothing --------------------------------------------------------------
+def _snapshot(model):
+    sd = {k: v.clone() for k, v in model.state_dict().items()}
+    return sd, [(n, type(x)) for n, x in model.named_modules()], swapped(model)
+
+
+def _assert_unchanged(model, snap):
+    sd, types, sw = snap
+    now = model.state_dict()
+    assert list(now) == list(sd) and all(torch.equal(now[k], sd[k]) for k in sd)
+    assert [(n, type(x)) for n, x in model.named_modules()] == types
+    assert swapped(model) == sw
+    assert acc._NET_KEY not in model.diffloss.__dict__
+
+
+class _ScaledAttention(mar.Attention):
+    """Looks like timm's Attention, computes something else."""
+
+    def forward(self, x, attn_mask=None):
+        return 2.0 * super().forward(x, attn_mask)
+
+
+def _break_qkv(m):
+    del m.decoder_blocks[1].attn.qkv
+
+
+def _scaled_attention(m):
+    m.decoder_blocks[1].attn.__class__ = _ScaledAttention
+
+
+def _gelu_in_head(m):
+    m.diffloss.net.res_blocks[1].mlp[1] = nn.GELU()
+
+
+def _wrong_betas(m):
+    m.diffloss.gen_diffusion.betas = m.diffloss.gen_diffusion.betas * 1.01
+
+
+def _rope(m):
+    m.encoder_blocks[0].attn.rope = nn.Identity()
+
+
+def _qnorm_over_all(m):
+    m.encoder_blocks[0].attn.q_norm = nn.LayerNorm(64)
+
+
+def _foreign_forward(m):
+    m.encoder_blocks[1].attn.forward = lambda x, attn_mask=None: x
+
+
+def _extra_head_param(m):
+    m.diffloss.net.extra = nn.Linear(2, 2)
+
+
+@pytest.mark.parametrize("break_it,exc,words", [
+    (_break_qkv, TypeError, "decoder_blocks.1.attn.qkv"),
+    (_scaled_attention, ValueError, "not recognised"),
+    (_gelu_in_head, ValueError, "res_blocks.1.mlp.1"),
+    (_wrong_betas, ValueError, "betas"),
+    (_rope, ValueError, "rope"),
+    (_qnorm_over_all, ValueError, "q_norm"),
+    (_foreign_forward, ValueError, "already overridden"),
+    (_extra_head_param, ValueError, "unexpected"),
+])
+def test_refusal_leaves_model_unchanged(break_it, exc, words):
+    m = tiny()
+    break_it(m)
+    snap = _snapshot(m)
+    with pytest.raises(exc, match=words.replace(".", r"\.")):
+        accelerate(m)
+    _assert_unchanged(m, snap)
+
+
+def test_refuses_unsupported_head_dim():
+    m = tiny(encoder_num_heads=4)  # 64 / 4 = head dim 16
+    snap = _snapshot(m)
+    with pytest.raises(ValueError, match="head dim 16"):
+        accelerate(m)
+    _assert_unchanged(m, snap)
+
+
+def test_refuses_models_that_are_not_mar():
+    with pytest.raises(TypeError, match="encoder_blocks"):
+        accelerate(nn.Linear(3, 3))
+    with pytest.raises(TypeError, match="nn.Module"):
+        accelerate(object())
+    m = tiny()
+    del m.diffloss
+    before = [("forward" in b.attn.__dict__) for b in m.encoder_blocks]
+    with pytest.raises(TypeError, match="diffloss"):
+        accelerate(m)
+    assert [("forward" in b.attn.__dict__) for b in m.encoder_blocks] == before == [False, False]
+    m = tiny()
+    with pytest.raises(TypeError, match="gemm_dtype"):
+        accelerate(m, gemm_dtype=torch.int8)
+    assert not any(swapped(m))
+
+
+def test_an_accelerated_model_with_a_broken_block_keeps_its_swaps():
+    """A refusal on a second call does not half-undo the first one."""
+    m = accelerate(tiny())
+    _gelu_in_head(m)
+    with pytest.raises(ValueError):
+        accelerate(m)
+    assert all(swapped(m))
