@@ -57,15 +57,18 @@ diffloss: `net`, `gen_diffusion`, `sample`; net: `in_channels`, `model_channels`
   parameter shapes; gen_diffusion: `num_timesteps`, `timestep_map` and `betas` (must be IDDPM's
   respaced cosine schedule: the same kept steps and betas as fluid_ops'), and, if present,
   `model_mean_type.name == "EPSILON"`, `model_var_type.name == "LEARNED_RANGE"`.
-Every attention and the head are also PROBED once: the original and the swapped forward run on a
-small random input (private generator, eval semantics, no hooks, no global RNG draws) and must
-agree; a module that only looks like timm's / MAR's is refused.
+On every call each attention and the head are also PROBED: the original and the swapped forward
+run on a small random input (private generator, eval semantics, no hooks, no global RNG draws)
+and must agree; a module that only looks like timm's / MAR's is refused.
 
 Refusals raise TypeError (wrong kind of object) or ValueError (recognised kind, unsupported
 configuration) naming the attribute, and change nothing: everything is validated before the
-first swap. Calling accelerate again is a no-op (it re-validates and keeps the swaps);
-`accelerate(model, undo=True)` removes the swaps. `gemm_dtype` is passed to
+first swap. Calling accelerate again is a no-op (it re-validates, keeps the attention swaps
+and the bound DenoiserMLP, and sets sample's gemm_dtype to the new call's);
+`accelerate(model, undo=True)` removes the swaps and the DenoiserMLP. `gemm_dtype` is passed to
 `fluid_ops.diffusion_sample` (None: exact fp32; torch.bfloat16 / "auto": rounding-level).
+The swaps are instance attributes holding `functools.partial`s of this module's functions:
+`copy.deepcopy` and `torch.save(model)` / `torch.load` keep them, bound to the copy.
 """
 from __future__ import annotations
 

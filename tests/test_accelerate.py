@@ -72,9 +72,11 @@ def swapped(model):
 
 
 # ---- same outputs ----------------------------------------------------------------------------
-@pytest.mark.parametrize("qk_norm,fused_attn", [(False, True), (True, True), (False, False)])
-def test_encoder_decoder_eval_equal(calls, qk_norm, fused_attn):
-    ref, fast = pair(qk_norm=qk_norm, fused_attn=fused_attn)
+@pytest.mark.parametrize("qk_norm,fused_attn,dim", [(False, True, 64), (True, True, 64), (False, False, 64),
+                                                    (False, True, 160)])
+def test_encoder_decoder_eval_equal(calls, qk_norm, fused_attn, dim):
+    """dim 160 with 2 heads: head dim 80, as MAR-H."""
+    ref, fast = pair(qk_norm=qk_norm, fused_attn=fused_attn, encoder_embed_dim=dim, decoder_embed_dim=dim)
     zero(calls)  # the probes of accelerate also call fluid_ops.attention
     if qk_norm:  # non-trivial q/k norms
         with torch.no_grad():
@@ -342,6 +344,10 @@ def _extra_head_param(m):
     m.diffloss.net.extra = nn.Linear(2, 2)
 
 
+def _no_num_heads(m):
+    del m.encoder_blocks[1].attn.num_heads
+
+
 @pytest.mark.parametrize("break_it,exc,words", [
     (_break_qkv, TypeError, "decoder_blocks.1.attn.qkv"),
     (_scaled_attention, ValueError, "not recognised"),
@@ -351,6 +357,7 @@ def _extra_head_param(m):
     (_qnorm_over_all, ValueError, "q_norm"),
     (_foreign_forward, ValueError, "already overridden"),
     (_extra_head_param, ValueError, "unexpected"),
+    (_no_num_heads, TypeError, "encoder_blocks.1.attn.num_heads"),
 ])
 def test_refusal_leaves_model_unchanged(break_it, exc, words):
     m = tiny()
@@ -393,3 +400,15 @@ def test_an_accelerated_model_with_a_broken_block_keeps_its_swaps():
     with pytest.raises(ValueError):
         accelerate(m)
     assert all(swapped(m))
+
+
+def test_gemm_dtype_is_passed_to_diffusion_sample(calls, monkeypatch):
+    seen = []
+    inner = acc.diffusion_sample
+    monkeypatch.setattr(acc, "diffusion_sample", lambda *a, **k: seen.append(k["gemm_dtype"]) or inner(*a, **k))
+    m = accelerate(tiny(), gemm_dtype=torch.bfloat16)
+    out = m.diffloss.sample(torch.randn(4, 64), 1.0, 2.0)
+    assert seen == [torch.bfloat16] and out.shape == (4, m.token_embed_dim) and torch.isfinite(out).all()
+    accelerate(m)  # a later call sets the option again (default: exact fp32)
+    m.diffloss.sample(torch.randn(2, 64))
+    assert seen == [torch.bfloat16, None]
