@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -181,15 +182,27 @@ class SpacedDiffusion:
     model_var_type = _Named("LEARNED_RANGE")
 
     def __init__(self, timestep_respacing: str = ""):
-        steps = None if timestep_respacing in ("", None) else int(timestep_respacing)
-        self.sched = rd.DiffusionSchedule(steps)
-        self.timestep_map = [int(t) for t in self.sched.timesteps]
-        self.betas = self.sched.betas.copy()
-        self.num_timesteps = self.sched.num_steps
+        steps = 1000 if timestep_respacing in ("", None) else int(timestep_respacing)
+        # IDDPM's respacing: a running float index, rounded (which, for some counts such as 21,
+        # keeps other steps than rounding i * stride does).
+        stride = (1000 - 1) / (steps - 1) if steps > 1 else 1.0
+        kept, cur = set(), 0.0
+        for _ in range(steps):
+            kept.add(round(cur))
+            cur += stride
+        self.timestep_map = sorted(kept)
+        acp = np.cumprod(1.0 - rd.cosine_betas(1000))
+        self.betas = 1.0 - acp[self.timestep_map] / np.append(1.0, acp[self.timestep_map][:-1])
+        self.num_timesteps = len(self.timestep_map)
         self.original_num_steps = 1000
+        sched = rd.DiffusionSchedule(None if steps == 1000 else steps)
+        # the loop below reuses fluid_ops' reference tables, which exist for its own respacing only
+        self.sched = sched if [int(t) for t in sched.timesteps] == self.timestep_map else None
 
     def p_sample_loop(self, model, shape, noise=None, clip_denoised=True, model_kwargs=None, progress=False,
                       temperature=1.0):
+        if self.sched is None:
+            raise NotImplementedError(f"stand-in: no sampling tables for IDDPM's respacing to {self.num_timesteps}")
         img = noise if noise is not None else torch.randn(*shape)
         table = self.sched.table(img.device)
         tmap = torch.tensor(self.timestep_map, device=img.device)

@@ -412,3 +412,16 @@ def test_gemm_dtype_is_passed_to_diffusion_sample(calls, monkeypatch):
     accelerate(m)  # a later call sets the option again (default: exact fp32)
     m.diffloss.sample(torch.randn(2, 64))
     assert seen == [torch.bfloat16, None]
+
+
+def test_refuses_a_respacing_fluid_ops_does_not_reproduce():
+    """IDDPM respaces with a running float index; for 21 steps it keeps other original steps than
+    fluid_ops' schedule, so accelerate refuses (ValueError naming timestep_map) and changes nothing.
+    MAR's usual counts (e.g. 100, 64, 50, 250) agree and are accepted."""
+    m = tiny(num_sampling_steps="21")
+    snap = _snapshot(m)
+    with pytest.raises(ValueError, match="timestep_map"):
+        accelerate(m)
+    _assert_unchanged(m, snap)
+    for steps in ("100", "64", "50", "250"):
+        assert all(swapped(accelerate(tiny(num_sampling_steps=steps))))
