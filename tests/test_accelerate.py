@@ -415,13 +415,15 @@ def test_gemm_dtype_is_passed_to_diffusion_sample(calls, monkeypatch):
 
 
 def test_refuses_a_respacing_fluid_ops_does_not_reproduce():
-    """IDDPM respaces with a running float index; for 21 steps it keeps other original steps than
-    fluid_ops' schedule, so accelerate refuses (ValueError naming timestep_map) and changes nothing.
-    MAR's usual counts (e.g. 100, 64, 50, 250) agree and are accepted."""
+    """A gen_diffusion whose kept steps (timestep_map) are not IDDPM's even respacing, which
+    `diffusion_sample` cannot reproduce, is refused (ValueError naming timestep_map) and the model
+    is left unchanged. IDDPM's own respacings are accepted, including counts such as 21 where a
+    running float index and i * stride round differently."""
     m = tiny(num_sampling_steps="21")
+    m.diffloss.gen_diffusion.timestep_map[5] += 1  # no longer IDDPM's spacing
     snap = _snapshot(m)
     with pytest.raises(ValueError, match="timestep_map"):
         accelerate(m)
     _assert_unchanged(m, snap)
-    for steps in ("100", "64", "50", "250"):
+    for steps in ("100", "64", "50", "250", "21", "23"):
         assert all(swapped(accelerate(tiny(num_sampling_steps=steps))))

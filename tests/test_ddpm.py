@@ -148,3 +148,13 @@ def test_cuda_matches_reference(dtype, guided):
             got = fluid_ops.ddpm_step(x, mo, noise, sched.table("cuda"), step, temperature=0.95, cfg=4.0)
         tol = 1e-6 if dtype == torch.float32 else 1e-2
         torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+
+
+def test_space_timesteps_matches_iddpm_respacing_for_every_count():
+    """Against the MAR stand-in's IDDPM SpacedDiffusion (written separately from MAR's behaviour):
+    the same kept steps for every count, including those (21, 23, 31, ...) where rounding
+    i * stride would keep others."""
+    from tests.mar_standin import SpacedDiffusion
+    for count in range(2, 1001):
+        assert ref.space_timesteps(1000, count) == SpacedDiffusion(str(count)).timestep_map, count
+    assert ref.space_timesteps(1000, 21)[:3] == [0, 50, 100] and ref.space_timesteps(1000, 21)[-1] == 999

@@ -26,13 +26,19 @@ def cosine_betas(num_steps: int = 1000, max_beta: float = 0.999) -> np.ndarray:
 
 def space_timesteps(num_steps: int, count: int) -> list[int]:
     """IDDPM's evenly spaced respacing of one section: `count` original steps out of `num_steps`,
-    always including the first and the last (Python's round, as IDDPM)."""
+    always including the first and the last. IDDPM advances a running float index by the stride
+    and rounds it (Python's round); accumulating differs from rounding i * stride for some counts
+    (21, 23, 31, ...), and MAR's checkpoints were sampled with IDDPM's steps, so we accumulate."""
     if count <= 0 or count > num_steps:
         raise ValueError(f"space_timesteps: count must be in [1, {num_steps}], got {count}")
     if count == 1:
         return [0]
     stride = (num_steps - 1) / (count - 1)
-    return sorted({round(i * stride) for i in range(count)})
+    kept, index = set(), 0.0
+    for _ in range(count):
+        kept.add(round(index))
+        index += stride
+    return sorted(kept)
 
 
 class DiffusionSchedule:
