@@ -110,27 +110,11 @@ inline float dot16(const float* a, const float* b, int64_t n) {
   return s;
 }
 
-// xb := LN(xb) (affine with w / b when given) * (1 + scale) + shift, in place.
+// out := LN(x) (affine with w / b when given) * (1 + sc) + sh on fp32 rows: the tensors' own rows
+// when all are fp32, else fp32 scratch copies. out may be x: stats come first, then each element
+// is read before it is written.
 FLUID_ROW_CLONES
-void lnm_row(float* xb, const float* shb, const float* scb, const float* w, const float* b, int64_t d,
-             float inv_d, float eps) {
-  const float mean = sum16(xb, d) * inv_d;
-  const float rstd = 1.0f / std::sqrt(sumsq_centered16(xb, mean, d) * inv_d + eps);
-  if (w || b) {
-    for (int64_t j = 0; j < d; ++j) {
-      float v = (xb[j] - mean) * rstd;
-      v = v * (w ? w[j] : 1.0f) + (b ? b[j] : 0.0f);
-      xb[j] = v * (1.0f + scb[j]) + shb[j];
-    }
-  } else {
-    for (int64_t j = 0; j < d; ++j) xb[j] = (xb[j] - mean) * rstd * (1.0f + scb[j]) + shb[j];
-  }
-}
-
-// out := LN(x) (affine with w / b when given) * (1 + sc) + sh on fp32 rows, read in place (out
-// may be x: stats come first, then each element is read before it is written).
-FLUID_ROW_CLONES
-void lnm_row_f32(const float* x, const float* sh, const float* sc, const float* w, const float* b,
+void lnm_row(const float* x, const float* sh, const float* sc, const float* w, const float* b,
                  float* out, int64_t d, float inv_d, float eps) {
   const float mean = sum16(x, d) * inv_d;
   const float rstd = 1.0f / std::sqrt(sumsq_centered16(x, mean, d) * inv_d + eps);
@@ -148,15 +132,10 @@ void lnm_row_f32(const float* x, const float* sh, const float* sc, const float* 
   }
 }
 
-// hb := hb + gb * yb.
+// out := h + g * y on fp32 rows (own rows or scratch; out may be h: each element is read before
+// it is written).
 FLUID_ROW_CLONES
-void gated_row(float* hb, const float* gb, const float* yb, int64_t d) {
-  for (int64_t j = 0; j < d; ++j) hb[j] += gb[j] * yb[j];
-}
-
-// out := h + g * y on fp32 rows in place (out may be h: each element is read before it is written).
-FLUID_ROW_CLONES
-void gated_row_f32(const float* h, const float* g, const float* y, float* out, int64_t d) {
+void gated_row(const float* h, const float* g, const float* y, float* out, int64_t d) {
   for (int64_t j = 0; j < d; ++j) out[j] = h[j] + g[j] * y[j];
 }
 
@@ -209,7 +188,7 @@ void layernorm_modulate(const TensorView& x, const TensorView* weight, const Ten
       out.dtype == DType::F32) {  // all fp32: straight from the rows, no scratch copies
     parallel_for(rows, nthreads, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r)
-        lnm_row_f32(static_cast<const float*>(row_ptr(x, r)),
+        lnm_row(static_cast<const float*>(row_ptr(x, r)),
                     static_cast<const float*>(row_ptr(shift, r)),
                     static_cast<const float*>(row_ptr(scale, r)), w, b,
                     static_cast<float*>(row_ptr_mut(out, r)), d, inv_d, eps);
@@ -223,7 +202,7 @@ void layernorm_modulate(const TensorView& x, const TensorView* weight, const Ten
       lx(row_ptr(x, r), xb, d);
       lsh(row_ptr(shift, r), shb, d);
       lsc(row_ptr(scale, r), scb, d);
-      lnm_row(xb, shb, scb, w, b, d, inv_d, eps);
+      lnm_row(xb, shb, scb, w, b, xb, d, inv_d, eps);
       so(xb, row_ptr_mut(out, r), d);
     }
   });
@@ -317,7 +296,7 @@ void gated_residual(const TensorView& h, const TensorView& gate, const TensorVie
       out.dtype == DType::F32) {  // all fp32: straight from the rows, no scratch copies
     parallel_for(rows, nthreads, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r)
-        gated_row_f32(static_cast<const float*>(row_ptr(h, r)),
+        gated_row(static_cast<const float*>(row_ptr(h, r)),
                       static_cast<const float*>(row_ptr(gate, r)),
                       static_cast<const float*>(row_ptr(y, r)),
                       static_cast<float*>(row_ptr_mut(out, r)), d);
@@ -333,7 +312,7 @@ void gated_residual(const TensorView& h, const TensorView& gate, const TensorVie
       lh(row_ptr(h, r), hb, d);  // read the whole row before writing: out may alias h
       lgt(row_ptr(gate, r), gb, d);
       ly(row_ptr(y, r), yb, d);
-      gated_row(hb, gb, yb, d);
+      gated_row(hb, gb, yb, hb, d);
       so(hb, row_ptr_mut(out, r), d);
     }
   });
