@@ -128,13 +128,12 @@ class TextEncoder(nn.Module):
                     self._cache[c] = out
                     if len(self._cache) > self.cache_size:
                         self._cache.popitem(last=False)
-        B = len(captions)
-        L = max([t.shape[0] for t in per_caption], default=1)
-        emb = torch.zeros(B, L, self.dim, dtype=torch.float32)
-        mask = torch.zeros(B, L, dtype=torch.bool)
-        for i, t in enumerate(per_caption):
-            emb[i, : t.shape[0]] = t
-            mask[i, : t.shape[0]] = True
+        if not per_caption:
+            return (torch.zeros(0, 1, self.dim, dtype=torch.float32, device=device),
+                    torch.zeros(0, 1, dtype=torch.bool, device=device))
+        emb = torch.nn.utils.rnn.pad_sequence(per_caption, batch_first=True)          # zero padding
+        lengths = torch.tensor([t.shape[0] for t in per_caption])
+        mask = torch.arange(emb.shape[1])[None, :] < lengths[:, None]
         return emb.to(device, non_blocking=True), mask.to(device, non_blocking=True)
 
     def forward(self, captions: Sequence[str], device=None):

@@ -160,7 +160,7 @@ class KMeansTokenizer(nn.Module):
 
     @torch.no_grad()
     def fit(self, images: torch.Tensor, *, iters: int = 20, generator: torch.Generator | None = None,
-            progress: bool = False, max_patches: int = 200_000) -> "KMeansTokenizer":
+            progress: bool = False, max_patches: int = 65_536) -> "KMeansTokenizer":
         """k-means (Lloyd) on the images' patches: k-means++ init, `iters` iterations at most
         (stops early when no assignment changes). Deterministic for a given `generator` (default:
         seed 0). Uses at most `max_patches` patches (a random subset beyond that). An empty
@@ -207,17 +207,28 @@ class KMeansTokenizer(nn.Module):
         first = torch.randint(N, (1,), generator=generator, device=gen_device).item()
         centers = x.new_empty(K, x.shape[1])
         centers[0] = x[first]
-        d2 = ((x - centers[0]) ** 2).sum(1)
+        # Exact squared distances (no ||x||^2 - 2x.c + ||c||^2 cancellation: duplicates of a chosen
+        # center must get weight exactly 0), into preallocated buffers: fresh N x D temporaries
+        # per step cost more in page faults than the arithmetic.
+        diff = torch.empty_like(x)
+        d2_new = x.new_empty(N)
+        d2 = torch.sum(torch.sub(x, centers[0], out=diff).square_(), 1)
         for k in range(1, K):
-            total = d2.sum()
-            if total.item() <= 0:
+            # Draw a patch with probability d2 / sum(d2): inverse CDF of one seeded uniform
+            # (multinomial over N weights costs ~10x more per draw here).
+            cdf = torch.cumsum(d2, 0, dtype=torch.float64)
+            total = cdf[-1].item()
+            if total <= 0:
                 # Fewer distinct patches than codebook entries: the rest duplicate random patches.
                 rest = torch.randint(N, (K - k,), generator=generator, device=gen_device).to(x.device)
                 centers[k:] = x[rest]
                 break
-            pick = torch.multinomial((d2 / total).to(gen_device), 1, generator=generator).item()
+            u = torch.rand(1, generator=generator, device=gen_device, dtype=torch.float64).item() * total
+            pick = min(int(torch.searchsorted(cdf, torch.tensor([u], dtype=torch.float64, device=x.device),
+                                              right=True).item()), N - 1)
             centers[k] = x[pick]
-            d2 = torch.minimum(d2, ((x - centers[k]) ** 2).sum(1))
+            torch.sum(torch.sub(x, centers[k], out=diff).square_(), 1, out=d2_new)
+            torch.minimum(d2, d2_new, out=d2)
         return centers
 
     def _check_fitted(self):
