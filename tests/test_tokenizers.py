@@ -132,6 +132,15 @@ def test_kmeans_deterministic_for_a_seed():
         torch.testing.assert_close(conv.codebook[k], patches[assign == k].mean(0), atol=1e-5, rtol=0)
 
 
+def test_kmeans_subsamples_patches_deterministically():
+    imgs, _, _ = _palette_images(40, seed=3)                    # 640 patches of 4 kinds
+    fit = lambda seed: KMeansTokenizer(16, 4, codebook_size=4).fit(
+        imgs, max_patches=100, generator=torch.Generator().manual_seed(seed))
+    a, b = fit(0), fit(0)
+    assert torch.equal(a.codebook, b.codebook)
+    assert torch.equal(a.decode(a.encode(imgs)), imgs)          # 100 random patches still cover the palette
+
+
 def test_kmeans_state_dict_round_trip():
     imgs, _, _ = _palette_images(4, seed=1)
     tok = KMeansTokenizer(16, 4, codebook_size=8).fit(imgs)

@@ -117,7 +117,9 @@ class TextEncoder(nn.Module):
                 misses.setdefault(c, []).append(i)
         if misses:
             new = list(misses)
-            with torch.no_grad():
+            # No autocast from the caller's training step: the cached value must not depend on
+            # whether the first call came from inside a bf16 region.
+            with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
                 outs = self._encode_batch(new)
             self.forward_calls += 1
             for c, out in zip(new, outs):

@@ -345,7 +345,8 @@ class VAETokenizer(nn.Module):
         or a posterior sample drawn with `generator` (sample=True), scaled."""
         _check_images(images, self.channels, self.image_size)
         dtype = next(self.vae.parameters()).dtype
-        posterior = self.vae.encode((images * 2 - 1).to(self.device, dtype)).latent_dist
+        with torch.autocast(self.device.type, enabled=False):   # runs in the VAE's own dtype
+            posterior = self.vae.encode((images * 2 - 1).to(self.device, dtype)).latent_dist
         z = posterior.mean
         if sample:
             gdev = generator.device if generator is not None else z.device
@@ -365,7 +366,8 @@ class VAETokenizer(nn.Module):
         z = tokens.reshape(B, g, g, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(B, c, g * p, g * p)
         z = z / self.scale + self.shift
         dtype = next(self.vae.parameters()).dtype
-        x = self.vae.decode(z.to(self.device, dtype)).sample
+        with torch.autocast(self.device.type, enabled=False):
+            x = self.vae.decode(z.to(self.device, dtype)).sample
         return ((x.float() + 1) / 2).clamp(0, 1)
 
 
