@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fluid_ops.data import (
-    CATEGORIES, COLOURS, KINDS, POSITIONS, SHAPES, ImageCaptionFolder, Prompt, ShapesDataset, Spec,
+    CATEGORIES, COLOURS, KINDS, POSITIONS, SHAPES, ImageCaptionFolder, Prompt, ShapesDataset,
     caption, category_of, collate, geneval_prompts, parse_prompt, render_spec,
 )
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import sys
 
-from fluid_ops.data.shapes import CATEGORIES, Prompt, Spec, parse_prompt
+from fluid_ops.data.shapes import CATEGORIES, Prompt, Spec
 from fluid_ops.eval.detector import Detection, detect
 
 __all__ = ["evaluate", "score_prompt", "POSITION_MARGIN"]
