@@ -528,9 +528,13 @@ def train(model: nn.Module, dataset, *, out_dir, steps: int | None = None, minut
                 else contextlib.nullcontext())
     # Per-step losses and grad norms stay on the device until a flush (one sync per `log_every`
     # steps instead of one per step).
-    loss_buf = torch.zeros(log_every, device=device)
-    gnorm_buf = torch.full((log_every,), float("nan"), device=device)
     pending: list[tuple[int, float, float]] = []  # (step, lr, time) not yet flushed
+    pending_loss: list[torch.Tensor] = []
+    pending_gnorm: list[torch.Tensor] = []
+    # Detached views share storage with the parameters, so the optimizer's in-place updates show
+    # through; parameters kept in low precision get an fp32 copy per step instead.
+    ema_sources = [p.detach() for p in params]
+    ema_sources_fp32 = all(p.dtype == torch.float32 for p in params)
     smoothed = None
     stopped_by = None
     model.train()
@@ -541,8 +545,10 @@ def train(model: nn.Module, dataset, *, out_dir, steps: int | None = None, minut
         if not pending:
             return False
         k = len(pending)
-        losses = loss_buf[:k].tolist()
-        gnorms = gnorm_buf[:k].tolist()
+        losses = torch.stack(pending_loss).tolist()
+        gnorms = torch.stack(pending_gnorm).tolist() if pending_gnorm else [None] * k
+        pending_loss.clear()
+        pending_gnorm.clear()
         for (s, lr_s, t_s), loss_v, gn in zip(pending, losses, gnorms):
             if not math.isfinite(loss_v):
                 raise FloatingPointError(
@@ -583,13 +589,13 @@ def train(model: nn.Module, dataset, *, out_dir, steps: int | None = None, minut
                                    "contributes to it")
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            slot = len(pending)
             if grad_clip is not None:
-                gnorm_buf[slot] = nn.utils.clip_grad_norm_(params, grad_clip)
+                pending_gnorm.append(nn.utils.clip_grad_norm_(params, grad_clip))
             opt.step()
             with torch.no_grad():
-                torch._foreach_lerp_(ema_list, [p.detach().float() for p in params], 1.0 - ema_decay)
-            loss_buf[slot] = loss.detach().float().reshape(())
+                torch._foreach_lerp_(ema_list, ema_sources if ema_sources_fp32 else [p.float() for p in ema_sources],
+                                     1.0 - ema_decay)
+            pending_loss.append(loss.detach().float().reshape(()))
             step += 1
             epoch, index = divmod(epoch * n_data + index + batch_size, n_data)
             pending.append((step, cur_lr, elapsed()))
