@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from fluid_ops.checkpoint import (CheckpointError, load_checkpoint, previous_path,
+from fluid_ops.checkpoint import (CheckpointError, _check_payload, load_checkpoint, previous_path,
                                   remove_stale_temporaries, save_checkpoint)
 
 __all__ = ["train", "TrainResult", "StepInfo", "load_ema", "default_collate", "param_groups",
@@ -433,7 +433,10 @@ def train(model: nn.Module, dataset, *, out_dir, steps: int | None = None, minut
                               f"latest checkpoint was removed. To resume from the previous one, copy it to "
                               f"{ckpt_path}; to start over, use another out_dir")
     remove_stale_temporaries(ckpt_path)
+    for leftover in (*out_dir.glob(".history.json.*.tmp"), *out_dir.glob(".loss.png.*.tmp.png")):
+        leftover.unlink(missing_ok=True)  # from a killed run
     config = _config_dict(model)
+    _check_payload(config, "model.config")  # fail now, not at the first checkpoint
     was_training = model.training
     model.to(device)
 
@@ -469,6 +472,9 @@ def train(model: nn.Module, dataset, *, out_dir, steps: int | None = None, minut
         ema = {name: state["ema"][name].to(device=device, dtype=torch.float32).clone() for name, _ in trainable}
         step = int(state["step"])
         epoch, index = int(state["data"]["epoch"]), int(state["data"]["index"])
+        if int(state["data"]["seed"]) != seed:
+            warnings.warn(f"seed {seed} differs from the checkpoint's {state['data']['seed']}: data order and "
+                          "per-step randomness from here on follow the new seed", stacklevel=2)
         if int(state["data"]["dataset_len"]) != n_data:
             warnings.warn(f"dataset has {n_data} items, the checkpoint's had {state['data']['dataset_len']}: "
                           "the data order after resuming is not the original run's", stacklevel=2)

@@ -6,6 +6,7 @@ submodule, and (for the discrete variant) needs_tokenizer_fit / fit_tokenizer.""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -22,6 +23,7 @@ from torch import nn
 from fluid_ops import checkpoint as ckpt_mod
 from fluid_ops.checkpoint import CheckpointError, load_checkpoint, previous_path, save_checkpoint
 from fluid_ops.train import StepInfo, _BatchStream, _epoch_permutation, load_ema, lr_at, param_groups, train
+from tests.conftest import requires_cuda
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -355,6 +357,10 @@ def test_save_checkpoint_roundtrip_and_kept_previous(tmp_path):
     assert load_checkpoint(p) == {"b": 1}
     prev = load_checkpoint(previous_path(p))
     assert torch.equal(prev["a"], torch.arange(5)) and prev["t"] == (1, 2.5) and prev["n"] is None
+    # what weights_only loading would refuse is refused at write time, and nothing is replaced
+    with pytest.raises(TypeError, match=r"payload\['bad'\].*Path"):
+        save_checkpoint({"bad": Path("x")}, p)
+    assert load_checkpoint(p) == {"b": 1} and not list(tmp_path.glob(".c.pt.*.tmp"))
 
 
 # ---- budgets, tokenizer fit, errors ---------------------------------------------------------
@@ -427,3 +433,25 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     assert "step 4" in str(err.value)  # the last good checkpoint
     state = load_checkpoint(tmp_path / "checkpoint.pt")
     assert state["step"] == 4 and all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+# ---- precision and devices ----------------------------------------------------------------
+def test_bf16_autocast_on_cpu(tmp_path):
+    fp32 = run(tmp_path / "a", steps=3, amp="none")
+    bf16 = run(tmp_path / "b", steps=3, amp="bf16")
+    assert all(map(math.isfinite, bf16.history["loss"]))
+    assert bf16.history["loss"] != fp32.history["loss"]  # autocast really ran the GEMMs in bf16
+    assert bf16.history["loss"] == pytest.approx(fp32.history["loss"], rel=0.05)
+    assert all(p.dtype == torch.float32 for p in bf16.model.parameters())  # weights stay fp32
+
+
+@requires_cuda
+def test_cuda_bf16_train_and_resume(tmp_path):
+    ref = run(tmp_path / "ref", steps=12, device="cuda")
+    assert all(map(math.isfinite, ref.history["loss"])) and ref.model.out.weight.is_cuda
+    run(tmp_path / "run", steps=6, device="cuda")
+    resumed = run(tmp_path / "run", steps=12, device="cuda")
+    for n, p in ref.model.named_parameters():
+        torch.testing.assert_close(resumed.model.state_dict()[n], p.detach(), msg=n)
+    state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
+    assert state["train_args"]["amp"] == "auto" and "cuda" in state["rng"]
