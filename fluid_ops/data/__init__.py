@@ -1,0 +1,7 @@
+"""Data sets for text-to-image training: synthetic captioned shapes and image-caption folders."""
+from fluid_ops.data.folder import IMAGE_SUFFIXES, ImageCaptionFolder, collate  # noqa: F401
+from fluid_ops.data.shapes import (  # noqa: F401
+    BACKGROUND, CATEGORIES, COLOURS, DEFAULT_KINDS, KINDS, POSITIONS, RELATIONS, SHAPES,
+    ObjectSpec, PlacedObject, Prompt, ShapesDataset, Spec, caption, category_of, geneval_prompts,
+    parse_prompt, position_cell, render, render_spec, sample_layout, sample_spec,
+)
