@@ -44,8 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -260,6 +259,9 @@ class Fluid(nn.Module):
         self.grid = math.isqrt(self.seq_len)
         if self.grid * self.grid != self.seq_len:
             raise ValueError(f"Fluid: the tokenizer must give a square grid of tokens, got {self.seq_len}")
+        if cfg.order == "raster" and cfg.num_iter not in (None, self.seq_len):
+            raise ValueError(f"Fluid: raster order generates one token per step; num_iter must be None or "
+                             f"{self.seq_len} (the number of tokens), got {cfg.num_iter}")
 
         # text path: encoder dim -> width -> aligner (bidirectional, key-padding mask) -> null vector
         self.text_proj = nn.Linear(self.text_encoder.dim, w)
