@@ -255,3 +255,32 @@ def test_minilm_text_encoder_stays_out_of_the_state_dict():
     assert mask.shape[0] == 2 and not torch.allclose(ctx[0, :2], ctx[1, :2])
     out = m.generate(["a red circle"], generator=gen(0))
     assert out.shape == (1, 3, 16, 16)
+
+
+# ---- mixed precision ---------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["tiny", "tiny-raster"])
+def test_runs_under_bf16_autocast(name):
+    """The training loop autocasts to bf16 on GPUs: the loss, its backward and both samplers run
+    under autocast (on the CPU here; the numbers are only checked to be finite / in range)."""
+    m = randomize_head(small(name))
+    m.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = loss_at(m)
+    loss.backward()
+    assert torch.isfinite(loss)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m.generate(CAPTIONS[:2], generator=gen(0), num_diffusion_steps=2)
+    assert out.shape == (2, 3, 16, 16) and out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_grad_checkpointing_gives_the_same_loss_and_gradients():
+    m = randomize_head(small("tiny"))
+    m.train()
+    loss_at(m).backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m2 = randomize_head(small("tiny", grad_checkpointing=True))
+    m2.load_state_dict(m.state_dict())
+    m2.train()
+    loss_at(m2).backward()
+    for n, p in m2.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6, msg=n)

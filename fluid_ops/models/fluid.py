@@ -35,10 +35,11 @@ KV-cache op's bounds check.
 
 Diffusion head size: the Fluid paper follows MAR's Diffusion Loss; the parts of the paper we could
 consult do not restate the head's size, so the paper-size configs use MAR's default head,
-3 blocks x 1024 (argparse defaults of MAR's main_mar.py, `diffloss_d=3, diffloss_w=1024`). With it
-and a 6-block aligner at the model width, the configs here count 0.17B / 0.36B / 0.66B / 1.1B /
-3.1B / 10.4B trainable parameters against the paper's 166M / 369M / 665M / 1.1B / 3.1B / 10.5B
-(see `FLUID_PARAMS` in tests/test_fluid.py), so the head is small in the paper too.
+3 blocks x 1024 (the defaults of MAR's constructor, `diffloss_d=3, diffloss_w=1024`). With it
+and a 6-block aligner at the model width, the configs here count 179M / 368M / 667M / 1.10B /
+3.13B / 10.37B trainable parameters against the paper's 166M / 369M / 665M / 1.1B / 3.1B / 10.5B
+(the head is 22-26M of them; tests/test_fluid.py holds the counts within 8%), which suggests the
+paper's head is of that order too.
 """
 from __future__ import annotations
 
@@ -564,6 +565,9 @@ class Fluid(nn.Module):
         gemm_dtype: the diffusion head's GEMM dtype (see fluid_ops.diffusion_sample)."""
         prompts, num_iter, cfg, temperature, steps = self._check_sampling_args(
             prompts, num_iter, cfg, cfg_schedule, temperature, num_diffusion_steps)
+        if generator is not None and generator.device.type != self.device.type:
+            raise ValueError(f"Fluid.generate: generator must be on the model's device ({self.device.type}), got a "
+                             f"{generator.device.type} generator (sampling draws its noise on the device)")
         if self.needs_tokenizer_fit:
             raise RuntimeError("Fluid.generate: the discrete variant's k-means tokenizer is not fitted; call "
                                "model.fit_tokenizer(images) first (or load a checkpoint)")
@@ -632,7 +636,10 @@ class Fluid(nn.Module):
         tokens = self._empty_tokens(b)
         inputs = self.start_token.to(ctx.dtype).expand(rows, 1, -1)   # input of position 0
         if kv_cache:
-            cache = self.transformer.new_cache(rows, l, dtype=ctx.dtype)
+            dev_type = ctx.device.type
+            # under autocast the K/V projections come out in the autocast dtype: cache that dtype
+            cache_dtype = torch.get_autocast_dtype(dev_type) if torch.is_autocast_enabled(dev_type) else ctx.dtype
+            cache = self.transformer.new_cache(rows, l, dtype=cache_dtype)
             ckv = self.transformer.context_kv(ctx)                     # text K/V once per generation
         else:
             history = []
