@@ -28,6 +28,14 @@ Differences from MAR's code, all on purpose (the results are MAR's):
   while training with attn_dropout > 0 the blocks use torch's scaled_dot_product_attention with
   dropout (same maths). In eval mode, or with attn_dropout=0, they call `fluid_ops.attention`.
 
+Loading and saving:
+* `MAR.from_checkpoint(path, ema=True, model=None, **mar_kwargs)` builds the model from one of
+  MAR's own `.pth` checkpoints (weights_only), the constructor's arguments taken from
+  mar_kwargs, the checkpoint's training args, or the weights' shapes (see there);
+  `model.load_mar_checkpoint(path)` loads one into an existing model.
+* `model.save(path)` / `MAR.load(path)`: our safetensors files (weights + `model.config`, the
+  constructor's arguments as JSON; `fluid_ops.models.io`), bit-exact round trip.
+
 Host syncs that remain: the training mask ratio (`mask_ratio` returns a Python float, read from
 `generator`'s device: a sync when that is a CUDA generator). Sampling has none of its own.
 """
@@ -697,12 +705,13 @@ def _read_mar_checkpoint(op, checkpoint, ema):
             raise FileNotFoundError(f"{op}: no such file: {path}")
         # MAR's training checkpoints carry its argparse Namespace as 'args': plain data, allowed
         # explicitly so that weights_only loading (no arbitrary code) still reads them.
-        safe = getattr(torch.serialization, "safe_globals", None)
+        safe = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
         try:
             if safe is not None:
                 with safe([argparse.Namespace]):
                     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-            else:
+            else:  # torch 2.4: only the process-wide allow-list exists
+                torch.serialization.add_safe_globals([argparse.Namespace])
                 checkpoint = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # zip / pickle errors on a corrupt file, refused globals, ...
             raise ValueError(f"{op}: cannot read {path} as a torch checkpoint with weights_only=True "
