@@ -287,3 +287,17 @@ def test_from_checkpoint_of_a_dict_copies_and_load_mar_checkpoint_names_bad_shap
     other = mar_tiny(class_num=11)
     with pytest.raises(ValueError, match=r"class_emb.weight: expected \(11, 64\), found \(10, 64\)"):
         other.load_mar_checkpoint(ckpt)
+
+
+def test_build_with_weights_generic():
+    src = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4)).to(torch.float64)
+    m = mio.build_with_weights(lambda: nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4)), src.state_dict(), source="s")
+    assert all(torch.equal(a, b) and a.dtype == torch.float64 for a, b in zip(m.state_dict().values(),
+                                                                              src.state_dict().values()))
+    assert not any(p.is_meta for p in m.parameters()) and all(p.requires_grad for p in m.parameters())
+    sd = src.state_dict()
+    sd.pop("1.bias")
+    with pytest.raises(ValueError, match=r"no weights for \['1.bias'\]"):
+        mio.build_with_weights(lambda: nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4)), sd, source="s", strict=False)
+    with pytest.raises(TypeError, match="must return an nn.Module"):
+        mio.build_with_weights(lambda: 3, {}, source="s")

@@ -7,7 +7,18 @@ model (no pickle, no code executed on load).
     meta  # {"kind": "fluid_ops.models.MAR", "config": {...}, "fluid_ops_version": "0.1.0", "format": 1}
 
 Model classes build on these (`MAR.save` / `MAR.load`); `check_state_dict` gives the errors a
-loader wants (missing / unexpected tensors, wrong shapes, each named) before anything is copied.
+loader wants (missing / unexpected tensors, wrong shapes, each named) before anything is copied,
+and `build_with_weights` builds a model on the meta device and takes the loaded tensors as its
+parameters (no initialisation work, no second copy in memory). A model class needs a JSON-able
+`config` (its constructor's arguments) and a way back (`from_config`):
+
+    def save(self, path):
+        return io.save_safetensors(self, path, config=self.config, kind=KIND)
+
+    @classmethod
+    def load(cls, path):
+        state_dict, meta = io.load_safetensors(path, kind=KIND)
+        return io.build_with_weights(lambda: cls.from_config(meta["config"]), state_dict, source=f"load({path})")
 
 File layout: a regular safetensors file; its string metadata has one key, "fluid_ops", whose
 value is the JSON object above. Writes are atomic: the file is written to a temporary name in
@@ -23,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["save_safetensors", "load_safetensors", "read_metadata", "check_state_dict", "METADATA_KEY",
-           "FORMAT_VERSION"]
+__all__ = ["save_safetensors", "load_safetensors", "read_metadata", "check_state_dict", "build_with_weights",
+           "METADATA_KEY", "FORMAT_VERSION"]
 
 METADATA_KEY = "fluid_ops"
 FORMAT_VERSION = 1
@@ -194,3 +205,25 @@ def check_state_dict(module: torch.nn.Module, state_dict: dict, *, source: str, 
         problems.append(f"{len(unexpected)} tensors are not in the model: {unexpected[:10]}")
     if problems:
         raise ValueError(f"{source}: the weights do not fit the model: " + " | ".join(problems))
+
+
+def build_with_weights(build, state_dict: dict, *, source: str, strict: bool = True) -> torch.nn.Module:
+    """`build()` on the meta device (no initialisation work, no memory), `check_state_dict`, then
+    the state dict's tensors become the parameters and buffers (load_state_dict(assign=True):
+    their values, dtype and device are kept, requires_grad is the module's). With strict=False a
+    tensor the file lacks would be left without a value: that is refused too, naming it.
+    The model is returned as `build` left it (train mode for a fresh nn.Module)."""
+    if not callable(build):
+        raise TypeError(f"{source}: build must be a callable returning the model, got {type(build).__name__}")
+    with torch.device("meta"):
+        model = build()
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"{source}: build() must return an nn.Module, got {type(model).__name__}")
+    check_state_dict(model, state_dict, source=source, strict=strict)
+    model.load_state_dict(state_dict, strict=strict, assign=True)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise ValueError(f"{source}: no weights for {left[:10]} ({len(left)} tensors); with strict=False only "
+                         f"tensors the model does not have may be left out")
+    return model
+

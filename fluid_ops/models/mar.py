@@ -300,20 +300,6 @@ class MAR(nn.Module):
                             f"{sorted(config)}") from None
 
     @classmethod
-    def _built_with_weights(cls, build, state_dict, source, strict=True):
-        """build() on the meta device (no init work, no memory), check the weights fit, then
-        take them as the parameters (load_state_dict(assign=True): dtype and values kept)."""
-        with torch.device("meta"):
-            model = build()
-        model_io.check_state_dict(model, state_dict, source=source, strict=strict)
-        model.load_state_dict(state_dict, strict=strict, assign=True)
-        left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
-        if left:  # strict=False and a tensor was missing: it has no value at all
-            raise ValueError(f"{source}: no weights for {left[:10]} ({len(left)} tensors); with strict=False "
-                             f"only tensors the model does not have may be left out")
-        return model
-
-    @classmethod
     def from_checkpoint(cls, checkpoint, ema: bool = True, model: str | None = None, *, strict: bool = True,
                         **mar_kwargs) -> "MAR":
         """Build a MAR from one of MAR's own checkpoints (LTH14/mar's `checkpoint-last.pth`:
@@ -358,7 +344,7 @@ class MAR(nn.Module):
             build = partial(cls, **kwargs)
         if not isinstance(checkpoint, (str, bytes, os.PathLike)):
             state_dict = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state_dict.items()}
-        return cls._built_with_weights(build, state_dict, f"{op}({_describe(checkpoint)})", strict).eval()
+        return model_io.build_with_weights(build, state_dict, source=f"{op}({_describe(checkpoint)})", strict=strict).eval()
 
     def save(self, path) -> Path:
         """Write this model to `path` as safetensors: the weights (their dtype kept) and the
@@ -376,8 +362,8 @@ class MAR(nn.Module):
         of another kind, or weights that do not fit the config (missing tensors, wrong shapes,
         each named)."""
         state_dict, meta = model_io.load_safetensors(path, kind=KIND, device=device)
-        return cls._built_with_weights(partial(cls.from_config, meta["config"]), state_dict,
-                                       f"MAR.load({path})", strict).eval()
+        return model_io.build_with_weights(partial(cls.from_config, meta["config"]), state_dict,
+                                           source=f"MAR.load({path})", strict=strict).eval()
 
     # ---- tokens ---------------------------------------------------------------------------
     def _check_latents(self, op, imgs):
