@@ -236,8 +236,9 @@ def rel_diff(a, b) -> float | None:
     return ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
-def bench_group(name: str, bsz: int, s: dict, device, args, progress) -> list[dict]:
-    """All variants of one (model, batch): interleaved rounds, medians, split, ratios."""
+def bench_group(name: str, bsz: int, s: dict, device, args, progress, on_round=None) -> list[dict]:
+    """All variants of one (model, batch): interleaved rounds, medians, split, ratios.
+    on_round(rows): called with the rows so far after each complete round (partial results)."""
     models = build_models(name, s["steps"], device, seed=args.seed)
     n_classes = models["fluid_ops"][0].num_classes
     labels = torch.randint(0, n_classes, (bsz,), generator=torch.Generator().manual_seed(args.seed + 2)).to(device)
@@ -267,6 +268,13 @@ def bench_group(name: str, bsz: int, s: dict, device, args, progress) -> list[di
             if r == 0:
                 outputs[v] = out
             progress(f"{name} b={bsz} round {r + 1}/{s['rounds']} {v}: {t:.3f} s")
+        if on_round is not None:
+            on_round(summarize(name, bsz, s, cfg, variants, times, splits, outputs, errors))
+    return summarize(name, bsz, s, cfg, variants, times, splits, outputs, errors)
+
+
+def summarize(name, bsz, s, cfg, variants, times, splits, outputs, errors) -> list[dict]:
+    """One row per variant: median seconds, images/s, split, speedups over each peer, agreement."""
     med = {v: statistics.median(times[v]) for v in variants if times[v]}
     agreement = {
         "fluid_ops_vs_reference_rel_max_diff": rel_diff(outputs.get("fluid_ops"), outputs.get("fluid_ops_reference")),
@@ -385,7 +393,15 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, help="torch.set_num_threads (CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="JSON path (default benchmarks/results/mar_sampling[_<grid>].json)")
+    p.add_argument("--replot", metavar="JSON", help="only print the table and redraw the plot of a results file")
     args = p.parse_args(argv)
+    if args.replot:
+        data = json.loads(Path(args.replot).read_text())
+        print_table(data["rows"])
+        if not data.get("complete", True):
+            print(f"(partial: {data['settings']['rounds']} rounds were planned; see seconds_all)")
+        plot(data["rows"], data["machine"], data["settings"], Path(args.replot).with_suffix(".png"))
+        return 0
     if args.quick:
         args.grid = "quick"
     s = dict(GRIDS[args.grid])
@@ -402,27 +418,36 @@ def main(argv=None) -> int:
     info = machine_info(device)
     print(json.dumps(info))
     print(f"grid {args.grid}: {json.dumps(s)}")
-    rows = []
-    t0 = time.perf_counter()
-    for name in s["models"]:
-        for bsz in s["batches"]:
-            rows += bench_group(name, bsz, s, device, args,
-                                lambda msg: print(f"  [{time.perf_counter() - t0:7.1f} s] {msg}", flush=True))
-    if hasattr(os, "getloadavg"):  # other processes on a shared machine slow every variant alike
-        info["load_average_1_5_15_after"] = list(os.getloadavg())
-    print_table(rows)
-    for r in rows:
-        if r["variant"] == "fluid_ops" and "agreement" in r:
-            print(f"agreement {r['model']} b={r['batch']}: " + ", ".join(
-                f"{k} {v:.2e}" if v is not None else f"{k} n/a" for k, v in r["agreement"].items()))
     name = "mar_sampling" + ("" if args.grid == "full" else f"_{args.grid}")
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {**s, "grid": args.grid, "cfg_by_model": {m: CFG[m] for m in s["models"]}, "cfg_schedule": "linear",
                 "temperature": 1.0, "dtype": "float32", "split_timers": not args.no_split, "seed": args.seed,
-                "timing": "CUDA events" if device.type == "cuda" else "time.perf_counter",
-                "wall_seconds": time.perf_counter() - t0}
-    out.write_text(json.dumps({"machine": info, "settings": settings, "rows": rows}, indent=2) + "\n")
+                "timing": "CUDA events" if device.type == "cuda" else "time.perf_counter"}
+    t0 = time.perf_counter()
+
+    def write(rows, complete):
+        """The JSON, rewritten after every round: a long run killed midway keeps what it measured."""
+        if hasattr(os, "getloadavg"):  # other processes on a shared machine slow every variant alike
+            info["load_average_1_5_15_last"] = list(os.getloadavg())
+        settings["wall_seconds"] = time.perf_counter() - t0
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps({"machine": info, "settings": settings, "complete": complete, "rows": rows},
+                                  indent=2) + "\n")
+        os.replace(tmp, out)
+
+    rows = []
+    for model_name in s["models"]:
+        for bsz in s["batches"]:
+            rows += bench_group(model_name, bsz, s, device, args,
+                                lambda msg: print(f"  [{time.perf_counter() - t0:7.1f} s] {msg}", flush=True),
+                                on_round=lambda part: write(rows + part, False))
+    write(rows, True)
+    print_table(rows)
+    for r in rows:
+        if r["variant"] == "fluid_ops" and "agreement" in r:
+            print(f"agreement {r['model']} b={r['batch']}: " + ", ".join(
+                f"{k} {v:.2e}" if v is not None else f"{k} n/a" for k, v in r["agreement"].items()))
     print(f"wrote {out}")
     if plot(rows, info, s, out.with_suffix(".png")):
         print(f"wrote {out.with_suffix('.png')}")
