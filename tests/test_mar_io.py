@@ -301,3 +301,13 @@ def test_build_with_weights_generic():
         mio.build_with_weights(lambda: nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4)), sd, source="s", strict=False)
     with pytest.raises(TypeError, match="must return an nn.Module"):
         mio.build_with_weights(lambda: 3, {}, source="s")
+
+
+@pytest.mark.parametrize("name", ["mar_base", "mar_huge"])
+def test_factory_config_rebuilds_the_same_model(name):
+    with torch.device("meta"):
+        m = FACTORIES[name](num_sampling_steps="50")
+        n = MAR.from_config(json.loads(json.dumps(m.config)))
+    assert {k: v.shape for k, v in n.state_dict().items()} == {k: v.shape for k, v in m.state_dict().items()}
+    assert n.config == m.config and n.encoder_blocks[0].attn.num_heads == m.encoder_blocks[0].attn.num_heads
+    assert n.encoder_norm.eps == 1e-6 and n.diffloss.num_sampling_steps == 50
