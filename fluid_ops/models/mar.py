@@ -28,13 +28,24 @@ Differences from MAR's code, all on purpose (the results are MAR's):
   while training with attn_dropout > 0 the blocks use torch's scaled_dot_product_attention with
   dropout (same maths). In eval mode, or with attn_dropout=0, they call `fluid_ops.attention`.
 
+Loading and saving:
+* `MAR.from_checkpoint(path, ema=True, model=None, **mar_kwargs)` builds the model from one of
+  MAR's own `.pth` checkpoints (weights_only), the constructor's arguments taken from
+  mar_kwargs, the checkpoint's training args, or the weights' shapes (see there);
+  `model.load_mar_checkpoint(path)` loads one into an existing model.
+* `model.save(path)` / `MAR.load(path)`: our safetensors files (weights + `model.config`, the
+  constructor's arguments as JSON; `fluid_ops.models.io`), bit-exact round trip.
+
 Host syncs that remain: the training mask ratio (`mask_ratio` returns a Python float, read from
 `generator`'s device: a sync when that is a CUDA generator). Sampling has none of its own.
 """
 from __future__ import annotations
 
+import argparse
 import math
+import os
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -42,11 +53,15 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import fluid_ops
+from fluid_ops.models import io as model_io
 from fluid_ops.nn.denoiser import DenoiserMLP
 from fluid_ops.reference import diffusion as ref_diffusion
 from fluid_ops.reference import schedules
 
-__all__ = ["MAR", "DiffLoss", "Block", "mar_base", "mar_large", "mar_huge"]
+__all__ = ["MAR", "DiffLoss", "Block", "mar_base", "mar_large", "mar_huge", "mar_tiny", "FACTORIES"]
+
+# what `MAR.save` writes as the safetensors kind, and `MAR.load` accepts
+KIND = "fluid_ops.models.MAR"
 
 
 # ---- transformer block (timm's Block, the parts MAR uses) ---------------------------------
@@ -161,6 +176,18 @@ class MAR(nn.Module):
                  diffloss_d=3, diffloss_w=1024, num_sampling_steps='100',
                  diffusion_batch_mul=4, grad_checkpointing=False):
         super().__init__()
+        # The constructor's arguments, JSON-able (what `save` writes and `from_config` rebuilds
+        # from); norm_layer is described as {"type": "LayerNorm", "eps": ...} (None when it is
+        # something else: such a model cannot be saved with `save`).
+        self.config = dict(
+            img_size=img_size, vae_stride=vae_stride, patch_size=patch_size,
+            encoder_embed_dim=encoder_embed_dim, encoder_depth=encoder_depth, encoder_num_heads=encoder_num_heads,
+            decoder_embed_dim=decoder_embed_dim, decoder_depth=decoder_depth, decoder_num_heads=decoder_num_heads,
+            mlp_ratio=mlp_ratio, norm_layer=_describe_norm_layer(norm_layer), vae_embed_dim=vae_embed_dim,
+            mask_ratio_min=mask_ratio_min, label_drop_prob=label_drop_prob, class_num=class_num,
+            attn_dropout=attn_dropout, proj_dropout=proj_dropout, buffer_size=buffer_size, diffloss_d=diffloss_d,
+            diffloss_w=diffloss_w, num_sampling_steps=num_sampling_steps, diffusion_batch_mul=diffusion_batch_mul,
+            grad_checkpointing=grad_checkpointing)
         for name, v in (("img_size", img_size), ("vae_stride", vae_stride), ("patch_size", patch_size),
                         ("encoder_embed_dim", encoder_embed_dim), ("encoder_depth", encoder_depth),
                         ("encoder_num_heads", encoder_num_heads), ("decoder_embed_dim", decoder_embed_dim),
@@ -245,21 +272,98 @@ class MAR(nn.Module):
                     nn.init.zeros_(m.bias)
 
     def load_mar_checkpoint(self, checkpoint, *, ema: bool = True, strict: bool = True):
-        """Load a published MAR checkpoint: a path (torch.load on the CPU, weights_only) or the
-        loaded dict `{'model': ..., 'model_ema': ...}` (ema=True picks 'model_ema', the weights
-        MAR evaluates with), or a bare state dict. Returns load_state_dict's result."""
-        if isinstance(checkpoint, (str, bytes)) or hasattr(checkpoint, "__fspath__"):
-            checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
-        if not isinstance(checkpoint, dict):
-            raise TypeError(f"MAR.load_mar_checkpoint: checkpoint must be a path or a dict, got "
-                            f"{type(checkpoint).__name__}")
-        key = "model_ema" if ema else "model"
-        if "model" in checkpoint or "model_ema" in checkpoint:
-            if key not in checkpoint:
-                raise KeyError(f"MAR.load_mar_checkpoint: the checkpoint has no {key!r} entry "
-                               f"(keys: {sorted(checkpoint)}); pass ema={not ema}")
-            checkpoint = checkpoint[key]
-        return self.load_state_dict(checkpoint, strict=strict)
+        """Load a published MAR checkpoint into this model (copying): a path (torch.load on the
+        CPU, weights_only) or the loaded dict `{'model': ..., 'model_ema': ...}` (ema=True picks
+        'model_ema', the weights MAR evaluates with), or a bare state dict. Raises ValueError
+        naming every tensor of the wrong shape (and, strict, the missing / unexpected ones)
+        before anything is copied. Returns load_state_dict's result.
+        To build the model from the checkpoint instead, use `MAR.from_checkpoint`."""
+        state_dict, _ = _read_mar_checkpoint("MAR.load_mar_checkpoint", checkpoint, ema)
+        model_io.check_state_dict(self, state_dict, source=f"MAR.load_mar_checkpoint({_describe(checkpoint)})",
+                                  strict=strict)
+        return self.load_state_dict(state_dict, strict=strict)
+
+    # ---- building from files ----------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: dict) -> "MAR":
+        """A new MAR from a `config` dict (`model.config`: the constructor's arguments, norm_layer
+        as {"type": "LayerNorm", "eps": e}). Freshly initialised weights."""
+        if not isinstance(config, dict):
+            raise TypeError(f"MAR.from_config: config must be a dict, got {type(config).__name__}")
+        kw = dict(config)
+        if "norm_layer" in kw:
+            kw["norm_layer"] = _norm_layer_from_description(kw["norm_layer"])
+        try:
+            return cls(**kw)
+        except TypeError as e:
+            raise TypeError(f"MAR.from_config: config has an argument MAR does not take ({e}); keys: "
+                            f"{sorted(config)}") from None
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint, ema: bool = True, model: str | None = None, *, strict: bool = True,
+                        **mar_kwargs) -> "MAR":
+        """Build a MAR from one of MAR's own checkpoints (LTH14/mar's `checkpoint-last.pth`:
+        `{'model', 'model_ema'}`, training checkpoints also 'optimizer', 'epoch', 'args'), in eval
+        mode, on the CPU. checkpoint: a path (read with torch.load(weights_only=True); MAR's
+        argparse 'args' entry is allowed) or the loaded dict (its tensors are copied).
+        ema: take 'model_ema' (the weights MAR evaluates with) or 'model'.
+
+        The constructor's arguments, first found wins:
+          1. `mar_kwargs` (any of MAR's constructor arguments, e.g. num_sampling_steps="50");
+          2. the checkpoint's 'args' (MAR's training arguments: model name, img_size,
+             vae_stride, patch_size, vae_embed_dim, class_num, buffer_size, diffloss_d,
+             diffloss_w, num_sampling_steps, ...), when present;
+          3. the weights' shapes: class_num, buffer_size, diffloss_d / diffloss_w, and the token
+             grid (img_size = sqrt(tokens) * patch_size * vae_stride, vae_stride 16 and
+             patch_size 1 unless given; vae_embed_dim = token width / patch_size^2).
+        The model size: `model` ("mar_base", "mar_large", "mar_huge", "mar_tiny"), else the
+        checkpoint's args.model, else the factory whose width and depth the weights have. Weights
+        of another size build a plain MAR from their shapes (widths, depths, mlp_ratio) and
+        then need encoder_num_heads and decoder_num_heads in mar_kwargs (heads leave no trace in
+        the weights).
+        Errors: FileNotFoundError (no file), ValueError (not a torch checkpoint, no weights,
+        wrong shapes: every such tensor named with both shapes), KeyError (no 'model_ema' /
+        'model' entry, or it is None)."""
+        op = "MAR.from_checkpoint"
+        state_dict, ckpt_args = _read_mar_checkpoint(op, checkpoint, ema)
+        if model is not None and model not in FACTORIES:
+            raise ValueError(f"{op}: model must be one of {sorted(FACTORIES)} or None, got {model!r}")
+        kwargs = _infer_mar_kwargs(op, state_dict, ckpt_args, mar_kwargs)
+        name = model or (ckpt_args.get("model") if ckpt_args.get("model") in FACTORIES else None) \
+            or _factory_of_shapes(state_dict)
+        if name is not None:
+            build = partial(FACTORIES[name], **kwargs)
+        else:
+            kwargs = {**_size_from_shapes(state_dict), **kwargs}
+            missing = [k for k in ("encoder_num_heads", "decoder_num_heads") if k not in kwargs]
+            if missing:
+                raise ValueError(f"{op}: the weights are none of {sorted(FACTORIES)} (encoder width "
+                                 f"{kwargs['encoder_embed_dim']}, depth {kwargs['encoder_depth']}): pass "
+                                 f"{' and '.join(missing)} (the number of heads is not in the weights) or model=")
+            kwargs.setdefault("norm_layer", partial(nn.LayerNorm, eps=1e-6))  # as MAR's factories
+            build = partial(cls, **kwargs)
+        if not isinstance(checkpoint, (str, bytes, os.PathLike)):
+            state_dict = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state_dict.items()}
+        return model_io.build_with_weights(build, state_dict, source=f"{op}({_describe(checkpoint)})", strict=strict).eval()
+
+    def save(self, path) -> Path:
+        """Write this model to `path` as safetensors: the weights (their dtype kept) and the
+        metadata {"kind": "fluid_ops.models.MAR", "config": self.config, "fluid_ops_version"}
+        (`fluid_ops.models.io.save_safetensors`; atomic). `MAR.load(path)` rebuilds it."""
+        if self.config.get("norm_layer") is None:
+            raise ValueError("MAR.save: this model's norm_layer is not nn.LayerNorm (or a partial of it with "
+                             "only eps), so the config cannot describe it; save its state_dict instead")
+        return model_io.save_safetensors(self, path, config=self.config, kind=KIND)
+
+    @classmethod
+    def load(cls, path, *, device="cpu", strict: bool = True) -> "MAR":
+        """The model `save` wrote to `path`, in eval mode on `device`, bit-exact (same weights,
+        same dtype, same config). Errors: FileNotFoundError, ValueError for a corrupt file, a file
+        of another kind, or weights that do not fit the config (missing tensors, wrong shapes,
+        each named)."""
+        state_dict, meta = model_io.load_safetensors(path, kind=KIND, device=device)
+        return model_io.build_with_weights(partial(cls.from_config, meta["config"]), state_dict,
+                                           source=f"MAR.load({path})", strict=strict).eval()
 
     # ---- tokens ---------------------------------------------------------------------------
     def _check_latents(self, op, imgs):
@@ -529,3 +633,154 @@ def mar_large(**kwargs) -> MAR:
 def mar_huge(**kwargs) -> MAR:
     """MAR-H: 20+20 blocks, width 1280, 16 heads, diffusion head 12 x 1536 (943M params)."""
     return _factory(1280, 20, 16, 12, 1536, kwargs)
+
+
+def mar_tiny(**kwargs) -> MAR:
+    """A tiny MAR for tests, CPU demos and smoke runs (not a published size): 64 px at stride
+    16 (16 tokens of dim 16), 2+2 blocks, width 64, 2 heads of 32, 4 buffer tokens, 1000
+    classes (ImageNet label numbers work), diffusion head 2 x 64, 8 sampling steps."""
+    kwargs.setdefault("img_size", 64)
+    kwargs.setdefault("buffer_size", 4)
+    kwargs.setdefault("num_sampling_steps", "8")
+    return _factory(64, 2, 2, 2, 64, kwargs)
+
+
+# name -> factory (MAR's `mar.__dict__[args.model]`), used by `MAR.from_checkpoint`
+FACTORIES = {"mar_base": mar_base, "mar_large": mar_large, "mar_huge": mar_huge, "mar_tiny": mar_tiny}
+# name -> (width, depth) of encoder and decoder, to recognise a checkpoint's size by its weights
+_FACTORY_SIZES = {"mar_base": (768, 12), "mar_large": (1024, 16), "mar_huge": (1280, 20), "mar_tiny": (64, 2)}
+
+# MAR's training arguments (main_mar.py) that its factories take
+_CKPT_ARG_KEYS = ("img_size", "vae_stride", "patch_size", "vae_embed_dim", "mask_ratio_min", "label_drop_prob",
+                  "class_num", "attn_dropout", "proj_dropout", "buffer_size", "diffloss_d", "diffloss_w",
+                  "num_sampling_steps", "diffusion_batch_mul", "grad_checkpointing")
+
+
+def _describe(checkpoint) -> str:
+    if isinstance(checkpoint, (str, bytes, os.PathLike)):
+        return str(checkpoint)
+    return f"<{type(checkpoint).__name__}>"
+
+
+def _describe_norm_layer(norm_layer):
+    """{"type": "LayerNorm", "eps": e} for nn.LayerNorm or partial(nn.LayerNorm, eps=e); else None."""
+    if norm_layer is nn.LayerNorm:
+        return {"type": "LayerNorm", "eps": 1e-5}
+    if isinstance(norm_layer, partial) and norm_layer.func is nn.LayerNorm and not norm_layer.args \
+            and set(norm_layer.keywords) <= {"eps"}:
+        return {"type": "LayerNorm", "eps": float(norm_layer.keywords.get("eps", 1e-5))}
+    return None
+
+
+def _norm_layer_from_description(desc):
+    if callable(desc):  # already a norm layer (a config built by hand)
+        return desc
+    if not isinstance(desc, dict) or desc.get("type") != "LayerNorm" \
+            or not isinstance(desc.get("eps"), (int, float)) or isinstance(desc.get("eps"), bool):
+        raise ValueError(f"MAR.from_config: norm_layer must be {{'type': 'LayerNorm', 'eps': <number>}}, got {desc!r}")
+    return partial(nn.LayerNorm, eps=float(desc["eps"]))
+
+
+def _read_mar_checkpoint(op, checkpoint, ema):
+    """(state dict, MAR's training args as a dict or {}) from a path or a loaded checkpoint."""
+    if isinstance(checkpoint, bytes):
+        checkpoint = checkpoint.decode()
+    if isinstance(checkpoint, (str, os.PathLike)):
+        path = Path(checkpoint)
+        if not path.is_file():
+            raise FileNotFoundError(f"{op}: no such file: {path}")
+        # MAR's training checkpoints carry its argparse Namespace as 'args': plain data, allowed
+        # explicitly so that weights_only loading (no arbitrary code) still reads them.
+        safe = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
+        try:
+            if safe is not None:
+                with safe([argparse.Namespace]):
+                    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+            else:  # torch 2.4: only the process-wide allow-list exists
+                torch.serialization.add_safe_globals([argparse.Namespace])
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # zip / pickle errors on a corrupt file, refused globals, ...
+            raise ValueError(f"{op}: cannot read {path} as a torch checkpoint with weights_only=True "
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(checkpoint, dict):
+        raise TypeError(f"{op}: checkpoint must be a path or a dict, got {type(checkpoint).__name__}")
+    args = {}
+    if "model" in checkpoint or "model_ema" in checkpoint:
+        key = "model_ema" if ema else "model"
+        if checkpoint.get(key) is None:
+            why = "no" if key not in checkpoint else "a None"
+            raise KeyError(f"{op}: the checkpoint has {why} {key!r} entry (keys: {sorted(checkpoint)}); "
+                           f"pass ema={not ema}")
+        raw_args = checkpoint.get("args")
+        if isinstance(raw_args, argparse.Namespace):
+            args = vars(raw_args)
+        elif isinstance(raw_args, dict):
+            args = raw_args
+        checkpoint = checkpoint[key]
+    if not isinstance(checkpoint, dict) or not checkpoint:
+        raise ValueError(f"{op}: the checkpoint holds no weights (expected a state dict, got "
+                         f"{type(checkpoint).__name__} of length {len(checkpoint) if hasattr(checkpoint, '__len__') else '?'})")
+    return checkpoint, args
+
+
+def _shape(state_dict, name, op="MAR.from_checkpoint"):
+    t = state_dict.get(name)
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{op}: the weights have no tensor {name!r}: not a MAR state dict")
+    return tuple(t.shape)
+
+
+def _count_blocks(state_dict, prefix):
+    """Number of blocks `prefix.{i}.` in the state dict (max index + 1)."""
+    idx = [int(k[len(prefix):].split(".", 1)[0]) for k in state_dict
+           if k.startswith(prefix) and k[len(prefix):].split(".", 1)[0].isdigit()]
+    return max(idx) + 1 if idx else 0
+
+
+def _factory_of_shapes(state_dict):
+    width = _shape(state_dict, "class_emb.weight")[1]
+    dec_width = _shape(state_dict, "mask_token")[2]
+    enc, dec = _count_blocks(state_dict, "encoder_blocks."), _count_blocks(state_dict, "decoder_blocks.")
+    for name, (w, d) in _FACTORY_SIZES.items():
+        if (width, enc, dec_width, dec) == (w, d, w, d):
+            return name
+    return None
+
+
+def _size_from_shapes(state_dict):
+    """Width / depth / mlp_ratio arguments of a MAR of no published size, read from its weights."""
+    width = _shape(state_dict, "class_emb.weight")[1]
+    out = dict(encoder_embed_dim=width, encoder_depth=_count_blocks(state_dict, "encoder_blocks."),
+               decoder_embed_dim=_shape(state_dict, "mask_token")[2],
+               decoder_depth=_count_blocks(state_dict, "decoder_blocks."))
+    fc1 = state_dict.get("encoder_blocks.0.mlp.fc1.weight", state_dict.get("decoder_blocks.0.mlp.fc1.weight"))
+    if isinstance(fc1, torch.Tensor):
+        out["mlp_ratio"] = fc1.shape[0] / fc1.shape[1]
+    return out
+
+
+def _infer_mar_kwargs(op, state_dict, ckpt_args, mar_kwargs):
+    """Factory keyword arguments: mar_kwargs, then the checkpoint's args, then the weights' shapes."""
+    kw = {k: ckpt_args[k] for k in _CKPT_ARG_KEYS if k in ckpt_args}
+    kw.update(mar_kwargs)
+    class_num, _ = _shape(state_dict, "class_emb.weight")
+    seq_len = _shape(state_dict, "diffusion_pos_embed_learned")[1]
+    token_dim = _shape(state_dict, "z_proj.weight")[1]
+    kw.setdefault("class_num", class_num)
+    kw.setdefault("buffer_size", _shape(state_dict, "encoder_pos_embed_learned")[1] - seq_len)
+    kw.setdefault("diffloss_d", _count_blocks(state_dict, "diffloss.net.res_blocks."))
+    kw.setdefault("diffloss_w", _shape(state_dict, "diffloss.net.input_proj.weight")[0])
+    patch = kw.get("patch_size", 1)
+    side = math.isqrt(seq_len)
+    if "img_size" not in kw:
+        if side * side != seq_len:
+            raise ValueError(f"{op}: the weights have {seq_len} tokens, not a square grid: pass img_size, "
+                             f"vae_stride and patch_size")
+        kw["img_size"] = side * patch * kw.get("vae_stride", 16)
+    if "vae_embed_dim" not in kw:
+        if not isinstance(patch, int) or patch < 1 or token_dim % (patch * patch):
+            raise ValueError(f"{op}: token width {token_dim} is not vae_embed_dim * patch_size^2 for "
+                             f"patch_size={patch!r}: pass vae_embed_dim and patch_size")
+        kw["vae_embed_dim"] = token_dim // (patch * patch)
+    return kw
+
