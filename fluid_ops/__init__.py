@@ -13,5 +13,6 @@ from fluid_ops.sampling import *  # noqa: F401,F403
 from fluid_ops import models, nn, reference  # noqa: F401,E402
 
 from fluid_ops.accelerate import accelerate  # noqa: F401,E402
+from fluid_ops.generate import generate  # noqa: F401,E402
 
 __version__ = "0.1.0"

@@ -1,2 +1,3 @@
 """Drop-in modules built on fluid_ops' ops."""
 from fluid_ops.nn.denoiser import *  # noqa: F401,F403
+from fluid_ops.nn.transformer import *  # noqa: F401,F403

@@ -1,0 +1,660 @@
+"""Fluid (Fan et al., arXiv 2410.13863): text-to-image autoregressive generation on fluid_ops'
+ops (SPEC §1, §2.3, §2.4), in its four variants {continuous, discrete} x {random, raster} order.
+
+    model = Fluid("tiny")                                  # or Fluid("fluid-369m"), Fluid(cfg, depth=6)
+    loss = model(images, captions, generator=g)            # images (B, 3, H, W) in [0, 1]
+    images = model.generate(["a red circle at the top left"], generator=g)
+
+The pieces:
+* image tokens: `fluid_ops.nn.tokenizers` (pixel patches by default; k-means VQ of patches for
+  the discrete variant, `fit_tokenizer` first; a local diffusers VAE);
+* text: a frozen encoder (`fluid_ops.nn.text`, never in the state_dict) -> linear to the width ->
+  a trainable text aligner (`aligner_depth` bidirectional blocks with the key-padding mask) ->
+  cross-attention in every block of the image transformer. A learned null text embedding (one
+  vector, as a one-token text) replaces the text of dropped rows in training (p =
+  `text_drop_prob`) and is the unconditional branch of classifier-free guidance;
+  `text_pool_add` also adds a linear map of the mask-mean of the aligned text to every image
+  position (measured to make tiny CPU models learn the condition much faster);
+* random order (MAR / MaskGIT, bidirectional): masked positions are a learned [MASK] embedding;
+  training masks ceil(L * r) tokens of a random order (r: truncated normal on [mask_ratio_min, 1]
+  as SPEC §2.4, or uniform), the head runs on the MASKED positions only (gathered by order: the
+  masked ones are orders[:, :num_masked], no `nonzero`); sampling reveals tokens over `num_iter`
+  steps on the cosine schedule with a linear CFG schedule (`fluid_ops.reference.schedules`);
+* raster order (GPT, causal): a learned start token, token i predicted from tokens < i; sampling
+  one token per step through a KV cache (`fluid_ops.attention_kvcache`), the text K/V of every
+  cross-attention computed once per generation;
+* heads: continuous -> MAR's DiffLoss (`fluid_ops.nn.DenoiserMLP`, IDDPM loss with
+  `diffusion_batch_mul` t-draws per token, sampled by `fluid_ops.diffusion_sample` with CFG on
+  [cond; uncond] rows and a temperature); discrete -> a linear map to codebook logits,
+  cross-entropy, sampled by `fluid_ops.sample_categorical` with CFG on the logits.
+
+All randomness comes from the `generator` argument, drawn in a fixed order (training: generation
+order, mask ratio, text dropout, then the head's t and noise; sampling: orders, then each step's
+noise). The only host reads are the training mask ratio (one float per batch, as MAR) and the
+KV-cache op's bounds check.
+
+Diffusion head size: the Fluid paper follows MAR's Diffusion Loss; the parts of the paper we could
+consult do not restate the head's size, so the paper-size configs use MAR's default head,
+3 blocks x 1024 (the defaults of MAR's constructor, `diffloss_d=3, diffloss_w=1024`). With it
+and a 6-block aligner at the model width, the configs here count 179M / 368M / 667M / 1.10B /
+3.13B / 10.37B trainable parameters against the paper's 166M / 369M / 665M / 1.1B / 3.1B / 10.5B
+(the head is 22-26M of them; tests/test_fluid.py holds the counts within 8%), which suggests the
+paper's head is of that order too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+import fluid_ops
+from fluid_ops.models.mar import DiffLoss
+from fluid_ops.nn.text import build_text_encoder
+from fluid_ops.nn.tokenizers import build_tokenizer
+from fluid_ops.nn.transformer import Transformer, check_attention_shape
+from fluid_ops.reference import diffusion as ref_diffusion
+from fluid_ops.reference import schedules
+
+__all__ = ["Fluid", "FluidConfig", "CONFIGS", "PAPER_SAMPLING"]
+
+# The paper's sampling settings (CFG scale, temperature) per variant (SPEC §1).
+PAPER_SAMPLING = {
+    ("continuous", "random"): (5.0, 0.975),
+    ("continuous", "raster"): (4.5, 0.975),
+    ("discrete", "random"): (1.6, 1.05),
+    ("discrete", "raster"): (2.5, 0.95),
+}
+
+
+@dataclass
+class FluidConfig:
+    """Everything that defines a Fluid model (saved with checkpoints as `dataclasses.asdict`)."""
+    token_kind: str = "continuous"      # "continuous" (diffusion head) | "discrete" (codebook logits)
+    order: str = "random"               # "random" (bidirectional, MaskGIT/MAR) | "raster" (causal, GPT)
+    image_size: int = 256
+    patch_size: int = 16                # in pixels ("patch", "kmeans") or latent pixels ("vae")
+    tokenizer: str = "patch"            # "patch" | "kmeans" (discrete) | "vae" (needs vae_path)
+    vae_path: str | None = None
+    codebook_size: int = 256            # discrete: k-means codebook size
+    width: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    text_encoder: str = "minilm"        # "minilm" | "hash" | "t5:PATH" | PATH (fluid_ops.nn.text)
+    text_max_length: int = 64
+    aligner_depth: int = 6              # text aligner blocks (paper: 6)
+    head_depth: int = 3                 # diffusion head: residual blocks
+    head_width: int = 1024              # diffusion head: width
+    diffusion_batch_mul: int = 4        # t-draws per token in the diffusion loss (MAR: 4)
+    num_sampling_steps: int = 100       # diffusion steps per token when sampling (train: 1000, cosine)
+    mask_ratio_kind: str = "truncnorm"  # "truncnorm" (SPEC §2.4, mean 1 std 0.25) | "uniform"
+    mask_ratio_min: float = 0.7
+    text_drop_prob: float = 0.1
+    pos_embed: str = "learned"          # "learned" | "sincos" (fixed 2D sin-cos)
+    text_pool_add: bool = False         # add linear(mean-pooled aligned text) to every image position
+    num_iter: int | None = None         # sampling AR steps; None: 64 (random) / all tokens (raster)
+    cfg: float | None = None            # sampling CFG scale; None: the paper's value for the variant
+    temperature: float | None = None    # sampling temperature; None: the paper's value
+    grad_checkpointing: bool = False
+
+    def sampling_defaults(self) -> dict:
+        """num_iter, cfg, temperature after resolving the None defaults for this variant."""
+        cfg, temp = PAPER_SAMPLING[(self.token_kind, self.order)]
+        return {"num_iter": self.num_iter, "cfg": cfg if self.cfg is None else self.cfg,
+                "temperature": temp if self.temperature is None else self.temperature}
+
+
+def _paper(depth, width, heads) -> FluidConfig:
+    return FluidConfig(depth=depth, width=width, num_heads=heads)
+
+
+def _tiny(**kw) -> FluidConfig:
+    # The recipe measured to learn fastest on a 2-core CPU (shared/NOTES.md, 2026-11-25): 32x32
+    # images, patch 4 (64 tokens x 48), width 192, 4 blocks, head 3 x 256, one t-draw per token,
+    # fixed 2D sin-cos positions, the condition added to every position; trained with lr 2e-3;
+    # sampled in 16 AR steps.
+    base = dict(image_size=32, patch_size=4, width=192, depth=4, num_heads=3, aligner_depth=1,
+                text_max_length=32, head_depth=3, head_width=256, diffusion_batch_mul=1,
+                pos_embed="sincos", text_pool_add=True, num_iter=16)
+    base.update(kw)
+    return FluidConfig(**base)
+
+
+CONFIGS: dict[str, FluidConfig] = {
+    # SPEC §1 table; 256x256 pixels in 16x16 patches = 256 tokens (the paper: 256 VAE tokens).
+    "fluid-166m": _paper(12, 768, 12),
+    "fluid-369m": _paper(16, 1024, 16),
+    "fluid-665m": _paper(20, 1280, 16),
+    "fluid-1.1b": _paper(24, 1536, 16),
+    "fluid-3.1b": _paper(32, 2304, 24),
+    "fluid-10.5b": _paper(34, 4096, 64),
+    # CPU-sized variants
+    "tiny": _tiny(),
+    "tiny-raster": _tiny(order="raster", num_iter=None),
+    "tiny-discrete": _tiny(token_kind="discrete", tokenizer="kmeans"),
+    "tiny-raster-discrete": _tiny(token_kind="discrete", tokenizer="kmeans", order="raster", num_iter=None),
+}
+
+_FIELDS = tuple(f.name for f in dataclasses.fields(FluidConfig))
+
+
+def _check_choice(name, v, choices):
+    if v not in choices:
+        raise ValueError(f"FluidConfig: {name} must be one of {choices}, got {v!r}")
+
+
+def _check_int(name, v, minimum):
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise ValueError(f"FluidConfig: {name} must be an int >= {minimum}, got {v!r}")
+
+
+def _check_number(name, v, lo=None, hi=None, *, allow_none=False):
+    if v is None and allow_none:
+        return
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    ok = ok and (lo is None or v >= lo) and (hi is None or v <= hi)
+    if not ok:
+        rng = f" in [{lo}, {hi}]" if lo is not None and hi is not None else (f" >= {lo}" if lo is not None else "")
+        raise ValueError(f"FluidConfig: {name} must be a finite number{rng}{' or None' if allow_none else ''}, "
+                         f"got {v!r}")
+
+
+def validate_config(c: FluidConfig) -> FluidConfig:
+    """Raise a ValueError naming the first bad field; returns c."""
+    _check_choice("token_kind", c.token_kind, ("continuous", "discrete"))
+    _check_choice("order", c.order, ("random", "raster"))
+    _check_choice("tokenizer", c.tokenizer, ("patch", "kmeans", "vae"))
+    if (c.token_kind == "discrete") != (c.tokenizer == "kmeans"):
+        raise ValueError(f"FluidConfig: token_kind 'discrete' goes with tokenizer 'kmeans' and 'continuous' with "
+                         f"'patch' or 'vae', got token_kind={c.token_kind!r}, tokenizer={c.tokenizer!r}")
+    if c.tokenizer == "vae" and not c.vae_path:
+        raise ValueError("FluidConfig: tokenizer 'vae' needs vae_path, a local diffusers AutoencoderKL folder")
+    for name in ("image_size", "patch_size", "width", "num_heads", "text_max_length", "head_width",
+                 "diffusion_batch_mul"):
+        _check_int(name, getattr(c, name), 1)
+    _check_int("codebook_size", c.codebook_size, 2)
+    for name in ("depth", "aligner_depth", "head_depth"):
+        _check_int(name, getattr(c, name), 0)
+    _check_int("num_sampling_steps", c.num_sampling_steps, 1)
+    if c.num_sampling_steps > 1000:
+        raise ValueError(f"FluidConfig: num_sampling_steps must be <= 1000 (respaced from the 1000 training "
+                         f"steps), got {c.num_sampling_steps}")
+    check_attention_shape(f"FluidConfig (width={c.width}, num_heads={c.num_heads})", c.width, c.num_heads)
+    _check_number("mlp_ratio", c.mlp_ratio, 1e-6)
+    if not isinstance(c.text_encoder, str) or not c.text_encoder:
+        raise ValueError(f"FluidConfig: text_encoder must be a non-empty str ('minilm', 'hash', 't5:PATH' or a "
+                         f"folder), got {c.text_encoder!r}")
+    _check_choice("mask_ratio_kind", c.mask_ratio_kind, ("truncnorm", "uniform"))
+    _check_number("mask_ratio_min", c.mask_ratio_min, 0.0, 1.0)
+    if c.mask_ratio_min >= 1.0:
+        raise ValueError(f"FluidConfig: mask_ratio_min must be < 1, got {c.mask_ratio_min}")
+    _check_number("text_drop_prob", c.text_drop_prob, 0.0, 1.0)
+    _check_choice("pos_embed", c.pos_embed, ("learned", "sincos"))
+    if c.pos_embed == "sincos" and c.width % 4:
+        raise ValueError(f"FluidConfig: pos_embed 'sincos' needs width divisible by 4, got {c.width}")
+    for name in ("text_pool_add", "grad_checkpointing"):
+        if not isinstance(getattr(c, name), bool):
+            raise ValueError(f"FluidConfig: {name} must be a bool, got {getattr(c, name)!r}")
+    if c.num_iter is not None:
+        _check_int("num_iter", c.num_iter, 1)
+    _check_number("cfg", c.cfg, allow_none=True)
+    _check_number("temperature", c.temperature, 0.0, allow_none=True)
+    return c
+
+
+def resolve_config(config: FluidConfig | str = "tiny", **overrides) -> FluidConfig:
+    """A config name from CONFIGS or a FluidConfig, with field overrides; validated."""
+    if isinstance(config, str):
+        if config not in CONFIGS:
+            raise ValueError(f"Fluid: unknown config {config!r}; valid names: {', '.join(CONFIGS)}")
+        config = CONFIGS[config]
+    elif not isinstance(config, FluidConfig):
+        raise TypeError(f"Fluid: config must be a FluidConfig or one of {list(CONFIGS)}, got {type(config).__name__}")
+    unknown = sorted(set(overrides) - set(_FIELDS))
+    if unknown:
+        raise ValueError(f"Fluid: unknown config field(s) {unknown}; valid fields: {', '.join(_FIELDS)}")
+    return validate_config(dataclasses.replace(config, **overrides))
+
+
+def sincos_2d(grid: int, dim: int) -> torch.Tensor:
+    """(grid * grid, dim) fixed 2D sin-cos position embedding, row-major positions: the first half
+    of the channels encodes the row, the second the column, each as [sin(p w_i), cos(p w_i)],
+    w_i = 10000 ** (-i / (dim / 4)), i < dim / 4."""
+    q = dim // 4
+    omega = 1.0 / 10000 ** (torch.arange(q, dtype=torch.float64) / q)
+    pos = torch.arange(grid, dtype=torch.float64)
+    ang = pos[:, None] * omega[None, :]                       # (grid, q)
+    one = torch.cat([ang.sin(), ang.cos()], 1)                 # (grid, dim / 2)
+    rows = one[:, None, :].expand(grid, grid, 2 * q)
+    cols = one[None, :, :].expand(grid, grid, 2 * q)
+    return torch.cat([rows, cols], -1).reshape(grid * grid, dim).float()
+
+
+def _progress(iterable, enabled: bool, desc: str):
+    if not enabled:
+        return iterable
+    from tqdm.auto import tqdm
+    return tqdm(iterable, desc=desc, leave=False, disable=None)
+
+
+class Fluid(nn.Module):
+    """Text-to-image autoregressive model (see the module docstring). `Fluid(config, **overrides)`:
+    a name from CONFIGS (default "tiny") or a FluidConfig, with any field overridden by keyword."""
+
+    def __init__(self, config: FluidConfig | str = "tiny", **overrides):
+        super().__init__()
+        cfg = self.config = resolve_config(config, **overrides)
+        w = cfg.width
+
+        # frozen text encoder: holds no parameters or state (see fluid_ops.nn.text)
+        self.text_encoder = build_text_encoder(cfg.text_encoder, max_length=cfg.text_max_length)
+        self.tokenizer = build_tokenizer(cfg.tokenizer, image_size=cfg.image_size, patch_size=cfg.patch_size,
+                                         codebook_size=cfg.codebook_size, vae_path=cfg.vae_path)
+        self.seq_len = self.tokenizer.num_tokens
+        self.token_dim = self.tokenizer.token_dim
+        self.grid = math.isqrt(self.seq_len)
+        if self.grid * self.grid != self.seq_len:
+            raise ValueError(f"Fluid: the tokenizer must give a square grid of tokens, got {self.seq_len}")
+        if cfg.order == "raster" and cfg.num_iter not in (None, self.seq_len):
+            raise ValueError(f"Fluid: raster order generates one token per step; num_iter must be None or "
+                             f"{self.seq_len} (the number of tokens), got {cfg.num_iter}")
+
+        # text path: encoder dim -> width -> aligner (bidirectional, key-padding mask) -> null vector
+        self.text_proj = nn.Linear(self.text_encoder.dim, w)
+        self.text_aligner = Transformer(w, cfg.aligner_depth, cfg.num_heads, cfg.mlp_ratio)
+        self.null_text = nn.Parameter(torch.zeros(1, w))
+        self.text_pool_proj = nn.Linear(w, w) if cfg.text_pool_add else None
+
+        # image path
+        if cfg.token_kind == "continuous":
+            self.token_embed = nn.Linear(self.token_dim, w)
+        else:
+            self.token_embed = nn.Embedding(cfg.codebook_size, w)
+        if cfg.order == "random":
+            self.mask_token = nn.Parameter(torch.zeros(1, 1, w))
+        else:
+            self.start_token = nn.Parameter(torch.zeros(1, 1, w))
+        if cfg.pos_embed == "learned":
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.seq_len, w))
+        else:  # fixed: a buffer, not saved (recomputed from the config)
+            self.register_buffer("pos_embed", sincos_2d(self.grid, w)[None], persistent=False)
+        self.transformer = Transformer(w, cfg.depth, cfg.num_heads, cfg.mlp_ratio, cross_attention=True,
+                                       grad_checkpointing=cfg.grad_checkpointing)
+        self.text_aligner.grad_checkpointing = cfg.grad_checkpointing
+        self._init_weights()
+
+        # heads keep their own init (DenoiserMLP: zero-initialised adaLN and output layers, as MAR)
+        if cfg.token_kind == "continuous":
+            self.head = DiffLoss(self.token_dim, w, cfg.head_depth, cfg.head_width, cfg.num_sampling_steps,
+                                 cfg.grad_checkpointing)
+        else:
+            self.head = nn.Linear(w, cfg.codebook_size)
+            nn.init.xavier_uniform_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    @classmethod
+    def from_config_dict(cls, d: dict) -> "Fluid":
+        """Rebuild from `dataclasses.asdict(model.config)` (as checkpoints store it)."""
+        if not isinstance(d, dict):
+            raise TypeError(f"Fluid.from_config_dict: d must be a dict, got {type(d).__name__}")
+        unknown = sorted(set(d) - set(_FIELDS))
+        if unknown:
+            raise ValueError(f"Fluid.from_config_dict: unknown config field(s) {unknown}; valid fields: "
+                             f"{', '.join(_FIELDS)}")
+        return cls(FluidConfig(), **d)
+
+    def _init_weights(self):
+        """MAR's init: N(0, 0.02) embeddings and learned tokens, xavier-uniform linears with zero
+        bias, LayerNorm weight 1 / bias 0."""
+        for p in (self.null_text, getattr(self, "mask_token", None), getattr(self, "start_token", None)):
+            if p is not None:
+                nn.init.normal_(p, std=0.02)
+        if isinstance(self.pos_embed, nn.Parameter):
+            nn.init.normal_(self.pos_embed, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Embedding):
+                nn.init.normal_(m.weight, std=0.02)
+
+    # ---- small helpers ---------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return self.null_text.device
+
+    @property
+    def needs_tokenizer_fit(self) -> bool:
+        """True for the discrete variant until its k-means codebook is fitted (or loaded)."""
+        return self.config.token_kind == "discrete" and not bool(self.tokenizer.fitted)
+
+    def fit_tokenizer(self, images: torch.Tensor, *, iters: int = 20, generator: torch.Generator | None = None,
+                      progress: bool = False) -> "Fluid":
+        """Fit the discrete variant's k-means codebook on training images (B, 3, H, W) in [0, 1]."""
+        if self.config.token_kind != "discrete":
+            raise ValueError(f"Fluid.fit_tokenizer: only the discrete variant has a tokenizer to fit; this model's "
+                             f"tokenizer is {self.config.tokenizer!r}")
+        self._check_images("fit_tokenizer", images)
+        self.tokenizer.fit(images.to(self.device), iters=iters, generator=generator, progress=progress)
+        return self
+
+    def num_parameters(self, trainable_only: bool = True) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+    def _check_images(self, op, images):
+        s = self.config.image_size
+        if not isinstance(images, torch.Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != (3, s, s) \
+                or not images.is_floating_point():
+            got = f"{tuple(images.shape)} {images.dtype}" if isinstance(images, torch.Tensor) else type(images).__name__
+            raise ValueError(f"Fluid.{op}: images must be a float tensor of shape (B, 3, {s}, {s}) with values in "
+                             f"[0, 1], got {got}")
+
+    @staticmethod
+    def _check_captions(op, captions, batch=None):
+        if isinstance(captions, str) or not isinstance(captions, (list, tuple)):
+            raise ValueError(f"Fluid.{op}: captions must be a list of str, got {type(captions).__name__}")
+        if batch is not None and len(captions) != batch:
+            raise ValueError(f"Fluid.{op}: got {len(captions)} captions for {batch} images")
+        for i, c in enumerate(captions):
+            if not isinstance(c, str) or not c.strip():
+                raise ValueError(f"Fluid.{op}: captions[{i}] must be a non-empty str, got {c!r}")
+        return list(captions)
+
+    # ---- text ------------------------------------------------------------------------------
+    def encode_text(self, captions: list[str], drop: torch.Tensor | None = None):
+        """(context (B, Nt, W), mask (B, Nt) bool, pooled (B, W) or None). Rows where `drop` is
+        True get the null text: the learned vector as a one-token text."""
+        emb, mask = self.text_encoder.encode(captions, device=self.device)
+        x = self.text_aligner(self.text_proj(emb.to(self.text_proj.weight.dtype)), key_padding_mask=mask)
+        if drop is not None:
+            null_ctx, null_mask = self.null_context(x.shape[0], x.shape[1])
+            x = torch.where(drop[:, None, None], null_ctx.to(x.dtype), x)
+            mask = torch.where(drop[:, None], null_mask, mask)
+        return x, mask, self._pool(x, mask)
+
+    def null_context(self, batch: int, length: int = 1):
+        """The unconditional text: (B, length, W) with the null vector at position 0, mask True there only."""
+        ctx = torch.zeros(batch, length, self.config.width, device=self.device, dtype=self.null_text.dtype)
+        ctx[:, 0] = self.null_text
+        mask = torch.zeros(batch, length, dtype=torch.bool, device=self.device)
+        mask[:, 0] = True
+        return ctx, mask
+
+    def _pool(self, ctx, mask):
+        if self.text_pool_proj is None:
+            return None
+        m = mask.to(ctx.dtype)[..., None]
+        return self.text_pool_proj((ctx * m).sum(1) / m.sum(1).clamp(min=1.0))
+
+    def _add_position_and_text(self, x, pooled, positions=None):
+        """x (B, N, W) + position embedding (of `positions`, default 0..N-1) + pooled text."""
+        pos = self.pos_embed[:, : x.shape[1]] if positions is None else self.pos_embed[:, positions]
+        x = x + pos.to(x.dtype)
+        if pooled is not None:
+            x = x + pooled[:, None, :].to(x.dtype)
+        return x
+
+    def _embed_tokens(self, tokens):
+        if self.config.token_kind == "continuous":
+            return self.token_embed(tokens.to(self.token_embed.weight.dtype))
+        return self.token_embed(tokens)
+
+    # ---- training --------------------------------------------------------------------------
+    def _draw_mask_count(self, generator) -> int:
+        """ceil(L * r) masked tokens, r from the configured mask-ratio distribution (one per batch)."""
+        c = self.config
+        if c.mask_ratio_kind == "truncnorm":
+            r = schedules.mask_ratio(generator=generator, min_ratio=c.mask_ratio_min)
+        else:
+            dev = generator.device if generator is not None else torch.device("cpu")
+            u = float(torch.rand(1, dtype=torch.float64, generator=generator, device=dev)[0])
+            r = c.mask_ratio_min + (1.0 - c.mask_ratio_min) * u
+        return min(self.seq_len, max(1, int(math.ceil(self.seq_len * r))))
+
+    def _outputs(self, images, captions, generator):
+        """The transformer's outputs and what the head needs, before the head:
+        (z (B, L, W), tokens (B, L, C) or (B, L), index (B, M) of the positions to predict or None
+        for all). Draws, in order: the generation orders and the mask ratio (random order), the
+        text dropout."""
+        c = self.config
+        tokens = self.tokenizer.encode(images.to(self.device))
+        b = tokens.shape[0]
+        index = None
+        if c.order == "random":
+            orders = schedules.random_orders(b, self.seq_len, generator=generator).to(self.device)
+            num_masked = self._draw_mask_count(generator)
+            index = orders[:, :num_masked]            # the masked tokens are a prefix of the order
+        drop = None
+        if self.training and c.text_drop_prob > 0:
+            drop = schedules.null_condition_mask(b, c.text_drop_prob, generator=generator).to(self.device)
+        ctx, cmask, pooled = self.encode_text(captions, drop)
+        x = self._embed_tokens(tokens)
+        if c.order == "random":
+            masked = torch.zeros(b, self.seq_len, dtype=torch.bool, device=self.device).scatter_(1, index, True)
+            x = torch.where(masked[..., None], self.mask_token.to(x.dtype), x)
+            x = self._add_position_and_text(x, pooled)
+            z = self.transformer(x, context=ctx, context_mask=cmask)
+        else:
+            x = torch.cat([self.start_token.to(x.dtype).expand(b, 1, -1), x[:, :-1]], 1)
+            x = self._add_position_and_text(x, pooled)
+            z = self.transformer(x, causal=True, context=ctx, context_mask=cmask)
+        return z, tokens, index
+
+    @staticmethod
+    def _select(z, tokens, index):
+        """Rows of the positions in `index` (B, M) (all positions if None): z (B*M, W), targets."""
+        if index is None:
+            return z.reshape(-1, z.shape[-1]), tokens.reshape(tokens.shape[0] * tokens.shape[1], *tokens.shape[2:])
+        zi = z.gather(1, index[..., None].expand(-1, -1, z.shape[-1])).reshape(-1, z.shape[-1])
+        if tokens.dim() == 3:
+            ti = tokens.gather(1, index[..., None].expand(-1, -1, tokens.shape[-1])).reshape(-1, tokens.shape[-1])
+        else:
+            ti = tokens.gather(1, index).reshape(-1)
+        return zi, ti
+
+    def draw_head_inputs(self, rows: int, generator, device=None):
+        """The diffusion loss's t (rows * diffusion_batch_mul,) and noise (same rows, token_dim),
+        drawn in this order from `generator`; row j * rows + i is the j-th draw of row i."""
+        n = rows * self.config.diffusion_batch_mul
+        dev = generator.device if generator is not None else torch.device("cpu")
+        t = torch.randint(0, self.head.train_schedule.num_steps, (n,), generator=generator, device=dev)
+        noise = torch.randn(n, self.token_dim, generator=generator, device=dev)
+        device = self.device if device is None else device
+        return t.to(device), noise.to(device)
+
+    def head_loss(self, z, target, generator=None, *, mask=None, t=None, noise=None):
+        """Loss of the head on rows z (N, W) with targets (N, C) float / (N,) long; mean over rows
+        with mask 1 (all if None). Continuous: t and noise drawn by `draw_head_inputs` unless given."""
+        if self.config.token_kind == "discrete":
+            ce = F.cross_entropy(self.head(z).float(), target, reduction="none")
+            return ce.mean() if mask is None else (ce * mask).sum() / mask.sum()
+        if t is None:
+            t, noise = self.draw_head_inputs(z.shape[0], generator)
+        net = self.head.net
+        if self.config.grad_checkpointing and self.training and torch.is_grad_enabled():
+            def net(x, tt, cc):  # noqa: E306 - the head's activations are the largest: recompute them
+                return checkpoint(self.head.net, x, tt, cc, use_reentrant=False)
+            net.in_channels = self.token_dim
+        return ref_diffusion.diffusion_loss(net, target.to(z.dtype), z, mask,
+                                            diffusion_batch_mul=self.config.diffusion_batch_mul, t=t,
+                                            noise=noise.to(z.dtype), schedule=self.head.train_schedule)
+
+    def forward(self, images: torch.Tensor, captions: list[str], *,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        """Training loss (scalar): images (B, 3, H, W) in [0, 1], one caption per image. Random
+        order: the loss of the masked tokens only (the head runs on them alone); raster: of all."""
+        self._check_images("forward", images)
+        captions = self._check_captions("forward", captions, images.shape[0])
+        if self.needs_tokenizer_fit:
+            raise RuntimeError("Fluid.forward: the discrete variant's k-means tokenizer is not fitted; call "
+                               "model.fit_tokenizer(images) first (or load a checkpoint)")
+        z, tokens, index = self._outputs(images, captions, generator)
+        zs, targets = self._select(z, tokens, index)
+        return self.head_loss(zs, targets, generator)
+
+    # ---- sampling --------------------------------------------------------------------------
+    def _check_sampling_args(self, prompts, num_iter, cfg, cfg_schedule, temperature, num_diffusion_steps):
+        if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
+            raise ValueError(f"Fluid.generate: prompts must be a list of str, got {type(prompts).__name__}")
+        if len(prompts) == 0:
+            raise ValueError("Fluid.generate: prompts is empty; give at least one prompt")
+        prompts = self._check_captions("generate", prompts)
+        d = self.config.sampling_defaults()
+        num_iter = d["num_iter"] if num_iter is None else num_iter
+        cfg = d["cfg"] if cfg is None else cfg
+        temperature = d["temperature"] if temperature is None else temperature
+        steps = self.config.num_sampling_steps if num_diffusion_steps is None else num_diffusion_steps
+        if self.config.order == "raster":
+            if num_iter is not None and num_iter != self.seq_len:
+                raise ValueError(f"Fluid.generate: raster order generates one token per step, so num_iter must be "
+                                 f"None or {self.seq_len} (the number of tokens), got {num_iter!r}")
+            num_iter = self.seq_len
+        elif num_iter is None:
+            num_iter = 64
+        if isinstance(num_iter, bool) or not isinstance(num_iter, int) or num_iter < 1:
+            raise ValueError(f"Fluid.generate: num_iter must be an int >= 1, got {num_iter!r}")
+        if isinstance(cfg, bool) or not isinstance(cfg, (int, float)) or not math.isfinite(cfg):
+            raise ValueError(f"Fluid.generate: cfg must be a finite number, got {cfg!r}")
+        if cfg_schedule not in ("linear", "constant"):
+            raise ValueError(f"Fluid.generate: cfg_schedule must be 'linear' or 'constant', got {cfg_schedule!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+                or not math.isfinite(temperature) or temperature < 0:
+            raise ValueError(f"Fluid.generate: temperature must be a finite number >= 0, got {temperature!r}")
+        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
+            raise ValueError(f"Fluid.generate: num_diffusion_steps must be an int in [1, 1000], got {steps!r}")
+        return prompts, num_iter, float(cfg), float(temperature), steps
+
+    def _sample_rows(self, z_cond, z_uncond, w, temperature, steps, generator, gemm_dtype):
+        """Tokens for rows z_cond (N, W); CFG with scale w against z_uncond when given."""
+        if self.config.token_kind == "continuous":
+            z = z_cond if z_uncond is None else torch.cat([z_cond, z_uncond])
+            return fluid_ops.diffusion_sample(self.head.net, z, num_steps=steps, temperature=temperature,
+                                              cfg=1.0 if z_uncond is None else w, generator=generator,
+                                              gemm_dtype=gemm_dtype)
+        logits = self.head(z_cond).float()
+        if z_uncond is not None:
+            lu = self.head(z_uncond).float()
+            logits = lu + w * (logits - lu)
+        return fluid_ops.sample_categorical(logits, temperature=temperature, generator=generator)
+
+    def _empty_tokens(self, b):
+        if self.config.token_kind == "continuous":
+            return torch.zeros(b, self.seq_len, self.token_dim, device=self.device)
+        return torch.zeros(b, self.seq_len, dtype=torch.long, device=self.device)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], *, num_iter: int | None = None, cfg: float | None = None,
+                 cfg_schedule: str = "linear", temperature: float | None = None,
+                 num_diffusion_steps: int | None = None, generator: torch.Generator | None = None,
+                 progress: bool = False, kv_cache: bool = True, gemm_dtype=None) -> torch.Tensor:
+        """Images (B, 3, H, W) float32 in [0, 1], one per prompt. Defaults (None) come from the
+        config: num_iter (random order; raster always takes one step per token), cfg and temperature
+        (the paper's values for the variant), num_diffusion_steps (config.num_sampling_steps).
+        cfg_schedule "linear": the CFG scale grows with the fraction of known tokens (SPEC §2.4);
+        "constant". The same generator state gives the same images. kv_cache=False (raster only)
+        recomputes the whole prefix every step instead of using the cache (same result; a check).
+        gemm_dtype: the diffusion head's GEMM dtype (see fluid_ops.diffusion_sample)."""
+        prompts, num_iter, cfg, temperature, steps = self._check_sampling_args(
+            prompts, num_iter, cfg, cfg_schedule, temperature, num_diffusion_steps)
+        if generator is not None and generator.device.type != self.device.type:
+            raise ValueError(f"Fluid.generate: generator must be on the model's device ({self.device.type}), got a "
+                             f"{generator.device.type} generator (sampling draws its noise on the device)")
+        if self.needs_tokenizer_fit:
+            raise RuntimeError("Fluid.generate: the discrete variant's k-means tokenizer is not fitted; call "
+                               "model.fit_tokenizer(images) first (or load a checkpoint)")
+        was_training = self.training
+        self.eval()
+        try:
+            if self.config.order == "random":
+                tokens = self._generate_random(prompts, num_iter, cfg, cfg_schedule, temperature, steps,
+                                               generator, progress, gemm_dtype)
+            else:
+                tokens = self._generate_raster(prompts, cfg, cfg_schedule, temperature, steps, generator,
+                                               progress, kv_cache, gemm_dtype)
+        finally:
+            self.train(was_training)
+        return self.tokenizer.decode(tokens).float().clamp(0, 1)
+
+    def _conditions(self, prompts, guided):
+        """Text context for the batch, [cond; uncond] (2B rows) when guided."""
+        ctx, cmask, pooled = self.encode_text(prompts)
+        if guided:
+            b, n = ctx.shape[:2]
+            nctx, nmask = self.null_context(b, n)
+            ctx, cmask = torch.cat([ctx, nctx.to(ctx.dtype)]), torch.cat([cmask, nmask])
+            pooled = None if pooled is None else torch.cat([pooled, self._pool(nctx.to(ctx.dtype), nmask)])
+        return ctx, cmask, pooled
+
+    def _generate_random(self, prompts, num_iter, cfg, cfg_schedule, temperature, steps, generator, progress,
+                         gemm_dtype):
+        b, l, dev = len(prompts), self.seq_len, self.device
+        guided = cfg != 1.0
+        ctx, cmask, pooled = self._conditions(prompts, guided)
+        tokens = self._empty_tokens(b)
+        known = torch.zeros(b, l, dtype=torch.bool, device=dev)
+        orders = schedules.random_orders(b, l, generator=generator).to(dev)
+        masked_after = schedules.mask_schedule(l, num_iter)
+        scales = schedules.cfg_schedule(cfg, l, num_iter, cfg_schedule)
+        bidx = torch.arange(b, device=dev)[:, None]
+        n_before = l
+        for k in _progress(range(num_iter), progress, "Fluid.generate"):
+            n_after = masked_after[k]
+            if n_after == n_before:  # num_iter > L: this step reveals nothing
+                continue
+            x = torch.where(known[..., None], self._embed_tokens(tokens), self.mask_token.to(ctx.dtype))
+            x = self._add_position_and_text(torch.cat([x, x]) if guided else x, pooled)
+            z = self.transformer(x, context=ctx, context_mask=cmask)
+            idx = orders[:, n_after:n_before]              # this step's tokens (masked = order prefix)
+            w = scales[k]
+            zc = z[:b][bidx, idx].reshape(-1, z.shape[-1])
+            zu = z[b:][bidx, idx].reshape(-1, z.shape[-1]) if guided and w != 1.0 else None
+            new = self._sample_rows(zc, zu, w, temperature, steps, generator, gemm_dtype)
+            tokens[bidx, idx] = new.reshape(b, idx.shape[1], *tokens.shape[2:]).to(tokens.dtype)
+            known[bidx, idx] = True
+            n_before = n_after
+        return tokens
+
+    def _raster_scale(self, cfg, i, kind):
+        """CFG scale for raster token i: linear in the number of known tokens after the step."""
+        return cfg if kind == "constant" else 1.0 + (cfg - 1.0) * (i + 1) / self.seq_len
+
+    def _generate_raster(self, prompts, cfg, cfg_schedule, temperature, steps, generator, progress, kv_cache,
+                         gemm_dtype):
+        b, l = len(prompts), self.seq_len
+        guided = cfg != 1.0
+        ctx, cmask, pooled = self._conditions(prompts, guided)
+        rows = ctx.shape[0]
+        tokens = self._empty_tokens(b)
+        inputs = self.start_token.to(ctx.dtype).expand(rows, 1, -1)   # input of position 0
+        if kv_cache:
+            dev_type = ctx.device.type
+            # under autocast the K/V projections come out in the autocast dtype: cache that dtype
+            cache_dtype = torch.get_autocast_dtype(dev_type) if torch.is_autocast_enabled(dev_type) else ctx.dtype
+            cache = self.transformer.new_cache(rows, l, dtype=cache_dtype)
+            ckv = self.transformer.context_kv(ctx)                     # text K/V once per generation
+        else:
+            history = []
+        for i in _progress(range(l), progress, "Fluid.generate"):
+            x = self._add_position_and_text(inputs, pooled, positions=[i])
+            if kv_cache:
+                z = self.transformer.decode(x, cache, ckv, cmask)[:, 0]
+            else:
+                history.append(x)
+                z = self.transformer(torch.cat(history, 1), causal=True, context=ctx, context_mask=cmask)[:, -1]
+            w = self._raster_scale(cfg, i, cfg_schedule)
+            zu = z[b:] if guided and w != 1.0 else None
+            new = self._sample_rows(z[:b], zu, w, temperature, steps, generator, gemm_dtype)
+            tokens[:, i] = new.to(tokens.dtype)
+            if i + 1 < l:
+                e = self._embed_tokens(tokens[:, i:i + 1])
+                inputs = torch.cat([e, e]) if guided else e
+        return tokens

@@ -1,0 +1,286 @@
+"""fluid_ops.models.Fluid: the four variants train, sample deterministically, round-trip their
+state dict; the head runs on masked positions only; raster KV-cache generation equals full
+recomputation; configs and bad input. Small shapes, the "hash" text encoder (one test: MiniLM)."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import fluid_ops
+from fluid_ops.models import CONFIGS, Fluid, FluidConfig
+from fluid_ops.reference import diffusion as ref_diffusion
+
+VARIANTS = ["tiny", "tiny-raster", "tiny-discrete", "tiny-raster-discrete"]
+# Smaller than "tiny" so each test takes a fraction of a second; every structural choice of the
+# named config (order, token kind, sin-cos positions, pooled text) is kept.
+SMALL = dict(text_encoder="hash", image_size=16, patch_size=4, width=64, depth=2, num_heads=2, aligner_depth=1,
+             head_depth=2, head_width=64, codebook_size=16, num_sampling_steps=5)
+CAPTIONS = ["a red circle at the top left", "a blue square", "a green triangle at the bottom", "a red square"]
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def small(name, **kw):
+    torch.manual_seed(0)
+    if "raster" not in name:
+        kw.setdefault("num_iter", 4)
+    m = Fluid(name, **{**SMALL, **kw})
+    if m.needs_tokenizer_fit:
+        m.fit_tokenizer(images(), iters=5, generator=gen(9))
+    return m
+
+
+def images(b=4, size=16, seed=1):
+    """Blocky images (2x2 cells of one colour each), so k-means has structure to find."""
+    g = gen(seed)
+    cells = torch.rand(b, 3, 2, 2, generator=g)
+    return cells.repeat_interleave(size // 2, 2).repeat_interleave(size // 2, 3).contiguous()
+
+
+def randomize_head(m, seed=123):
+    """DenoiserMLP starts as the zero map (MAR's zero init): give the zero-initialised weights
+    small random values so the head's output depends on z."""
+    g = gen(seed)
+    with torch.no_grad():
+        for p in m.head.parameters():
+            if not p.any():
+                p.copy_(0.05 * torch.randn(p.shape, generator=g))
+    return m
+
+
+def loss_at(m, seed=5):
+    return m(images(), CAPTIONS, generator=gen(seed))
+
+
+# ---- the four variants --------------------------------------------------------------------
+@pytest.mark.parametrize("name", VARIANTS)
+def test_training_lowers_the_loss(name):
+    """AdamW steps on one fixed batch with fixed draws: the loss at those draws falls."""
+    m = small(name)
+    m.train()
+    opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+    with torch.no_grad():
+        before = loss_at(m).item()
+    for _ in range(8):
+        opt.zero_grad()
+        loss = loss_at(m)
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        after = loss_at(m).item()
+    assert after < 0.9 * before, (before, after)
+    # every trainable parameter that the loss can reach got a gradient
+    no_grad = [n for n, p in m.named_parameters() if p.grad is None]
+    assert not no_grad, no_grad
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_generate_is_seeded(name):
+    m = randomize_head(small(name))
+    a = m.generate(CAPTIONS[:2], generator=gen(0))
+    b = m.generate(CAPTIONS[:2], generator=gen(0))
+    c = m.generate(CAPTIONS[:2], generator=gen(1))
+    assert a.shape == (2, 3, 16, 16) and a.dtype == torch.float32
+    assert a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    # fluid_ops.generate: batches, same seed -> same images
+    d = fluid_ops.generate(m, CAPTIONS[:3], batch_size=2, seed=4, progress=False)
+    e = fluid_ops.generate(m, CAPTIONS[:3], batch_size=2, seed=4, progress=False)
+    assert d.shape == (3, 3, 16, 16) and torch.equal(d, e)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_state_dict_round_trip(name, tmp_path):
+    m = randomize_head(small(name))
+    m.train()
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    loss_at(m).backward()
+    opt.step()  # move away from the init
+    path = tmp_path / "ckpt.pt"
+    torch.save({"config": dataclasses.asdict(m.config), "model": m.state_dict()}, path)
+    ck = torch.load(path, weights_only=True)
+    m2 = Fluid.from_config_dict(ck["config"])
+    assert m2.needs_tokenizer_fit == (m.config.token_kind == "discrete")  # a fresh codebook ...
+    m2.load_state_dict(ck["model"], strict=True)
+    assert not m2.needs_tokenizer_fit                                     # ... comes with the weights
+    m.train(), m2.train()
+    with torch.no_grad():
+        assert torch.equal(loss_at(m), loss_at(m2))
+    assert torch.equal(m.generate(CAPTIONS[:2], generator=gen(3)), m2.generate(CAPTIONS[:2], generator=gen(3)))
+    assert not any(k.startswith("text_encoder") for k in ck["model"])
+
+
+# ---- random order: the head sees the masked positions only ----------------------------------
+def test_head_runs_on_masked_rows_only_and_matches_the_masked_full_loss():
+    m = randomize_head(small("tiny", diffusion_batch_mul=2))
+    m.train()
+    rows_seen = []
+    hook = m.head.net.register_forward_hook(lambda mod, args, out: rows_seen.append(args[0].shape[0]))
+    loss = loss_at(m, seed=7)
+    hook.remove()
+    # the same computation by parts, from the same generator state
+    g = gen(7)
+    z, tokens, index = m._outputs(images(), CAPTIONS, g)
+    b, l = tokens.shape[:2]
+    num_masked = index.shape[1]
+    assert 1 <= num_masked < l  # the mask ratio keeps some tokens known (min ratio 0.7 on 16 tokens)
+    assert rows_seen == [b * num_masked * 2]  # the head ran once, on the masked rows x diffusion_batch_mul
+    zs, ts = m._select(z, tokens, index)
+    t, noise = m.draw_head_inputs(zs.shape[0], g)
+    torch.testing.assert_close(m.head_loss(zs, ts, t=t, noise=noise), loss, rtol=1e-6, atol=1e-6)
+    # the head on ALL rows, then masked, with the same t and noise at the masked rows
+    mul, n_all = 2, b * l
+    full_rows = (torch.arange(b)[:, None] * l + index).reshape(-1)               # row of (b, j) in B*L
+    pos = (torch.arange(mul)[:, None] * n_all + full_rows[None, :]).reshape(-1)  # in the repeated rows
+    t_all = torch.randint(0, 1000, (mul * n_all,), generator=gen(8))
+    noise_all = torch.randn(mul * n_all, tokens.shape[-1], generator=gen(8))
+    t_all[pos], noise_all[pos] = t, noise
+    mask = torch.zeros(b, l).scatter_(1, index, 1.0).reshape(-1)
+    full = ref_diffusion.diffusion_loss(m.head.net, tokens.reshape(n_all, -1), z.reshape(n_all, -1), mask,
+                                        diffusion_batch_mul=mul, t=t_all, noise=noise_all,
+                                        schedule=m.head.train_schedule)
+    torch.testing.assert_close(full, loss, rtol=1e-5, atol=1e-6)
+
+
+def test_discrete_masked_loss_equals_masked_full_cross_entropy():
+    m = small("tiny-discrete")
+    m.train()
+    loss = loss_at(m, seed=11)
+    z, tokens, index = m._outputs(images(), CAPTIONS, gen(11))
+    mask = torch.zeros(tokens.shape).scatter_(1, index, 1.0).reshape(-1)
+    full = m.head_loss(z.reshape(-1, z.shape[-1]), tokens.reshape(-1), mask=mask)
+    torch.testing.assert_close(full, loss, rtol=1e-6, atol=1e-6)
+
+
+# ---- raster order: KV cache == full recomputation ------------------------------------------
+@pytest.mark.parametrize("name", ["tiny-raster", "tiny-raster-discrete"])
+def test_raster_kv_cache_equals_full_recomputation(name):
+    m = randomize_head(small(name))
+    m.eval()
+    args = (CAPTIONS[:2], 4.5, "linear", 0.9, 5)
+    with torch.no_grad():
+        cached = m._generate_raster(*args, gen(2), False, True, None)
+        full = m._generate_raster(*args, gen(2), False, False, None)
+    if cached.is_floating_point():
+        err, scale = (cached - full).abs().max().item(), full.abs().max().item()
+        assert err <= 1e-4 * scale, (err, scale)
+    else:
+        assert torch.equal(cached, full)
+    # the public path: the same images both ways
+    a = m.generate(CAPTIONS[:2], generator=gen(6), kv_cache=True)
+    b = m.generate(CAPTIONS[:2], generator=gen(6), kv_cache=False)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+
+
+# ---- configs -------------------------------------------------------------------------------
+PAPER_PARAMS = {"fluid-166m": 166e6, "fluid-369m": 369e6, "fluid-665m": 665e6, "fluid-1.1b": 1.1e9,
+                "fluid-3.1b": 3.1e9, "fluid-10.5b": 10.5e9}
+
+
+def test_paper_configs_match_the_paper_table_and_parameter_counts():
+    table = {"fluid-166m": (12, 768, 12), "fluid-369m": (16, 1024, 16), "fluid-665m": (20, 1280, 16),
+             "fluid-1.1b": (24, 1536, 16), "fluid-3.1b": (32, 2304, 24), "fluid-10.5b": (34, 4096, 64)}
+    for name, (depth, width, heads) in table.items():
+        c = CONFIGS[name]
+        assert (c.depth, c.width, c.num_heads, c.aligner_depth) == (depth, width, heads, 6)
+        assert (c.image_size // c.patch_size) ** 2 == 256
+        with torch.device("meta"):  # shapes only, no memory
+            n = Fluid(name, text_encoder="hash").num_parameters()
+        assert abs(n / PAPER_PARAMS[name] - 1) < 0.08, (name, n)
+    tiny = CONFIGS["tiny"]
+    assert (tiny.image_size, tiny.patch_size, tiny.width, tiny.depth, tiny.head_depth, tiny.head_width,
+            tiny.diffusion_batch_mul, tiny.pos_embed, tiny.text_pool_add, tiny.num_iter) == \
+        (32, 4, 192, 4, 3, 256, 1, "sincos", True, 16)
+    assert tiny.sampling_defaults()["cfg"] == 5.0 and tiny.sampling_defaults()["temperature"] == 0.975
+    assert CONFIGS["tiny-raster-discrete"].sampling_defaults()["cfg"] == 2.5
+
+
+def test_bad_input_gets_clear_errors():
+    with pytest.raises(ValueError, match="unknown config 'fluid-7b'.*tiny-raster"):
+        Fluid("fluid-7b")
+    with pytest.raises(ValueError, match=r"unknown config field\(s\) \['widht'\].*width"):
+        Fluid("tiny", widht=64)
+    with pytest.raises(ValueError, match="head dim"):
+        Fluid("tiny", text_encoder="hash", width=96, num_heads=2)  # head dim 48
+    with pytest.raises(ValueError, match="token_kind 'discrete' goes with tokenizer 'kmeans'"):
+        Fluid("tiny", text_encoder="hash", token_kind="discrete")
+    with pytest.raises(ValueError, match="unknown config field"):
+        Fluid.from_config_dict({"depht": 3})
+    m = small("tiny")
+    with pytest.raises(ValueError, match="prompts is empty"):
+        m.generate([])
+    with pytest.raises(ValueError, match=r"captions\[1\] must be a non-empty str"):
+        m.generate(["a red circle", "  "])
+    with pytest.raises(ValueError, match="prompts must be a list"):
+        m.generate("a red circle")
+    with pytest.raises(ValueError, match=r"images must be a float tensor of shape \(B, 3, 16, 16\)"):
+        m(torch.rand(2, 3, 32, 32), CAPTIONS[:2])
+    with pytest.raises(ValueError, match="got 3 captions for 2 images"):
+        m(torch.rand(2, 3, 16, 16), CAPTIONS[:3])
+    with pytest.raises(ValueError, match="cfg_schedule"):
+        m.generate(["a red circle"], cfg_schedule="cosine")
+    with pytest.raises(ValueError, match="prompts is empty"):
+        fluid_ops.generate(m, [], progress=False)
+    with pytest.raises(ValueError, match="one token per step"):
+        Fluid("tiny-raster", **SMALL, num_iter=4)
+    r = small("tiny-raster")
+    with pytest.raises(ValueError, match="one token per step"):
+        r.generate(["a red circle"], num_iter=3)
+    torch.manual_seed(0)
+    d = Fluid("tiny-discrete", **SMALL)
+    assert d.needs_tokenizer_fit
+    with pytest.raises(RuntimeError, match="fit_tokenizer"):
+        d(images(), CAPTIONS)
+
+
+# ---- the real text encoder -------------------------------------------------------------------
+def test_minilm_text_encoder_stays_out_of_the_state_dict():
+    m = small("tiny", text_encoder="minilm")
+    assert m.text_encoder.dim == 384
+    sd = m.state_dict()
+    assert not any("text_encoder" in k for k in sd)
+    assert m.num_parameters() < 2_000_000  # MiniLM alone has 22.7M
+    assert not any(p.requires_grad for p in m.text_encoder.parameters())
+    m.train()
+    loss = loss_at(m)
+    loss.backward()
+    assert torch.isfinite(loss)
+    # different captions give different text contexts (the encoder is really used)
+    ctx, mask, _ = m.encode_text(["a red circle", "a blue square at the bottom right"])
+    assert mask.shape[0] == 2 and not torch.allclose(ctx[0, :2], ctx[1, :2])
+    out = m.generate(["a red circle"], generator=gen(0))
+    assert out.shape == (1, 3, 16, 16)
+
+
+# ---- mixed precision ---------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["tiny", "tiny-raster"])
+def test_runs_under_bf16_autocast(name):
+    """The training loop autocasts to bf16 on GPUs: the loss, its backward and both samplers run
+    under autocast (on the CPU here; the numbers are only checked to be finite / in range)."""
+    m = randomize_head(small(name))
+    m.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = loss_at(m)
+    loss.backward()
+    assert torch.isfinite(loss)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = m.generate(CAPTIONS[:2], generator=gen(0), num_diffusion_steps=2)
+    assert out.shape == (2, 3, 16, 16) and out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_grad_checkpointing_gives_the_same_loss_and_gradients():
+    m = randomize_head(small("tiny"))
+    m.train()
+    loss_at(m).backward()
+    grads = {n: p.grad.clone() for n, p in m.named_parameters()}
+    m2 = randomize_head(small("tiny", grad_checkpointing=True))
+    m2.load_state_dict(m.state_dict())
+    m2.train()
+    loss_at(m2).backward()
+    for n, p in m2.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6, msg=n)
