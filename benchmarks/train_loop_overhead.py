@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from fluid_ops.train import default_collate, param_groups, train
+from fluid_ops.training import default_collate, param_groups, train
 
 
 # CPU time of this process: on a shared machine it moves far less than wall time with other

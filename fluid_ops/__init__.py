@@ -14,5 +14,8 @@ from fluid_ops import models, nn, reference  # noqa: F401,E402
 
 from fluid_ops.accelerate import accelerate  # noqa: F401,E402
 from fluid_ops.generate import generate  # noqa: F401,E402
+from fluid_ops import data, eval  # noqa: F401,E402  (fluid_ops.eval: the GenEval-style evaluator)
+# fluid_ops.train(model, dataset, ...): the training loop (module fluid_ops.training)
+from fluid_ops.training import train  # noqa: F401,E402
 
 __version__ = "0.1.0"

@@ -114,7 +114,7 @@ def _evaluate(model, *, per_category: int, seed: int, categories, progress: bool
 def cmd_train(args) -> int:
     import torch
     from fluid_ops.models import Fluid
-    from fluid_ops.train import train
+    from fluid_ops.training import train
     if args.steps is None and args.minutes is None:
         raise SystemExit("train: give --steps and/or --minutes")
     torch.manual_seed(args.seed)
@@ -169,7 +169,7 @@ def cmd_demo(args) -> int:
     write a prompt -> images grid, the loss curve and an evaluation JSON into --out."""
     import torch
     from fluid_ops.models import Fluid
-    from fluid_ops.train import train
+    from fluid_ops.training import train
     t0 = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

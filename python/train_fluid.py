@@ -14,7 +14,7 @@ import torch
 
 from fluid_ops.data import ShapesDataset
 from fluid_ops.models import Fluid
-from fluid_ops.train import train
+from fluid_ops.training import train
 
 
 def override(item: str):

@@ -22,7 +22,7 @@ from torch import nn
 
 from fluid_ops import checkpoint as ckpt_mod
 from fluid_ops.checkpoint import CheckpointError, load_checkpoint, previous_path, save_checkpoint
-from fluid_ops.train import StepInfo, _BatchStream, _epoch_permutation, load_ema, lr_at, param_groups, train
+from fluid_ops.training import StepInfo, _BatchStream, _epoch_permutation, load_ema, lr_at, param_groups, train
 from tests.conftest import requires_cuda
 
 REPO = Path(__file__).resolve().parents[1]

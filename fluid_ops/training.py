@@ -1,6 +1,6 @@
 """The training loop: AdamW + warmup, EMA, bf16 autocast, atomic checkpoints, exact resume.
 
-    from fluid_ops.train import train, load_ema
+    from fluid_ops.training import train, load_ema
     result = train(model, dataset, out_dir="runs/a", minutes=10)   # or steps=..., or both
     ema_model = load_ema(copy.deepcopy(model), result)             # or load_ema(model, "runs/a")
 
