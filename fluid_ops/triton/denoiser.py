@@ -467,8 +467,11 @@ def head_forward(net, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, gemm_dt
     gd = gemm_dtype or net.cond_embed.weight.dtype
     w = net._sampling_weights(gd, x.device)
     n, d = x.shape[0], net.model_channels
-    temb = net.time_embed(t).float().contiguous()
-    cemb = net.cond_embed(c.to(net.cond_embed.weight.dtype)).float().contiguous()
+    # the embeddings are plain Linear layers: torch runs them, in the GEMM dtype on a GPU
+    lowp = x.device.type == "cuda" and gd != torch.float32
+    with torch.autocast(x.device.type, dtype=gd, enabled=lowp):
+        temb = net.time_embed(t).float().contiguous()
+        cemb = net.cond_embed(c.to(net.cond_embed.weight.dtype)).float().contiguous()
     in_wt = net.input_proj.weight.detach().float().t()
     in_b = net.input_proj.bias.detach().float()
     chain = _Chain(w, in_wt, in_b, n, x.device)
