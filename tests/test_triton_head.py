@@ -211,7 +211,7 @@ def test_sample_categorical_frequencies(device):
 
 # ---- layernorm_modulate / gated_residual --------------------------------------------------------
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("r,d", [(1, 48), (33, 96), (70, 80)])
+@pytest.mark.parametrize("r,d", [(1, 48), (33, 96), (70, 80), (3, 1536)])
 @pytest.mark.parametrize("layout", ["contiguous", "chunk", "broadcast"])
 @pytest.mark.parametrize("affine", [False, True])
 def test_layernorm_modulate_fp32(device, r, d, layout, affine):
@@ -490,6 +490,18 @@ def test_diffusion_sample_on_triton_does_no_host_transfer_per_step(device):
             counts[steps] = _loop_events(fast, z, noise, steps, 3.0)
     assert counts[1] == counts[3], counts
     assert "aten._local_scalar_dense" not in counts[3], counts
+
+
+# ---- the GPU build, checked without a GPU (opt-in: about a minute of compiling) -------------------
+@pytest.mark.skipif(os.environ.get("FLUID_OPS_TRITON_AOT") != "1" or not HAVE_TRITON,
+                    reason="set FLUID_OPS_TRITON_AOT=1 to compile every kernel for sm_90 / sm_80 (no GPU needed)")
+def test_kernels_compile_for_gpus():
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(__file__), "triton_aot_check.py")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, script], env=env, capture_output=True, text=True, timeout=1800)
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
 
 
 # ---- GPU only ----------------------------------------------------------------------------------------
