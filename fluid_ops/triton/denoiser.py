@@ -47,6 +47,7 @@ INTERPRETED = interpreting()
 __all__ = ["layernorm_modulate", "gated_residual", "layernorm_modulate_backward", "gated_residual_backward",
            "FusedHeadStep", "head_forward", "gemm_config", "MAX_ROW_WIDTH"]
 
+
 def _row_tiles(r: int, d: int) -> tuple[int, int, int]:
     """(BLOCK_R, BLOCK_D, num_warps) for the row kernels: whole rows, several per program when
     they are short (a GPU holds <= 4096 elements per program; the interpreter pays per operation,

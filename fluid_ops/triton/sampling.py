@@ -8,8 +8,9 @@ fluid_ops.ops.categorical); the functions here take already-checked arguments.
   so a loop can be captured in a CUDA graph and replayed with a step counter kept on the device.
   Contract: exact (fp32 arithmetic of the reference; exp and a few contracted multiply-adds may
   round differently).
-* `sample_categorical`: one program per row, streaming the row in chunks of BLOCK_V (any V).
-  Thresholds are found by bisection instead of a sort: every s = (x - max) / T is <= 0, so the
+* `sample_categorical`: ROWS rows per program (many for a small V, one for a large V), each row
+  held in registers when it fits one chunk of BLOCK_V and streamed chunk by chunk otherwise (any
+  V; 2048-element tiles on a GPU). Thresholds are found by bisection instead of a sort: every s = (x - max) / T is <= 0, so the
   integer bits of |s| order the tokens, and 31 halvings of [0, bits(+inf)] find the k-th largest
   s (top-k: the smallest bit pattern A with #{|s| <= A} >= k) and the top-p cut (the smallest A
   whose kept weight sum reaches p * Z1). Both land exactly on a value present in the row, which
