@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fluid_ops.triton._lang import cdiv, reduce_sum, sigmoid
 from fluid_ops.triton._util import MAX_ROW_WIDTH, interpreting  # noqa: F401 (MAX_ROW_WIDTH re-exported)
 
 # @triton.jit chose at import time between compiling and interpreting these kernels.
@@ -66,9 +67,9 @@ def _ln_rows(x_ptr, stride_x, rows64, r_ok, cols, c_ok, D, eps):
     (0 in masked lanes). Two passes over registers: the variance of centred values."""
     mask = r_ok[:, None] & c_ok[None, :]
     x = tl.load(x_ptr + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    mean = tl.sum(x, 1) / D
+    mean = reduce_sum(x, 1) / D
     xc = tl.where(mask, x - mean[:, None], 0.0)
-    rstd = tl.math.rsqrt(tl.sum(xc * xc, 1) / D + eps)
+    rstd = tl.math.rsqrt(reduce_sum(xc * xc, 1) / D + eps)
     return mask, xc * rstd[:, None], rstd
 
 
@@ -128,9 +129,9 @@ def _lnm_bwd_kernel(x_ptr, stride_x, scale_ptr, stride_scale, g_ptr, stride_g, w
         b = tl.load(b_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)[None, :]
     else:
         b = 0.0
-    acc_w = tl.zeros([BLOCK_D], tl.float32)
-    acc_b = tl.zeros([BLOCK_D], tl.float32)
-    for tile in range(pid, tl.cdiv(R, BLOCK_R), tl.num_programs(0)):
+    acc_w = tl.full([BLOCK_D], 0, tl.float32)
+    acc_b = tl.full([BLOCK_D], 0, tl.float32)
+    for tile in range(pid, cdiv(R, BLOCK_R), tl.num_programs(0)):
         rows = tile * BLOCK_R + tl.arange(0, BLOCK_R)
         r_ok = rows < R
         rows64 = rows.to(tl.int64)
@@ -139,11 +140,11 @@ def _lnm_bwd_kernel(x_ptr, stride_x, scale_ptr, stride_scale, g_ptr, stride_g, w
         sc = tl.load(scale_ptr + rows64[:, None] * stride_scale + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         gscale = g * (xhat * w + b)
         dn = g * (1.0 + sc)
-        acc_w += tl.sum(dn * xhat, 0)
-        acc_b += tl.sum(dn, 0)
+        acc_w += reduce_sum(dn * xhat, 0)
+        acc_b += reduce_sum(dn, 0)
         dxh = dn * w
-        mean1 = tl.sum(dxh, 1) / D
-        mean2 = tl.sum(dxh * xhat, 1) / D
+        mean1 = reduce_sum(dxh, 1) / D
+        mean2 = reduce_sum(dxh * xhat, 1) / D
         gx = rstd[:, None] * (dxh - mean1[:, None] - xhat * mean2[:, None])
         tl.store(gx_ptr + rows64[:, None] * D + cols[None, :], gx.to(gx_ptr.dtype.element_ty), mask=mask)
         tl.store(gs_ptr + rows64[:, None] * D + cols[None, :], gscale.to(gs_ptr.dtype.element_ty), mask=mask)
@@ -252,7 +253,7 @@ def _head_linear_kernel(
         GATED_RESIDUAL: tl.constexpr, OUT_STATS: tl.constexpr, IEEE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
+    num_m = cdiv(M, BLOCK_M)
     # Programs that share a weight tile are adjacent: at sampling sizes the weights are most of
     # the bytes, and this way each weight tile leaves DRAM / L2 once per wave.
     pid_m = pid % num_m
@@ -275,11 +276,11 @@ def _head_linear_kernel(
         sp = stats_ptr + rows[:, None] * (stat_tiles * 2) + t[None, :] * 2
         t_mean = tl.load(sp, mask=tmask, other=0.0)
         t_m2 = tl.load(sp + 1, mask=tmask, other=0.0)
-        mean = tl.sum(cnt * t_mean, 1) / K
+        mean = reduce_sum(cnt * t_mean, 1) / K
         dev = tl.where(tmask, t_mean - mean[:, None], 0.0)
-        rstd = tl.math.rsqrt(tl.sum(t_m2 + cnt * dev * dev, 1) / K + eps)
+        rstd = tl.math.rsqrt(reduce_sum(t_m2 + cnt * dev * dev, 1) / K + eps)
 
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_N], 0, tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
@@ -288,7 +289,7 @@ def _head_linear_kernel(
         if PROLOGUE == 1:
             a = a.to(tl.float32) + tl.load(c_ptr + rows[:, None] * stride_cm + offs_k[None, :], mask=amask,
                                            other=0.0).to(tl.float32)
-            a = a * tl.sigmoid(a)
+            a = a * sigmoid(a)
         if PROLOGUE == 2:
             a = (a.to(tl.float32) - mean[:, None]) * rstd[:, None]
             if LN_W:
@@ -313,7 +314,7 @@ def _head_linear_kernel(
     if HAS_RBIAS:
         acc += tl.load(rbias_ptr + rows[:, None] * stride_rbm + offs_n[None, :], mask=omask, other=0.0).to(tl.float32)
     if SILU_OUT:
-        acc = acc * tl.sigmoid(acc)
+        acc = acc * sigmoid(acc)
     if GATED_RESIDUAL:
         res = tl.load(res_ptr + rows[:, None] * stride_rm + offs_n[None, :], mask=omask, other=0.0).to(tl.float32)
         gate = tl.load(gate_ptr + rows[:, None] * stride_gm + offs_n[None, :], mask=omask, other=0.0).to(tl.float32)
@@ -322,11 +323,11 @@ def _head_linear_kernel(
     tl.store(out_ptr + rows[:, None] * stride_om + offs_n[None, :], out, mask=omask)
     if OUT_STATS:  # (mean, M2) of this tile's part of each row, as stored
         val = tl.where(omask, out.to(tl.float32), 0.0)
-        t_mean = tl.sum(val, 1) / tl.minimum(N - pid_n * BLOCK_N, BLOCK_N).to(tl.float32)
+        t_mean = reduce_sum(val, 1) / tl.minimum(N - pid_n * BLOCK_N, BLOCK_N).to(tl.float32)
         dev = tl.where(omask, val - t_mean[:, None], 0.0)
-        sp = ostats_ptr + rows * (tl.cdiv(N, BLOCK_N) * 2) + pid_n * 2
+        sp = ostats_ptr + rows * (cdiv(N, BLOCK_N) * 2) + pid_n * 2
         tl.store(sp, t_mean, mask=m_ok)
-        tl.store(sp + 1, tl.sum(dev * dev, 1), mask=m_ok)
+        tl.store(sp + 1, reduce_sum(dev * dev, 1), mask=m_ok)
 
 
 def gemm_config(m: int, n: int, k: int, dtype: torch.dtype) -> dict:

@@ -26,6 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
+from fluid_ops.triton._lang import reduce_max, reduce_min, reduce_sum, scan_sum
 from fluid_ops.triton._util import interpreting
 
 # @triton.jit chose at import time between compiling and interpreting these kernels.
@@ -111,14 +112,14 @@ def _mass_below(base, cols, row_ok, V, m, temperature, a0, w0, bound, COUNT: tl.
     if SINGLE:
         sel = a0 <= bound[:, None]
         if COUNT:
-            total = tl.sum(sel.to(tl.int32), 1)
+            total = reduce_sum(sel.to(tl.int32), 1)
         else:
-            total = tl.sum(tl.where(sel, w0, 0.0), 1)
+            total = reduce_sum(tl.where(sel, w0, 0.0), 1)
     else:
         if COUNT:
-            acc = tl.zeros(a0.shape, tl.int32)
+            acc = tl.full(a0.shape, 0, tl.int32)
         else:
-            acc = tl.zeros(a0.shape, tl.float64)
+            acc = tl.full(a0.shape, 0, tl.float64)
         for start in range(0, V, BLOCK_V):
             a, w, valid = _row_chunk(base, start, cols, row_ok, V, m, temperature)
             sel = a <= bound[:, None]
@@ -126,7 +127,7 @@ def _mass_below(base, cols, row_ok, V, m, temperature, a0, w0, bound, COUNT: tl.
                 acc += sel.to(tl.int32)
             else:
                 acc += tl.where(sel, w, 0.0)
-        total = tl.sum(acc, 1)
+        total = reduce_sum(acc, 1)
     return total
 
 
@@ -136,7 +137,7 @@ def _smallest_bound(base, cols, row_ok, V, m, temperature, a0, w0, hi, target, C
     """The smallest bit pattern A in [0, hi] with _mass_below(A) >= target, per row, by 31
     halvings (hi < 2^31). The mass only steps up at bit patterns present in the row, so A is
     the |s| of a token: the k-th largest s for counts, the top-p cut for weights."""
-    lo = tl.zeros(hi.shape, tl.int32)
+    lo = tl.full(hi.shape, 0, tl.int32)
     for _ in range(31):
         mid = lo + (hi - lo) // 2
         ok = _mass_below(base, cols, row_ok, V, m, temperature, a0, w0, mid, COUNT, SINGLE, BLOCK_V) >= target
@@ -163,7 +164,7 @@ def _categorical_kernel(logits_ptr, stride_row, u_ptr, top_p_ptr, out_ptr, N, V,
     for start in range(0, V, BLOCK_V):
         x = tl.load(base + start + cols, mask=row_ok[:, None] & (start + cols < V), other=float("-inf"))
         mvec = tl.maximum(mvec, x.to(tl.float32))
-    m = tl.where(row_ok, tl.max(mvec, 1), 0.0)[:, None]  # rows past N: 0, not -inf (no inf - inf)
+    m = tl.where(row_ok, reduce_max(mvec, 1), 0.0)[:, None]  # rows past N: 0, not -inf (no inf - inf)
 
     if ARGMAX:  # temperature 0: the first index of the max
         best = tl.full([ROWS, BLOCK_V], big, tl.int32)
@@ -171,7 +172,7 @@ def _categorical_kernel(logits_ptr, stride_row, u_ptr, top_p_ptr, out_ptr, N, V,
             valid = row_ok[:, None] & (start + cols < V)
             x = tl.load(base + start + cols, mask=valid, other=float("-inf")).to(tl.float32)
             best = tl.minimum(best, tl.where(valid & (x == m), start + cols, big))
-        tl.store(out_ptr + rows, tl.min(best, 1).to(tl.int64), mask=row_ok)
+        tl.store(out_ptr + rows, reduce_min(best, 1).to(tl.int64), mask=row_ok)
     else:
         a0, w0, valid0 = _row_chunk(base, 0, cols, row_ok, V, m, temperature)
         # top-k: K1 = {|s| bits <= kbits}, kbits the k-th largest s (ties all kept)
@@ -185,17 +186,17 @@ def _categorical_kernel(logits_ptr, stride_row, u_ptr, top_p_ptr, out_ptr, N, V,
         # the inverse CDF over kept tokens, in index order: the first j with C_j > u * Z
         z = _mass_below(base, cols, row_ok, V, m, temperature, a0, w0, thr, False, SINGLE, BLOCK_V)
         target = (tl.load(u_ptr + rows, mask=row_ok, other=0.0) * z)[:, None]
-        running = tl.zeros([ROWS], tl.float64)
+        running = tl.full([ROWS], 0, tl.float64)
         first = tl.full([ROWS], big, tl.int32)
         last_pos = tl.full([ROWS], -1, tl.int32)
         for start in range(0, V, BLOCK_V):
             a, w, valid = _row_chunk(base, start, cols, row_ok, V, m, temperature)
             w = tl.where(a <= thr[:, None], w, 0.0)
-            cdf = running[:, None] + tl.cumsum(w, 1)
+            cdf = running[:, None] + scan_sum(w, 1)
             idx = start + cols
-            first = tl.minimum(first, tl.min(tl.where(valid & (cdf > target), idx, big), 1))
-            last_pos = tl.maximum(last_pos, tl.max(tl.where(w > 0.0, idx, -1), 1))
-            running = running + tl.sum(w, 1)
+            first = tl.minimum(first, reduce_min(tl.where(valid & (cdf > target), idx, big), 1))
+            last_pos = tl.maximum(last_pos, reduce_max(tl.where(w > 0.0, idx, -1), 1))
+            running = running + reduce_sum(w, 1)
         # rounding can leave u * Z at Z: then the last kept token with weight
         pick = tl.where(first < big, first, last_pos)
         tl.store(out_ptr + rows, pick.to(tl.int64), mask=row_ok)
