@@ -17,7 +17,8 @@ Implementations (each a row of the JSON, `impl`):
 * `compile_max_autotune` (GPU; `--cpu-compile` adds mode "default" on CPU): torch.compile of the
   autocast reference head, the loop around it unchanged;
 * `ours`: GPU: forward = the fused Triton head (`fluid_ops.triton.denoiser.head_forward`, bf16
-  GEMMs), forward + backward = fluid_ops.nn.DenoiserMLP under bf16 autocast (Triton LN-modulate /
+  GEMMs, the prologue mode its heuristic picks; `ours_fused_prologue` / `ours_split_prologue`
+  times the other mode, to check the heuristic), forward + backward = fluid_ops.nn.DenoiserMLP under bf16 autocast (Triton LN-modulate /
   gated-residual kernels, cuBLAS GEMMs), sample = `fluid_ops.diffusion_sample(gemm_dtype=bf16)`
   (fused head + ddpm_step kernels, eager); CPU: fluid_ops.nn.DenoiserMLP and diffusion_sample on
   the compiled CPU kernels, fp32 GEMMs;
@@ -254,8 +255,13 @@ def bench_case(head: str, rows: int, what: str, args, device) -> list[dict]:
             for k, net in peers.items():
                 impls[k] = (lambda net=net: net(x, t, c))
             if gpu:
-                from fluid_ops.triton.denoiser import head_forward
-                impls["ours"] = lambda: head_forward(ours, x, t, c, torch.bfloat16)
+                from fluid_ops.triton.denoiser import PROLOGUE_MODES, head_forward, prologue_mode
+                auto = prologue_mode(rows, torch.bfloat16)
+                impls["ours"] = lambda: head_forward(ours, x, t, c, torch.bfloat16, prologue=auto)
+                for other in PROLOGUE_MODES:  # the mode the heuristic did not pick, to check it
+                    if other != auto:
+                        impls[f"ours_{other}_prologue"] = (
+                            lambda other=other: head_forward(ours, x, t, c, torch.bfloat16, prologue=other))
             else:
                 impls["ours"] = lambda: ours(x, t, c)
             with nograd:

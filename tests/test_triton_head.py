@@ -393,14 +393,16 @@ def _head(cin, d, z, blocks, seed=4, std=0.15):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("n,d,blocks", [(1, 48, 1), (33, 48, 2), (70, 96, 1), (5, 48, 0), (0, 48, 1)])
-def test_head_forward_fp32_matches_denoiser_forward(device, n, d, blocks):
+@pytest.mark.parametrize("n,d,blocks,prologue", [(1, 48, 1, "fused"), (33, 48, 2, "fused"), (70, 96, 1, "fused"),
+                                                 (5, 48, 0, "fused"), (0, 48, 1, "fused"), (33, 96, 2, "split"),
+                                                 (1, 48, 0, "split")])
+def test_head_forward_fp32_matches_denoiser_forward(device, n, d, blocks, prologue):
     refnet, net = _head(6, d, 10, blocks)
     net.to(device)
     g = torch.Generator().manual_seed(8)
     x, c = torch.randn(n, 6, generator=g), torch.randn(n, 10, generator=g)
     t = torch.randint(0, 1000, (n,), generator=g)
-    got = _kd().head_forward(net, *_to(device, x, t, c))
+    got = _kd().head_forward(net, *_to(device, x, t, c), prologue=prologue)
     assert got.shape == (n, 12) and got.dtype == torch.float32
     with torch.no_grad():
         want = net(*_to(device, x, t, c)).cpu()  # fluid_ops' own forward
@@ -411,8 +413,8 @@ def test_head_forward_fp32_matches_denoiser_forward(device, n, d, blocks):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("n,d", [(33, 48), (70, 96)])
-def test_head_forward_low_precision(device, n, d):
+@pytest.mark.parametrize("n,d,prologue", [(33, 48, "fused"), (70, 96, "fused"), (70, 96, "split")])
+def test_head_forward_low_precision(device, n, d, prologue):
     refnet, net = _head(6, d, 10, 2)
     net.to(device)
     g = torch.Generator().manual_seed(9)
@@ -421,7 +423,7 @@ def test_head_forward_low_precision(device, n, d):
     with torch.no_grad():
         ref64 = refnet.double()(x.double(), t, c.double())
         for dtype in _lowp(device):
-            got = _kd().head_forward(net, *_to(device, x, t, c), gemm_dtype=dtype)
+            got = _kd().head_forward(net, *_to(device, x, t, c), gemm_dtype=dtype, prologue=prologue)
             assert got.dtype == dtype
             # the reference run in that precision: every weight and activation in `dtype`
             lowp = rden.DenoiserMLP(6, d, 12, 10, 2).to(device, dtype)
@@ -449,8 +451,27 @@ def test_sampler_uses_fused_head_when_triton_runs(device, guided):
     with fluid_ops.use_backend("reference"):
         plain = net.sampler(z, ts)
     assert plain.fused is None
+    split = _kd().FusedHeadStep(fused, mode="split")  # the large-batch mode, on the same sampler state
     for step in (0, 7):
-        torch.testing.assert_close(fused(x, step), plain(x, step), rtol=1e-5, atol=1e-5)
+        want = plain(x, step)
+        torch.testing.assert_close(fused(x, step), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(split(x, step), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+def test_prologue_mode_choice(monkeypatch):
+    kd = _kd()
+    monkeypatch.delenv("FLUID_OPS_HEAD_PROLOGUE", raising=False)
+    big = kd.SPLIT_PROLOGUE_MIN_ROWS
+    assert kd.prologue_mode(big - 1, torch.bfloat16) == "fused"
+    assert kd.prologue_mode(big, torch.bfloat16) == "split"
+    assert kd.prologue_mode(big, torch.float32) == "fused"  # CUDA-core GEMMs: the prologue is cheap beside them
+    assert kd.prologue_mode(big, torch.bfloat16, "fused") == "fused"
+    monkeypatch.setenv("FLUID_OPS_HEAD_PROLOGUE", "split")
+    assert kd.prologue_mode(1, torch.bfloat16) == "split"
+    monkeypatch.setenv("FLUID_OPS_HEAD_PROLOGUE", "sometimes")
+    with pytest.raises(ValueError, match="prologue mode must be one of"):
+        kd.prologue_mode(1, torch.bfloat16)
 
 
 def _eps_net_pair(device):

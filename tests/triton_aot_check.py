@@ -86,14 +86,17 @@ def cases():
                         4 if block * rows <= 1024 else 8, 3))
     for width in (1024, 1536):
         br, bd, w = td._row_tiles(4096, width)
-        out.append((f"layernorm_modulate D={width}", td._lnm_kernel,
-                    (f32, width, bf16, 3 * width, bf16, 3 * width, f32, f32, bf16, width, 4096, width, 1e-6),
-                    dict(HAS_W=True, HAS_B=True, BLOCK_R=br, BLOCK_D=bd), w, 3))
+        for has_shift in (True, False):
+            out.append((f"layernorm_modulate D={width} shift={has_shift}", td._lnm_kernel,
+                        (f32, width, bf16, 3 * width, bf16, 3 * width, f32, f32, bf16, width, 4096, width, 1e-6),
+                        dict(HAS_W=has_shift, HAS_B=has_shift, HAS_SHIFT=has_shift, BLOCK_R=br, BLOCK_D=bd), w, 3))
         out.append((f"layernorm_modulate_backward D={width}", td._lnm_bwd_kernel,
                     (bf16, width, bf16, 3 * width, bf16, width, f32, f32, bf16, bf16, f32, f32, 4096, width, 1e-6),
                     dict(HAS_W=True, HAS_B=True, BLOCK_R=br, BLOCK_D=bd), w, 3))
     out.append(("gated_residual", td._gated_residual_kernel, (f32, d, bf16, 3 * d, bf16, d, f32, d, 4096, d),
                 dict(BLOCK_R=2, BLOCK_D=1024), 4, 3))
+    out.append(("silu_add", td._silu_add_kernel, (f32, d, f32, 0, bf16, d, 4096, d), dict(BLOCK_R=2, BLOCK_D=1024),
+                4, 3))
     out.append(("gated_residual_backward", td._gated_residual_bwd_kernel,
                 (bf16, d, bf16, 3 * d, bf16, d, bf16, bf16, 4096, d), dict(BLOCK_R=2, BLOCK_D=1024), 4, 3))
 

@@ -24,7 +24,9 @@ triton is forced, under the interpreter on CPU tensors; `head_forward` for any (
   gate and the final layer's scale, with the final shift folded through the output linear, as
   `_SamplingWeights` lays them out), 1 for the input projection (CFG's [x; x] read as x's rows
   modulo N, no copy), 2 per ResBlock (LN-modulate -> fc1 + SiLU; fc2 + gate + residual) and 1
-  for the final layer: 3 + 2 * blocks launches (15 for MAR-B), plus the ddpm_step kernel.
+  for the final layer: 3 + 2 * blocks launches (15 for MAR-B), plus the ddpm_step kernel. From
+  SPLIT_PROLOGUE_MIN_ROWS rows on (compute-bound GEMMs) the two prologues run instead as one
+  row kernel each, once per row rather than once per column tile (`_Chain`, `prologue_mode`).
 * Tile configs are fixed heuristics per shape (`gemm_config`), not autotuned: autotuning
   benchmarks at the first call, which a CUDA-graph capture cannot contain, and whichever config
   writes h fixes the width of the LN partials its consumers read.
@@ -34,6 +36,8 @@ triton is forced, under the interpreter on CPU tensors; `head_forward` for any (
   rounding-level with bf16 / fp16 GEMMs.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import triton
@@ -46,7 +50,7 @@ from fluid_ops.triton._util import MAX_ROW_WIDTH, interpreting  # noqa: F401 (MA
 INTERPRETED = interpreting()
 
 __all__ = ["layernorm_modulate", "gated_residual", "layernorm_modulate_backward", "gated_residual_backward",
-           "FusedHeadStep", "head_forward", "gemm_config", "MAX_ROW_WIDTH"]
+           "silu_add", "FusedHeadStep", "head_forward", "gemm_config", "prologue_mode", "MAX_ROW_WIDTH"]
 
 
 def _row_tiles(r: int, d: int) -> tuple[int, int, int]:
@@ -75,7 +79,8 @@ def _ln_rows(x_ptr, stride_x, rows64, r_ok, cols, c_ok, D, eps):
 
 @triton.jit
 def _lnm_kernel(x_ptr, stride_x, shift_ptr, stride_shift, scale_ptr, stride_scale, w_ptr, b_ptr, out_ptr, stride_out,
-                R, D, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+                R, D, eps, HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_SHIFT: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
     r_ok = rows < R
@@ -87,8 +92,9 @@ def _lnm_kernel(x_ptr, stride_x, shift_ptr, stride_shift, scale_ptr, stride_scal
     if HAS_B:
         n = n + tl.load(b_ptr + cols, mask=c_ok, other=0.0).to(tl.float32)[None, :]
     scale = tl.load(scale_ptr + rows64[:, None] * stride_scale + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    shift = tl.load(shift_ptr + rows64[:, None] * stride_shift + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    out = n * (1.0 + scale) + shift
+    out = n * (1.0 + scale)
+    if HAS_SHIFT:
+        out += tl.load(shift_ptr + rows64[:, None] * stride_shift + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows64[:, None] * stride_out + cols[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -98,17 +104,17 @@ def _unit_cols(t):
 
 def layernorm_modulate(x, shift, scale, weight, bias, eps, out):
     """out[:] = LN(x) * (1 + scale) + shift for checked (R, D) arguments (shift / scale may be
-    row-broadcast views); out (R, D) any float dtype, unit column stride."""
+    row-broadcast views; shift None: no shift); out (R, D) any float dtype, unit column stride."""
     x, shift, scale = _unit_cols(x), _unit_cols(shift), _unit_cols(scale)
     r, d = x.shape
     if r * d == 0:
         return out
     block_r, block_d, warps = _row_tiles(r, d)
     _lnm_kernel[(triton.cdiv(r, block_r),)](
-        x, x.stride(0), shift, shift.stride(0), scale, scale.stride(0),
-        weight if weight is not None else x, bias if bias is not None else x, out, out.stride(0),
-        r, d, float(eps), HAS_W=weight is not None, HAS_B=bias is not None, BLOCK_R=block_r, BLOCK_D=block_d,
-        num_warps=warps)
+        x, x.stride(0), shift if shift is not None else scale, (shift if shift is not None else scale).stride(0),
+        scale, scale.stride(0), weight if weight is not None else x, bias if bias is not None else x, out,
+        out.stride(0), r, d, float(eps), HAS_W=weight is not None, HAS_B=bias is not None,
+        HAS_SHIFT=shift is not None, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps)
     return out
 
 
@@ -230,6 +236,27 @@ def gated_residual_backward(grad, gate, y):
         _gated_residual_bwd_kernel[grid](grad, grad.stride(0), gate, gate.stride(0), y, y.stride(0), ggate, gy, r, d,
                                          BLOCK_R=block_r, BLOCK_D=block_d)
     return ggate, gy
+
+
+@triton.jit
+def _silu_add_kernel(a_ptr, stride_a, c_ptr, stride_c, out_ptr, stride_out, R, D,
+                     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)[:, None]
+    cols = (tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D))[None, :]
+    mask = (rows < R) & (cols < D)
+    y = tl.load(a_ptr + rows * stride_a + cols, mask=mask, other=0.0).to(tl.float32) + \
+        tl.load(c_ptr + rows * stride_c + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows * stride_out + cols, (y * sigmoid(y)).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def silu_add(a, c, out):
+    """out[:] = SiLU(a + c) for (R, D) a, c (R, D) or (1, D) (broadcast), unit column strides."""
+    r, d = out.shape
+    if r * d:
+        grid, block_r, block_d = _elementwise_grid(r, d)
+        _silu_add_kernel[grid](a, a.stride(0), c, 0 if c.shape[0] == 1 else c.stride(0), out, out.stride(0), r, d,
+                               BLOCK_R=block_r, BLOCK_D=block_d)
+    return out
 
 
 # ---- the fused head GEMM ----------------------------------------------------------------------
@@ -405,16 +432,46 @@ def _linear(a, w_t, out, *, cfg, a_rows=None, silu_add=None, ln=None, bias=None,
     return out
 
 
+# From this many rows on, the sampler / head_forward run the prologues as separate passes (see
+# `_Chain`). A guess from operation counts, not a measurement: tune it on a GPU with
+# benchmarks/denoiser.py (which times both modes) or override with FLUID_OPS_HEAD_PROLOGUE.
+SPLIT_PROLOGUE_MIN_ROWS = 2048
+PROLOGUE_MODES = ("fused", "split")
+
+
+def prologue_mode(m: int, gemm_dtype: torch.dtype, mode: str | None = None) -> str:
+    """"fused" or "split" for an M-row head evaluation: `mode` if given, else the environment
+    variable FLUID_OPS_HEAD_PROLOGUE, else split from SPLIT_PROLOGUE_MIN_ROWS rows on with
+    tensor-core GEMMs (bf16 / fp16), fused otherwise."""
+    mode = mode or os.environ.get("FLUID_OPS_HEAD_PROLOGUE") or None
+    if mode is None:
+        return "split" if m >= SPLIT_PROLOGUE_MIN_ROWS and gemm_dtype != torch.float32 else "fused"
+    if mode not in PROLOGUE_MODES:
+        raise ValueError(f"fused head: prologue mode must be one of {PROLOGUE_MODES} (FLUID_OPS_HEAD_PROLOGUE), "
+                         f"got {mode!r}")
+    return mode
+
+
 class _Chain:
     """The launch sequence of one head evaluation for M rows, with its tile configs and LN-stats
-    buffer; `run` fills ada, h, u and returns out (M, out_channels) in the GEMM dtype."""
+    buffer; `run` fills ada, h, u and returns out (M, out_channels) in the GEMM dtype.
 
-    def __init__(self, weights, in_wt, in_b, m: int, device):
+    mode "fused": SiLU(c + t) and LN-modulate run in the GEMM prologues (3 + 2 * blocks launches;
+    the fewest launches and bytes: what small, launch- and weight-bound batches want). Each
+    program of a GEMM then redoes the prologue of its A rows, once per column tile: at large M,
+    where the GEMMs are compute-bound, that elementwise work (an exp per element for SiLU,
+    ~6 operations for LN-modulate) competes with the tensor cores. Mode "split" therefore runs
+    them once each, as row kernels writing a GEMM-dtype buffer that plain GEMMs read
+    (4 + 3 * blocks launches, one more M x D buffer)."""
+
+    def __init__(self, weights, in_wt, in_b, m: int, device, mode: str | None = None):
         self.w = w = weights
         self.in_wt, self.in_b = in_wt, in_b
         d = w.ada_wt.shape[0]
         gd = w.ada_wt.dtype
         self.d, self.m = d, m
+        self.mode = prologue_mode(m, gd, mode)
+        self.a = torch.empty(m, d, dtype=gd, device=device) if self.mode == "split" else None
         self.cfg_ada = gemm_config(m, w.ada_wt.shape[1], d, gd)
         self.cfg_fc1 = gemm_config(m, d, d, gd)
         # every producer of h (input projection, fc2) writes LN partials of the same width
@@ -426,6 +483,8 @@ class _Chain:
 
     def run(self, x, cemb, temb, ada, h, u, out):
         """x (n, in) fp32 (rows repeated to M when M = 2n), cemb (M, D) fp32, temb (1 or M, D)."""
+        if self.mode == "split":
+            return self._run_split(x, cemb, temb, ada, h, u, out)
         w, d = self.w, self.d
         _linear(cemb, w.ada_wt, ada, cfg=self.cfg_ada, silu_add=temb, bias=w.ada_b)
         _linear(x, self.in_wt, h, cfg=self.cfg_in, a_rows=x.shape[0], bias=self.in_b, out_stats=self.stats)
@@ -441,6 +500,19 @@ class _Chain:
         # final linear + (the folded final shift and bias: the last columns of ada)
         return _linear(h, w.final_wt, out, cfg=self.cfg_out, ln=ln, row_bias=ada[:, base + d:])
 
+    def _run_split(self, x, cemb, temb, ada, h, u, out):
+        w, d, a = self.w, self.d, self.a
+        _linear(silu_add(cemb, temb, a), w.ada_wt, ada, cfg=self.cfg_ada, bias=w.ada_b)
+        _linear(x, self.in_wt, h, cfg=self.cfg_in, a_rows=x.shape[0], bias=self.in_b)
+        for i, ((w0t, b0, w2t, b2), (lw, lb, eps)) in enumerate(zip(w.mlp, w.ln)):
+            base = 3 * d * i
+            layernorm_modulate(h, ada[:, base:base + d], ada[:, base + d:base + 2 * d], lw, lb, eps, a)
+            _linear(a, w0t, u, cfg=self.cfg_fc1, bias=b0, silu_out=True)
+            _linear(u, w2t, h, cfg=self.cfg_fc2, bias=b2, gated_residual=(ada[:, base + 2 * d:base + 3 * d], h))
+        base = 3 * d * len(w.mlp)
+        layernorm_modulate(h, None, ada[:, base:base + d], None, None, w.final_eps, a)
+        return _linear(a, w.final_wt, out, cfg=self.cfg_out, row_bias=ada[:, base + d:])
+
 
 def _x_rows(x):
     x = x.float()
@@ -451,9 +523,9 @@ class FusedHeadStep:
     """The fused Triton evaluation of `DenoiserSampler` (same call: (x, step) -> (M, out) in the
     GEMM dtype), reusing the sampler's embeddings, cached weights and workspaces."""
 
-    def __init__(self, sampler):
+    def __init__(self, sampler, mode: str | None = None):
         self.s = sampler
-        self.chain = _Chain(sampler.w, sampler.in_wt, sampler.in_b, sampler.rows, sampler.h.device)
+        self.chain = _Chain(sampler.w, sampler.in_wt, sampler.in_b, sampler.rows, sampler.h.device, mode)
 
     def __call__(self, x: torch.Tensor, step: int) -> torch.Tensor:
         s = self.s
@@ -462,10 +534,12 @@ class FusedHeadStep:
 
 
 @torch.no_grad()
-def head_forward(net, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, gemm_dtype: torch.dtype | None = None):
+def head_forward(net, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, gemm_dtype: torch.dtype | None = None,
+                 prologue: str | None = None):
     """`net(x, t, c)` of a fluid_ops.nn.DenoiserMLP through the fused Triton kernels (inference,
     no autograd): x (N, in), t (N,), c (N, z) -> (N, out) in the GEMM dtype (default: the
-    parameters' dtype). Contract: exact in fp32, rounding-level in bf16 / fp16."""
+    parameters' dtype). `prologue`: "fused" / "split" (see `_Chain`; default `prologue_mode`).
+    Contract: exact in fp32, rounding-level in bf16 / fp16."""
     gd = gemm_dtype or net.cond_embed.weight.dtype
     w = net._sampling_weights(gd, x.device)
     n, d = x.shape[0], net.model_channels
@@ -476,7 +550,7 @@ def head_forward(net, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, gemm_dt
         cemb = net.cond_embed(c.to(net.cond_embed.weight.dtype)).float().contiguous()
     in_wt = net.input_proj.weight.detach().float().t()
     in_b = net.input_proj.bias.detach().float()
-    chain = _Chain(w, in_wt, in_b, n, x.device)
+    chain = _Chain(w, in_wt, in_b, n, x.device, prologue)
     dev = x.device
     ada = torch.empty(n, w.ada_wt.shape[1], dtype=gd, device=dev)
     h = torch.empty(n, d, device=dev)
