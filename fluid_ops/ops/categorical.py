@@ -15,6 +15,7 @@ import torch
 from fluid_ops import _compiled, backend
 from fluid_ops.ops._checks import FLOAT_DTYPES, check_finite_scalar, check_same_device, check_tensor
 from fluid_ops.reference import categorical as ref
+from fluid_ops.triton._util import cpu_rule
 
 __all__ = ["sample_categorical"]
 
@@ -39,6 +40,12 @@ def _sample_categorical_cpu(logits, uniform, temperature, top_k, top_p):
                                      1.0 if top_p is None else float(top_p), v(out),
                                      _compiled.cpu_threads())
     return out
+
+
+@backend.register(OP, "triton", supports=lambda logits, *args: cpu_rule(logits))
+def _sample_categorical_triton(logits, uniform, temperature, top_k, top_p):
+    from fluid_ops.triton import sampling  # imports triton: only when a Triton kernel runs
+    return sampling.sample_categorical(logits, uniform, temperature, top_k, top_p)
 
 
 # ---- custom op --------------------------------------------------------------------------

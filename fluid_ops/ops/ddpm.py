@@ -10,6 +10,7 @@ import torch
 from fluid_ops import _compiled, backend
 from fluid_ops.ops._checks import FLOAT_DTYPES, check_finite_scalar, check_same_device, check_tensor
 from fluid_ops.reference import diffusion as ref
+from fluid_ops.triton._util import cpu_rule
 
 OP = "ddpm_step"
 
@@ -42,6 +43,12 @@ def _ddpm_step_cuda(x, model_out, noise, table, step, temperature, cfg):
     _compiled.cuda.ddpm_step(v(x), v(model_out), v(noise), v(table), step, temperature, cfg, v(out),
                              _compiled.cuda_stream(x.device))
     return out
+
+
+@backend.register(OP, "triton", supports=lambda x, *args: cpu_rule(x))
+def _ddpm_step_triton(x, model_out, noise, table, step, temperature, cfg):
+    from fluid_ops.triton import sampling  # imports triton: only when a Triton kernel runs
+    return sampling.ddpm_step(x, model_out, noise, table, step, temperature, cfg)
 
 
 # ---- custom op --------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import torch
 from fluid_ops import _compiled, backend
 from fluid_ops.ops._checks import FLOAT_DTYPES, check_finite_scalar, check_same_device, check_tensor
 from fluid_ops.reference import denoiser as ref
+from fluid_ops.triton._util import MAX_ROW_WIDTH, cpu_rule
 
 __all__ = ["layernorm_modulate", "gated_residual", "gated_residual_"]
 
@@ -214,6 +215,57 @@ def _gr_cuda(h, gate, y):
 def _gr_inplace_cuda(h, gate, y):
     gate, y = _unit_cols(gate), _unit_cols(y)
     _compiled.cuda.gated_residual(_v(h), _v(gate), _v(y), _v(h), _compiled.cuda_stream(h.device))
+
+
+# ---- triton backends -----------------------------------------------------------------------
+# The kernels live in fluid_ops.triton.denoiser, imported on first use (it imports triton).
+def _tk():
+    from fluid_ops.triton import denoiser
+    return denoiser
+
+
+def _triton_rows(x, *ts):
+    """cpu_rule, float64, and the row kernels' width limit."""
+    return cpu_rule(x) or _no_f64(x, *ts) or (
+        None if x.shape[-1] <= MAX_ROW_WIDTH else
+        f"the Triton row kernels take rows of at most {MAX_ROW_WIDTH} elements, got {x.shape[-1]}")
+
+
+@backend.register(LNM, "triton", supports=lambda x, shift, scale, weight, bias, eps, out_dtype:
+                  _triton_rows(x, shift, scale, weight, bias) or (
+                      "float64 output is handled by the reference backend only" if out_dtype == torch.float64 else None))
+def _lnm_triton(x, shift, scale, weight, bias, eps, out_dtype):
+    out = torch.empty(x.shape, dtype=out_dtype, device=x.device)
+    return _tk().layernorm_modulate(x, shift, scale, weight, bias, eps, out)
+
+
+@backend.register("layernorm_modulate_into", "triton", supports=lambda x, shift, scale, weight, bias, eps, out:
+                  _triton_rows(x, shift, scale, weight, bias, out) or _writable_rows(out))
+def _lnm_into_triton(x, shift, scale, weight, bias, eps, out):
+    _tk().layernorm_modulate(x, shift, scale, weight, bias, eps, out)
+
+
+@backend.register(LNM_BWD, "triton", supports=lambda x, scale, grad, weight, bias, eps:
+                  _triton_rows(x, scale, grad, weight, bias))
+def _lnm_bwd_triton(x, scale, grad, weight, bias, eps):
+    return _tk().layernorm_modulate_backward(x, scale, grad, weight, bias, eps)
+
+
+@backend.register(GR, "triton", supports=lambda h, gate, y: cpu_rule(h) or _no_f64(h, gate, y))
+def _gr_triton(h, gate, y):
+    out = torch.empty(h.shape, dtype=h.dtype, device=h.device)
+    return _tk().gated_residual(h, gate, y, out)
+
+
+@backend.register(GR_BWD, "triton", supports=lambda grad, gate, y: cpu_rule(grad) or _no_f64(grad, gate, y))
+def _gr_bwd_triton(grad, gate, y):
+    return _tk().gated_residual_backward(grad, gate, y)
+
+
+@backend.register(GR_INPLACE, "triton", supports=lambda h, gate, y: cpu_rule(h) or _no_f64(h, gate, y) or (
+    None if h.shape[1] <= 1 or h.stride(1) == 1 else "h must have unit column stride to be updated in place"))
+def _gr_inplace_triton(h, gate, y):
+    _tk().gated_residual(h, gate, y, h)
 
 
 # ---- custom ops -------------------------------------------------------------------------------
