@@ -45,16 +45,19 @@ DEVICES = _device_params()
 
 @pytest.fixture(scope="module", autouse=True)
 def _interpreter_for_this_module():
-    old = os.environ.get("TRITON_INTERPRET")
-    if USE_INTERPRETER:
-        os.environ["TRITON_INTERPRET"] = "1"
+    """TRITON_INTERPRET=1 where there is no GPU; on a GPU, FLUID_OPS_TRITON_AUTOTUNE=0 (each of the
+    many shapes here compiles one config instead of tuning over all: test_autotuned_launch tunes)."""
+    new = {"TRITON_INTERPRET": "1"} if USE_INTERPRETER else {"FLUID_OPS_TRITON_AUTOTUNE": "0"}
+    old = {k: os.environ.get(k) for k in new}
+    os.environ.update(new)
     try:
         yield
     finally:
-        if old is None:
-            os.environ.pop("TRITON_INTERPRET", None)
-        else:
-            os.environ["TRITON_INTERPRET"] = old
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _kernels():
@@ -386,6 +389,21 @@ def test_kvcache_decode_loop_matches_full_causal(device):
 
 
 # ---- tuning ------------------------------------------------------------------------------------
+@pytest.mark.skipif(not (HAVE_GPU and HAVE_TRITON) or USE_INTERPRETER, reason="autotuning runs on a GPU only")
+@pytest.mark.parametrize("masked", [False, True])
+def test_autotuned_launch(monkeypatch, masked):
+    monkeypatch.setenv("FLUID_OPS_TRITON_AUTOTUNE", "1")
+    q, k, v, mask = _inputs(4, 200, 300, 2, 64, dtype=torch.float16, masked=masked, full_mask_batch=1)
+    do = torch.randn(q.shape).to(torch.float16)
+    want_o, want_g = _ref_grads(q, k, v, mask, False, do)
+    o, got = _grads(*_to("cuda", q, k, v, mask), False, do.to("cuda"))
+    torch.testing.assert_close(o.cpu().double(), want_o, rtol=0, atol=5e-3)
+    for name, g, w in zip("qkv", got, want_g):
+        torch.testing.assert_close(g.cpu().double(), w, rtol=0, atol=2e-2, msg=f"d{name}")
+    report = _kernels().tuning_report()
+    assert {"forward", "backward_dkdv", "backward_dq"} <= set(report), report
+
+
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
 def test_autotune_pruning():
     ta = _kernels()

@@ -32,8 +32,9 @@ before the P·V and dS·K GEMMs (as flash-attn does); fp32 inputs use IEEE fp32 
 the fp32 path keeps the op's "exact" contract.
 
 Autotuning (GPU only): `triton.autotune` keyed on head dim, power-of-two buckets of Nq and Nk,
-the mask / causal / cache flags and the dtypes. Under the interpreter (TRITON_INTERPRET=1, CPU
-tensors, tests) one small fixed configuration runs instead: tuning there is meaningless and slow.
+the mask / causal / cache flags and the dtypes (FLUID_OPS_TRITON_AUTOTUNE=0: the first candidate
+that suits the call, no trial runs). Under the interpreter (TRITON_INTERPRET=1, CPU tensors,
+tests) one small fixed configuration runs instead: tuning there is meaningless and slow.
 """
 from __future__ import annotations
 
@@ -379,38 +380,52 @@ def _prune(uses_block_list: bool, rows_arg: str, rows_tile: str):
     return prune
 
 
-def _tuned(kernel, configs, prune, reset_to_zero=None):
-    if INTERPRETED:
-        return None
-    key = ["HEAD_DIM", "q_bucket", "k_bucket", "CAUSAL", "HAS_MASK"]
-    if "HAS_SEQLENS" in kernel.arg_names:
-        key.append("HAS_SEQLENS")
-    return triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune},
-                           reset_to_zero=reset_to_zero)(kernel)
+def autotune_enabled() -> bool:
+    """FLUID_OPS_TRITON_AUTOTUNE=0 skips tuning: each call takes the first candidate that survives
+    pruning (no trial runs; for quick runs and tests that compile many shapes once each)."""
+    return os.environ.get("FLUID_OPS_TRITON_AUTOTUNE", "1").strip() != "0"
 
 
-_fwd_tuned = _tuned(_attn_fwd_kernel, FWD_CONFIGS, _prune(True, "q_bucket", "BLOCK_M"))
+class _TunedKernel:
+    """A kernel with its candidate configs: `triton.autotune` on a GPU, keyed on head dim, the
+    power-of-two buckets of Nq and Nk and the mask / causal / cache flags (Triton adds the dtypes);
+    one fixed small config under the interpreter."""
+
+    def __init__(self, kernel, configs, prune, reset_to_zero=None):
+        self.kernel, self.configs, self.prune = kernel, configs, prune
+        self.tuner = None
+        if not INTERPRETED:
+            key = ["HEAD_DIM", "q_bucket", "k_bucket", "CAUSAL", "HAS_MASK"]
+            if "HAS_SEQLENS" in kernel.arg_names:
+                key.append("HAS_SEQLENS")
+            self.tuner = triton.autotune(configs=configs, key=key, prune_configs_by={"early_config_prune": prune},
+                                         reset_to_zero=reset_to_zero)(kernel)
+
+    def __call__(self, grid, args, consts):
+        if self.tuner is None:
+            meta = {**consts, **INTERPRETER_CONFIG}
+            self.kernel[grid(meta)](*args, **meta)
+        elif autotune_enabled():
+            self.tuner[grid](*args, **consts)
+        else:
+            cfg = self.prune(self.configs, dict(zip(self.kernel.arg_names, args)), **consts)[0]
+            meta = {**consts, **cfg.kwargs}
+            self.kernel[grid(meta)](*args, **meta, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+_fwd_kernel = _TunedKernel(_attn_fwd_kernel, FWD_CONFIGS, _prune(True, "q_bucket", "BLOCK_M"))
 # (the atomic mode accumulates dq across launches: the tuner's trial runs must start from zero)
-_dkdv_tuned = _tuned(_attn_bwd_dkdv_kernel, BWD_DKDV_CONFIGS, _prune(False, "k_bucket", "BLOCK_N"),
-                     reset_to_zero=["DQ_ACC"])
-_dq_tuned = _tuned(_attn_bwd_dq_kernel, BWD_DQ_CONFIGS, _prune(True, "q_bucket", "BLOCK_M"))
-
-
-def _launch(tuned, kernel, grid, args, consts):
-    """Autotuned launch on a GPU; one fixed small config under the interpreter."""
-    if tuned is None:
-        consts = {**consts, **INTERPRETER_CONFIG}
-        kernel[grid(consts)](*args, **consts)
-    else:
-        tuned[grid](*args, **consts)
+_dkdv_kernel = _TunedKernel(_attn_bwd_dkdv_kernel, BWD_DKDV_CONFIGS, _prune(False, "k_bucket", "BLOCK_N"),
+                            reset_to_zero=["DQ_ACC"])
+_dq_kernel = _TunedKernel(_attn_bwd_dq_kernel, BWD_DQ_CONFIGS, _prune(True, "q_bucket", "BLOCK_M"))
 
 
 def tuning_report() -> dict:
     """The config each autotuned kernel chose per key so far (empty under the interpreter)."""
     out = {}
-    for name, t in (("forward", _fwd_tuned), ("backward_dkdv", _dkdv_tuned), ("backward_dq", _dq_tuned)):
-        if t is not None:
-            out[name] = {str(k): str(v) for k, v in t.cache.items()}
+    for name, k in (("forward", _fwd_kernel), ("backward_dkdv", _dkdv_kernel), ("backward_dq", _dq_kernel)):
+        if k.tuner is not None and k.tuner.cache:
+            out[name] = {str(key): str(cfg) for key, cfg in k.tuner.cache.items()}
     return out
 
 
@@ -476,7 +491,7 @@ def _fwd(q, k, v, key_padding_mask, causal, softmax_scale, cache_seqlens=None, s
                   HAS_SEQLENS=cache_seqlens is not None, DOT_PREC=_dot_precision(q.dtype))
     grid = lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * h)  # noqa: E731
     with _device_guard(q):
-        _launch(_fwd_tuned, _attn_fwd_kernel, grid, args, consts)
+        _fwd_kernel(grid, args, consts)
     return o, lse
 
 
@@ -524,7 +539,7 @@ def backward(do, q, k, v, o, lse, key_padding_mask, causal: bool, softmax_scale:
             h, nq, HEAD_DIM=d, BLOCK_D=block_d, BLOCK_M=pre_m)
         qkv_do_strides = (q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                           v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2))
-        _launch(_dkdv_tuned, _attn_bwd_dkdv_kernel, lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), b * h),
+        _dkdv_kernel(lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), b * h),
                 (q, k, v, do, lse2, delta, keep, dk, dv, dq_acc, *qkv_do_strides,
                  dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), *keep_strides,
                  h, nq, nk, softmax_scale, softmax_scale * LOG2E, *buckets),
@@ -536,7 +551,7 @@ def backward(do, q, k, v, o, lse, key_padding_mask, causal: bool, softmax_scale:
             else:
                 block_idx = block_cnt = delta
                 list_stride = 0
-            _launch(_dq_tuned, _attn_bwd_dq_kernel, lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * h),
+            _dq_kernel(lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * h),
                     (q, k, v, do, lse2, delta, keep, block_idx, block_cnt, dq, *qkv_do_strides,
                      dq.stride(0), dq.stride(1), dq.stride(2), *keep_strides, list_stride,
                      h, nq, nk, softmax_scale, softmax_scale * LOG2E, *buckets),
