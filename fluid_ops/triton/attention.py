@@ -15,6 +15,9 @@ Skipping work:
   not visited (the loop ends at the tile's last visible key; with padding, at the prefix count
   of that tile);
 * KV cache: each batch's key length is cache_seqlens[b] + Nnew, read on the device (no host sync).
+Each loop is split in two (three in dk/dv): tiles wholly inside the sequences and below the causal
+diagonal run without bounds or causal tests (and, with unit-stride power-of-two D, unmasked
+loads); only the tiles on the diagonal and at the ragged ends pay for them.
 
 Backward: a preprocess pass writes delta = rowsum(dO ∘ O) and lse · log2(e) (+inf for empty rows,
 so their probabilities recompute to 0); then either
@@ -81,23 +84,76 @@ def _mask_block_list_kernel(KEEP, BLOCK_IDX, BLOCK_CNT, stride_keep_b, stride_ke
 def _key_tiles(b, start_m, BLOCK_CNT, SEQLENS_K, stride_list_b, N_Q, N_K, seqlen_add,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
                HAS_SEQLENS: tl.constexpr):
-    """(Lk, n_iter) for the query tile starting at start_m: the batch's key length and how many key
-    tiles its loop visits (entries of the block list when masked, else tiles 0..n_iter-1)."""
+    """(Lk, n_inner, n_iter) for the query tile starting at start_m: the batch's key length, and
+    how many key tiles its loops visit: the first n_inner lie wholly inside the key range and below
+    the causal diagonal (no bounds or causal test needed), up to n_iter need them. Counts are
+    entries of the block list when masked, else tiles 0, 1, ..."""
     if HAS_SEQLENS:
         len_k = tl.load(SEQLENS_K + b).to(tl.int32) + seqlen_add
     else:
         len_k = N_K + start_m * 0
     n_tiles = tl.cdiv(len_k, BLOCK_N)
+    n_full = len_k // BLOCK_N
     if CAUSAL:
-        # the tile's last valid row sees keys up to last_row + Lk - Nq; nothing if that is < 0
+        # row i sees keys j <= i + Lk - Nq: the tile's last valid row bounds what is visited, its
+        # first row what needs no causal test
         last_key = tl.minimum(start_m + BLOCK_M, N_Q) - 1 + len_k - N_Q
         n_tiles = tl.minimum(n_tiles, tl.cdiv(tl.maximum(last_key, -1) + 1, BLOCK_N))
-    if HAS_MASK:
-        prefix = tl.load(BLOCK_CNT + b * stride_list_b + tl.maximum(n_tiles - 1, 0))
-        n_iter = tl.where(n_tiles > 0, prefix, 0)
+        n_full = tl.minimum(n_full, tl.maximum(start_m + len_k - N_Q + 1, 0) // BLOCK_N)
+    n_full = tl.minimum(n_full, n_tiles)
+    if HAS_MASK:  # tile counts -> entries of the list (prefix counts of non-empty tiles)
+        list_row = BLOCK_CNT + b * stride_list_b
+        n_iter = tl.where(n_tiles > 0, tl.load(list_row + tl.maximum(n_tiles - 1, 0)), 0)
+        n_inner = tl.where(n_full > 0, tl.load(list_row + tl.maximum(n_full - 1, 0)), 0)
     else:
         n_iter = n_tiles
-    return len_k, n_iter
+        n_inner = n_full
+    return len_k, n_inner, n_iter
+
+
+@triton.jit
+def _load_rows(base, offs_r, stride_r, offs_d, r_ok, d_ok, EDGE: tl.constexpr, EVEN_D: tl.constexpr):
+    """A (rows, BLOCK_D) tile; bounds tests only where they can fail (edge tiles, padded head dim)."""
+    ptrs = base + offs_r[:, None] * stride_r + offs_d[None, :]
+    if EDGE:
+        return tl.load(ptrs, mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+    elif EVEN_D:
+        return tl.load(ptrs)
+    else:
+        return tl.load(ptrs, mask=d_ok[None, :], other=0.0)
+
+
+@triton.jit
+def _fwd_tile(acc, m_i, l_i, q, k_base, v_base, KEEP_ROW, start_n, offs_m, offs_j, offs_d, d_ok, len_k, N_Q,
+              stride_kn, stride_vn, stride_keep_n, scale_log2,
+              EDGE: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_D: tl.constexpr,
+              DOT_PREC: tl.constexpr):
+    """One key tile of the online softmax. Inner tiles (EDGE False) are wholly valid apart from
+    key padding, and a listed tile has an attendable key, so every row keeps a finite max there."""
+    offs_n = start_n + offs_j
+    n_ok = offs_n < len_k
+    k = _load_rows(k_base, offs_n, stride_kn, offs_d, n_ok, d_ok, EDGE, EVEN_D)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+    if HAS_MASK:
+        keep = tl.load(KEEP_ROW + offs_n * stride_keep_n, mask=n_ok, other=0) != 0
+        s = tl.where(keep[None, :], s, float("-inf"))
+    if EDGE:
+        ok = n_ok[None, :]
+        if CAUSAL:
+            ok = ok & (offs_n[None, :] <= offs_m[:, None] + (len_k - N_Q))
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # a row with nothing allowed so far keeps m = -inf: subtract 0 instead (exp2(-inf) = 0, no NaN)
+        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_sub = m_new
+    p = tl.math.exp2(s - m_sub[:, None])
+    alpha = tl.math.exp2(m_i - m_sub)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    v = _load_rows(v_base, offs_n, stride_vn, offs_d, n_ok, d_ok, EDGE, EVEN_D)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
+    return acc, m_new, l_i
 
 
 @triton.jit
@@ -118,44 +174,29 @@ def _attn_fwd_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM  # D = 80 / 96 run in a 128-wide tile, the tail masked off
     m_ok = offs_m < N_Q
-
     q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :],
                 mask=m_ok[:, None] & d_ok[None, :], other=0.0)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    len_k, n_iter = _key_tiles(b, start_m, BLOCK_CNT, SEQLENS_K, stride_list_b, N_Q, N_K, seqlen_add,
-                               BLOCK_M, BLOCK_N, CAUSAL, HAS_MASK, HAS_SEQLENS)
+    keep_row = KEEP + b * stride_keep_b
+    list_row = BLOCK_IDX + b * stride_list_b
+    len_k, n_inner, n_iter = _key_tiles(b, start_m, BLOCK_CNT, SEQLENS_K, stride_list_b, N_Q, N_K, seqlen_add,
+                                        BLOCK_M, BLOCK_N, CAUSAL, HAS_MASK, HAS_SEQLENS)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the base-2 scores
     l_i = tl.zeros([BLOCK_M], tl.float32)                 # running sum of exp2(s2 - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for it in range(0, n_iter):
-        if HAS_MASK:
-            start_n = tl.load(BLOCK_IDX + b * stride_list_b + it) * BLOCK_N
-        else:
-            start_n = it * BLOCK_N
-        offs_n = start_n + offs_j
-        n_ok = offs_n < len_k
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
-                    other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
-        ok = n_ok[None, :]
-        if HAS_MASK:
-            keep = tl.load(KEEP + b * stride_keep_b + offs_n * stride_keep_n, mask=n_ok, other=0)
-            ok = ok & (keep != 0)[None, :]
-        if CAUSAL:
-            ok = ok & (offs_n[None, :] <= offs_m[:, None] + (len_k - N_Q))
-        s = tl.where(ok, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        # rows with nothing allowed so far keep m = -inf: subtract 0 instead (exp2(-inf) = 0, no NaN)
-        m_sub = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.math.exp2(s - m_sub[:, None])
-        alpha = tl.math.exp2(m_i - m_sub)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :],
-                    other=0.0)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PREC)
-        m_i = m_new
+    # two loops (each software-pipelined): inner tiles without bounds / causal tests, then the rest
+    for it in range(0, n_inner):
+        start_n = (tl.load(list_row + it) if HAS_MASK else it) * BLOCK_N
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, keep_row, start_n, offs_m, offs_j, offs_d, d_ok,
+                                  len_k, N_Q, stride_kn, stride_vn, stride_keep_n, scale_log2,
+                                  False, CAUSAL, HAS_MASK, HEAD_DIM == BLOCK_D, DOT_PREC)
+    for it in range(n_inner, n_iter):
+        start_n = (tl.load(list_row + it) if HAS_MASK else it) * BLOCK_N
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, keep_row, start_n, offs_m, offs_j, offs_d, d_ok,
+                                  len_k, N_Q, stride_kn, stride_vn, stride_keep_n, scale_log2,
+                                  True, CAUSAL, HAS_MASK, HEAD_DIM == BLOCK_D, DOT_PREC)
 
     has_key = l_i > 0.0
     l_div = tl.where(has_key, l_i, 1.0)
@@ -192,6 +233,42 @@ def _attn_bwd_preprocess_kernel(O, DO, LSE, DELTA, LSE2, stride_ob, stride_on, s
 
 
 @triton.jit
+def _dkdv_tile(dk, dv, k, v, keep, Q_BASE, DO_BASE, LSE2_ROW, DELTA_ROW, start_m, offs_n, offs_i, offs_d, d_ok,
+               N_Q, N_K, stride_qn, stride_don, scale, scale_log2, DQ_BASE, stride_dqn,
+               EDGE: tl.constexpr, CAUSAL: tl.constexpr, EVEN_D: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+               DOT_PREC: tl.constexpr):
+    """One query tile's contribution to a key tile's dK, dV (transposed scores: (BLOCK_N, BLOCK_M)).
+    Inner query tiles (EDGE False) are wholly inside Nq and below the diagonal."""
+    offs_m = start_m + offs_i
+    m_ok = offs_m < N_Q
+    q = _load_rows(Q_BASE, offs_m, stride_qn, offs_d, m_ok, d_ok, EDGE, EVEN_D)
+    do = _load_rows(DO_BASE, offs_m, stride_don, offs_d, m_ok, d_ok, EDGE, EVEN_D)
+    if EDGE:
+        lse2 = tl.load(LSE2_ROW + offs_m, mask=m_ok, other=float("inf"))
+        delta = tl.load(DELTA_ROW + offs_m, mask=m_ok, other=0.0)
+    else:
+        lse2 = tl.load(LSE2_ROW + offs_m)
+        delta = tl.load(DELTA_ROW + offs_m)
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale_log2
+    ok = keep[:, None]  # (keep includes n < Nk)
+    if EDGE:
+        ok = ok & m_ok[None, :]
+        if CAUSAL:
+            ok = ok & (offs_n[:, None] <= offs_m[None, :] + (N_K - N_Q))
+    # rows with no key have lse2 = +inf: their probabilities recompute to exactly 0
+    p_t = tl.where(ok, tl.math.exp2(s_t - lse2[None, :]), 0.0)
+    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)
+    if ATOMIC_DQ:
+        dq_part = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PREC) * scale
+        tl.atomic_add(DQ_BASE + offs_m[:, None] * stride_dqn + offs_d[None, :], dq_part,
+                      mask=m_ok[:, None] & d_ok[None, :])
+    return dk, dv
+
+
+@triton.jit
 def _attn_bwd_dkdv_kernel(
         Q, K, V, DO, LSE2, DELTA, KEEP, DK, DV, DQ_ACC,
         stride_qb, stride_qn, stride_qh, stride_kb, stride_kn, stride_kh, stride_vb, stride_vn, stride_vh,
@@ -201,8 +278,8 @@ def _attn_bwd_dkdv_kernel(
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, ATOMIC_DQ: tl.constexpr, DOT_PREC: tl.constexpr):
     """One key tile: dV = Σ Pᵀ dO, dK = scale · Σ dSᵀ Q over the query tiles that can see it
-    (transposed tiles, so nothing is transposed in registers for the accumulations). With
-    ATOMIC_DQ it also adds scale · dS K into DQ_ACC (fp32, contiguous (B, Nq, H, D))."""
+    (transposed tiles, so the accumulations need no transposes). With ATOMIC_DQ it also adds
+    scale · dS K into DQ_ACC (fp32, contiguous (B, Nq, H, D))."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -222,45 +299,67 @@ def _attn_bwd_dkdv_kernel(
     if HAS_MASK:
         keep = keep & (tl.load(KEEP + b * stride_keep_b + offs_n * stride_keep_n, mask=n_ok, other=0) != 0)
 
-    # first query tile that sees this key tile: causal row i sees key j iff i >= j - (Nk - Nq)
+    # query tiles [lo, hi) see this key tile (causal row i sees key j iff i >= j - (Nk - Nq)); those
+    # in [mid, hi_full) see all of it and lie wholly inside Nq: no bounds or causal tests there
     lo = start_n * 0
+    mid = lo
     if CAUSAL:
         lo = (tl.maximum(start_n - (N_K - N_Q), 0) // BLOCK_M) * BLOCK_M
-    hi = N_Q + start_n * 0
-    if HAS_MASK:  # a tile that is all padding gets no gradient: skip its query loop entirely
+        mid = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - (N_K - N_Q), 0), BLOCK_M) * BLOCK_M
+    hi = N_Q + lo * 0
+    if HAS_MASK:  # a tile that is all padding gets no gradient: skip its query loops entirely
         hi = tl.where(tl.max(keep.to(tl.int32), axis=0) > 0, hi, lo)
+    hi_full = tl.minimum((N_Q // BLOCK_M) * BLOCK_M, hi)
 
     q_base = Q + b * stride_qb + h * stride_qh
     do_base = DO + b * stride_dob + h * stride_doh
-    row_base = pid_bh.to(tl.int64) * N_Q
+    dq_base = DQ_ACC + (b * N_Q * H + h) * HEAD_DIM  # (atomic mode only)
+    lse2_row = LSE2 + pid_bh.to(tl.int64) * N_Q
+    delta_row = DELTA + pid_bh.to(tl.int64) * N_Q
+    even_d: tl.constexpr = HEAD_DIM == BLOCK_D
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for start_m in range(lo, hi, BLOCK_M):
-        offs_m = start_m + offs_i
-        m_ok = offs_m < N_Q
-        q_mask = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(q_base + offs_m[:, None] * stride_qn + offs_d[None, :], mask=q_mask, other=0.0)
-        do = tl.load(do_base + offs_m[:, None] * stride_don + offs_d[None, :], mask=q_mask, other=0.0)
-        lse2 = tl.load(LSE2 + row_base + offs_m, mask=m_ok, other=float("inf"))
-        delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
-        s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PREC) * scale_log2  # (BLOCK_N, BLOCK_M)
-        ok = keep[:, None] & m_ok[None, :]
-        if CAUSAL:
-            ok = ok & (offs_n[:, None] <= offs_m[None, :] + (N_K - N_Q))
-        p_t = tl.where(ok, tl.math.exp2(s_t - lse2[None, :]), 0.0)
-        dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PREC)
-        dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PREC)
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PREC)
-        if ATOMIC_DQ:
-            dq_part = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PREC) * scale
-            dq_ptr = DQ_ACC + ((b * N_Q + offs_m[:, None]) * H + h) * HEAD_DIM + offs_d[None, :]
-            tl.atomic_add(dq_ptr, dq_part, mask=q_mask)
+    for start_m in range(lo, tl.minimum(mid, hi), BLOCK_M):  # along the diagonal
+        dk, dv = _dkdv_tile(dk, dv, k, v, keep, q_base, do_base, lse2_row, delta_row, start_m, offs_n, offs_i,
+                            offs_d, d_ok, N_Q, N_K, stride_qn, stride_don, scale, scale_log2, dq_base, H * HEAD_DIM,
+                            True, CAUSAL, even_d, ATOMIC_DQ, DOT_PREC)
+    for start_m in range(tl.maximum(lo, mid), hi_full, BLOCK_M):  # inner tiles
+        dk, dv = _dkdv_tile(dk, dv, k, v, keep, q_base, do_base, lse2_row, delta_row, start_m, offs_n, offs_i,
+                            offs_d, d_ok, N_Q, N_K, stride_qn, stride_don, scale, scale_log2, dq_base, H * HEAD_DIM,
+                            False, CAUSAL, even_d, ATOMIC_DQ, DOT_PREC)
+    for start_m in range(tl.maximum(tl.maximum(lo, mid), hi_full), hi, BLOCK_M):  # the last, partial tile
+        dk, dv = _dkdv_tile(dk, dv, k, v, keep, q_base, do_base, lse2_row, delta_row, start_m, offs_n, offs_i,
+                            offs_d, d_ok, N_Q, N_K, stride_qn, stride_don, scale, scale_log2, dq_base, H * HEAD_DIM,
+                            True, CAUSAL, even_d, ATOMIC_DQ, DOT_PREC)
     dk = dk * scale
     tl.store(DK + b * stride_dkb + h * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :],
              dk.to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + b * stride_dvb + h * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :],
              dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_tile(dq, q, do, lse2, delta, k_base, v_base, KEEP_ROW, start_n, offs_m, offs_j, offs_d, d_ok, len_k, N_Q,
+             stride_kn, stride_vn, stride_keep_n, scale_log2,
+             EDGE: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_D: tl.constexpr,
+             DOT_PREC: tl.constexpr):
+    offs_n = start_n + offs_j
+    n_ok = offs_n < len_k
+    k = _load_rows(k_base, offs_n, stride_kn, offs_d, n_ok, d_ok, EDGE, EVEN_D)
+    v = _load_rows(v_base, offs_n, stride_vn, offs_d, n_ok, d_ok, EDGE, EVEN_D)
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
+    p = tl.math.exp2(s - lse2[:, None])  # rows past Nq or with no key: lse2 = +inf, p = 0
+    if HAS_MASK:
+        keep = tl.load(KEEP_ROW + offs_n * stride_keep_n, mask=n_ok, other=0) != 0
+        p = tl.where(keep[None, :], p, 0.0)
+    if EDGE:
+        ok = n_ok[None, :]
+        if CAUSAL:
+            ok = ok & (offs_n[None, :] <= offs_m[:, None] + (len_k - N_Q))
+        p = tl.where(ok, p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
 
 
 @triton.jit
@@ -272,7 +371,8 @@ def _attn_bwd_dq_kernel(
         H, N_Q, N_K, scale, scale_log2, q_bucket, k_bucket,
         HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
         CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, DOT_PREC: tl.constexpr):
-    """One query tile: dQ = scale · Σ dS K over the key tiles the forward visited (same list)."""
+    """One query tile: dQ = scale · Σ dS K over the key tiles the forward visited (same list, same
+    inner / edge split)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -293,30 +393,21 @@ def _attn_bwd_dq_kernel(
     delta = tl.load(DELTA + row, mask=m_ok, other=0.0)
     k_base = K + b * stride_kb + h * stride_kh
     v_base = V + b * stride_vb + h * stride_vh
-    len_k, n_iter = _key_tiles(b, start_m, BLOCK_CNT, BLOCK_CNT, stride_list_b, N_Q, N_K, 0,
-                               BLOCK_M, BLOCK_N, CAUSAL, HAS_MASK, False)
+    keep_row = KEEP + b * stride_keep_b
+    list_row = BLOCK_IDX + b * stride_list_b
+    len_k, n_inner, n_iter = _key_tiles(b, start_m, BLOCK_CNT, BLOCK_CNT, stride_list_b, N_Q, N_K, 0,
+                                        BLOCK_M, BLOCK_N, CAUSAL, HAS_MASK, False)
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for it in range(0, n_iter):
-        if HAS_MASK:
-            start_n = tl.load(BLOCK_IDX + b * stride_list_b + it) * BLOCK_N
-        else:
-            start_n = it * BLOCK_N
-        offs_n = start_n + offs_j
-        n_ok = offs_n < len_k
-        kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PREC) * scale_log2
-        ok = m_ok[:, None] & n_ok[None, :]
-        if HAS_MASK:
-            keep = tl.load(KEEP + b * stride_keep_b + offs_n * stride_keep_n, mask=n_ok, other=0)
-            ok = ok & (keep != 0)[None, :]
-        if CAUSAL:
-            ok = ok & (offs_n[None, :] <= offs_m[:, None] + (len_k - N_Q))
-        p = tl.where(ok, tl.math.exp2(s - lse2[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+    for it in range(0, n_inner):
+        start_n = (tl.load(list_row + it) if HAS_MASK else it) * BLOCK_N
+        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, keep_row, start_n, offs_m, offs_j, offs_d, d_ok, len_k,
+                      N_Q, stride_kn, stride_vn, stride_keep_n, scale_log2,
+                      False, CAUSAL, HAS_MASK, HEAD_DIM == BLOCK_D, DOT_PREC)
+    for it in range(n_inner, n_iter):
+        start_n = (tl.load(list_row + it) if HAS_MASK else it) * BLOCK_N
+        dq = _dq_tile(dq, q, do, lse2, delta, k_base, v_base, keep_row, start_n, offs_m, offs_j, offs_d, d_ok, len_k,
+                      N_Q, stride_kn, stride_vn, stride_keep_n, scale_log2,
+                      True, CAUSAL, HAS_MASK, HEAD_DIM == BLOCK_D, DOT_PREC)
     dq = dq * scale
     tl.store(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :],
              dq.to(DQ.dtype.element_ty), mask=q_mask)
@@ -350,18 +441,19 @@ def _cfg(block_m, block_n, warps, stages):
     return triton.Config({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=warps, num_stages=stages)
 
 
-# Candidates kept after compiling every one for sm_90 with Triton 3.9 (bf16, causal + padded, D 64 /
-# 80 / 128) without a GPU and dropping those that spill registers: 128-row tiles need 8 warps,
-# 64-row tiles 4; 16- and 32-row tiles (mma.sync rather than wgmma) are for short query sets such
-# as decode steps. Which one wins per shape is the tuner's call on the GPU (not measured here).
+# Candidates kept after compiling every one for sm_90 (Triton 3.9 and 3.6; bf16, causal + padded,
+# D 64 / 80 / 128) without a GPU and dropping those that spill registers heavily: 128-row tiles
+# need 8 warps; 16- and 32-row tiles (mma.sync rather than wgmma) are for short query sets such as
+# decode steps. The first candidate that survives pruning is the untuned default (no spills at any
+# head dim); which one wins per shape is the tuner's call on the GPU (not measured here).
 FWD_CONFIGS = [_cfg(128, 64, 8, 3), _cfg(128, 128, 8, 2), _cfg(128, 128, 8, 3), _cfg(64, 64, 4, 3),
                _cfg(64, 64, 4, 4), _cfg(64, 128, 4, 3), _cfg(32, 64, 4, 3), _cfg(16, 64, 4, 3),
                _cfg(16, 128, 4, 3)]
 # dk/dv: BLOCK_N keys per program (the accumulators), BLOCK_M queries per step.
-BWD_DKDV_CONFIGS = [_cfg(32, 64, 4, 3), _cfg(32, 64, 8, 3), _cfg(64, 64, 8, 3), _cfg(32, 128, 8, 3),
+BWD_DKDV_CONFIGS = [_cfg(32, 64, 8, 3), _cfg(32, 64, 4, 3), _cfg(64, 64, 8, 3), _cfg(32, 128, 8, 3),
                     _cfg(16, 64, 4, 3), _cfg(16, 128, 8, 3)]
 # dq: BLOCK_M queries per program, BLOCK_N keys per step (masked calls keep BLOCK_N = 64).
-BWD_DQ_CONFIGS = [_cfg(64, 64, 4, 3), _cfg(64, 64, 8, 3), _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 3),
+BWD_DQ_CONFIGS = [_cfg(64, 64, 8, 3), _cfg(64, 64, 4, 3), _cfg(128, 64, 8, 2), _cfg(64, 32, 4, 3),
                   _cfg(128, 32, 8, 3), _cfg(32, 64, 4, 3), _cfg(16, 64, 4, 3)]
 INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32}  # small: the tests' shapes cross tile edges
 
