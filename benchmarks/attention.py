@@ -2,6 +2,12 @@
 
     python benchmarks/attention.py            # GPU grid (bf16) of issue 3; needs a CUDA device
     python benchmarks/attention.py --quick    # small CPU grid (fp32), a few seconds: CI smoke test
+    python benchmarks/attention.py --groups self padded --merge   # part of the GPU grid, merged
+                                                                  # into the same JSON
+
+The whole GPU grid autotunes the Triton kernels per shape class and compiles FlexAttention per
+shape: run it in parts (--groups ... --merge) where a command has a time limit. Tuning results are
+cached on disk (TRITON_CACHE_AUTOTUNING=1 is set here), so a rerun does not tune again.
 
 For each case (shape, causal, key padding) and pass (forward; forward+backward) it times
 * ours: every fluid_ops backend that runs here and supports the call (cuda when it registers
@@ -23,6 +29,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import re
 import sys
@@ -36,6 +43,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a source checkout without installing
     sys.path.insert(0, str(ROOT))
 
+# keep Triton's autotuning results on disk (before the kernels are imported): a run in parts
+# (--groups ... --merge) tunes each shape class once
+os.environ.setdefault("TRITON_CACHE_AUTOTUNING", "1")
+
 import fluid_ops  # noqa: E402
 
 
@@ -44,31 +55,25 @@ def _case(kind, b, h, nq, nk, d, *, causal=False, padded=False, backward=True):
     return dict(kind=kind, B=b, H=h, Nq=nq, Nk=nk, D=d, causal=causal, padded=padded, backward=backward)
 
 
-def gpu_grid():
-    """Issue 3's shapes: self-attention at B·H = 4096, N = 256 / 320 (MAR, Fluid), D 64..128, with and
-    without key padding; N up to 1024 at constant tokens; cross-attention 256 image queries -> 128
-    padded text keys; causal 256; single-query decode over a KV cache; long N 1024..4096, D 128
-    (B·N = 16k tokens, H = 16)."""
-    cases = []
-    for n in (256, 320):
-        for d in (64, 80, 96, 128):
-            cases.append(_case("self", 256, 16, n, n, d, backward=d in (64, 128)))
-    for n in (512, 1024):
-        for d in (64, 128):
-            cases.append(_case("self", 4096 * 256 // n // 16, 16, n, n, d))
-    for n in (256, 320):
-        for d in (64, 128):
-            cases.append(_case("self", 256, 16, n, n, d, padded=True))
-    for d in (64, 128):
-        cases.append(_case("cross", 256, 16, 256, 128, d, padded=True))
-    for d in (64, 128):
-        cases.append(_case("causal", 256, 16, 256, 256, d, causal=True))
-    for nk in (256, 1024):
-        cases.append(_case("decode", 64, 16, 1, nk, 128, causal=True, backward=False))
-    for n in (1024, 2048, 4096):
-        cases.append(_case("long", 16384 // n, 16, n, n, 128))
-    cases.append(_case("long", 4, 16, 4096, 4096, 128, causal=True))
-    return cases
+def gpu_grid(groups=None):
+    """Issue 3's shapes, by group: `self` B·H = 4096 at N = 256 / 320 (MAR, Fluid), D 64..128, and
+    N = 512 / 1024 at the same token count; `padded` the same with key padding; `cross` 256 image
+    queries -> <= 128 padded text keys; `causal` 256; `decode` one query over a KV cache; `long`
+    N = 1024..4096, D = 128 (B·N = 16k tokens, H = 16)."""
+    grid = {
+        "self": [_case("self", 256, 16, n, n, d, backward=d in (64, 128)) for n in (256, 320) for d in (64, 80, 96, 128)]
+        + [_case("self", 4096 * 256 // n // 16, 16, n, n, d) for n in (512, 1024) for d in (64, 128)],
+        "padded": [_case("self", 256, 16, n, n, d, padded=True) for n in (256, 320) for d in (64, 128)],
+        "cross": [_case("cross", 256, 16, 256, 128, d, padded=True) for d in (64, 128)],
+        "causal": [_case("causal", 256, 16, 256, 256, d, causal=True) for d in (64, 128)],
+        "decode": [_case("decode", 64, 16, 1, nk, 128, causal=True, backward=False) for nk in (256, 1024)],
+        "long": [_case("long", 16384 // n, 16, n, n, 128) for n in (1024, 2048, 4096)]
+        + [_case("long", 4, 16, 4096, 4096, 128, causal=True)],
+    }
+    return [c for g in (groups or GPU_GROUPS) for c in grid[g]]
+
+
+GPU_GROUPS = ("self", "padded", "cross", "causal", "decode", "long")
 
 
 def cpu_grid(quick: bool):
@@ -305,6 +310,8 @@ def environment(device) -> dict:
         except (OSError, StopIteration):
             pass
         info["threads"] = torch.get_num_threads()
+        # other processes on a small machine skew CPU timings: say how busy it was
+        info["load_average_1_5_15"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     return info
 
 
@@ -370,6 +377,8 @@ def main(argv=None) -> int:
                    help="default: bfloat16 on cuda, float32 on cpu")
     p.add_argument("--forward-only", action="store_true")
     p.add_argument("--no-flex", action="store_true", help="leave FlexAttention out (it compiles per shape)")
+    p.add_argument("--groups", nargs="*", choices=GPU_GROUPS, default=None,
+                   help="GPU: run only these groups of the grid (with --merge, one JSON from several runs)")
     p.add_argument("--filter", default=None, help="regex over case labels: run only the matching ones")
     p.add_argument("--min-run-time", type=float, default=None, help="CPU seconds per measurement (default 1, quick 0.05)")
     p.add_argument("--threads", type=int, default=None,
@@ -388,7 +397,7 @@ def main(argv=None) -> int:
     args.min_run_time = args.min_run_time or (0.05 if args.quick else 1.0)
     info = environment(device)
     print(json.dumps(info))
-    cases = gpu_grid() if device == "cuda" else cpu_grid(args.quick)
+    cases = gpu_grid(args.groups) if device == "cuda" else cpu_grid(args.quick)
     if args.filter:
         cases = [c for c in cases if re.search(args.filter, _label({**c, "pass": "forward"}))]
     rows = []

@@ -410,7 +410,11 @@ def test_autotune_pruning():
     prune = ta._prune(True, "q_bucket", "BLOCK_M")
     masked = prune(ta.FWD_CONFIGS, {"q_bucket": 256}, HAS_MASK=True)
     assert masked and all(c.kwargs["BLOCK_N"] == ta.MASK_BLOCK_N for c in masked)
-    assert len(prune(ta.FWD_CONFIGS, {"q_bucket": 256}, HAS_MASK=False)) == len(ta.FWD_CONFIGS)
+    long_rows = prune(ta.FWD_CONFIGS, {"q_bucket": 256}, HAS_MASK=False)
+    assert long_rows == [c for c in ta.FWD_CONFIGS if c.kwargs["BLOCK_M"] >= 64]
     decode = prune(ta.FWD_CONFIGS, {"q_bucket": 16}, HAS_MASK=False)
     assert decode and all(c.kwargs["BLOCK_M"] <= 32 for c in decode)
+    # the dk/dv pass prunes on the key count: every candidate has a 64- or 128-key tile
+    dkdv = ta._prune(False, "k_bucket", "BLOCK_N")
+    assert dkdv(ta.BWD_DKDV_CONFIGS, {"k_bucket": 512}, HAS_MASK=True) == ta.BWD_DKDV_CONFIGS
     assert ta._bucket(1) == 16 and ta._bucket(257) == 512 and ta._bucket(10 ** 6) == 16384

@@ -461,14 +461,16 @@ INTERPRETER_CONFIG = {"BLOCK_M": 32, "BLOCK_N": 32}  # small: the tests' shapes 
 def _prune(uses_block_list: bool, rows_arg: str, rows_tile: str):
     """early_config_prune: drop configs that cannot suit the call. Kernels that walk the padding
     block list need BLOCK_N = MASK_BLOCK_N (the list's granularity) when masked; a tile more than
-    2x taller than the rows it covers is waste (decode has Nq = 1). Keeps at least one."""
+    2x taller than the rows it covers is waste (decode has Nq = 1), and 16- / 32-row tiles are for
+    such short sets only (fewer trial compiles). Keeps at least one."""
     def prune(configs, named_args, **kwargs):
         merged = {**named_args, **kwargs}
         out = list(configs)
         if uses_block_list and merged.get("HAS_MASK", False):
             out = [c for c in out if c.kwargs["BLOCK_N"] == MASK_BLOCK_N] or [_cfg(64, MASK_BLOCK_N, 4, 3)]
-        short = [c for c in out if c.kwargs[rows_tile] <= max(16, 2 * merged[rows_arg])]
-        return short or [min(out, key=lambda c: c.kwargs[rows_tile])]
+        rows = merged[rows_arg]
+        fit = [c for c in out if c.kwargs[rows_tile] <= max(16, 2 * rows) and (rows <= 64 or c.kwargs[rows_tile] >= 64)]
+        return fit or [min(out, key=lambda c: c.kwargs[rows_tile])]
     return prune
 
 
