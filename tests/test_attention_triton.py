@@ -1,10 +1,11 @@
 """The Triton attention kernels (fluid_ops/triton/attention.py) against the reference.
 
-Where there is no GPU (CI) they run on CPU tensors in Triton's interpreter: this module sets
-TRITON_INTERPRET=1 for its own tests only, before the kernel module is first imported (that is
-when @triton.jit decides between compiling and interpreting) and restores it afterwards, so other
-test files' backend choices do not change (the triton backend is never chosen automatically for
-CPU tensors anyway). The interpreter mishandles tl.dot on bf16, so bf16 runs only on the `cuda`
+Where there is no GPU (CI) they run on CPU tensors in Triton's interpreter. TRITON_INTERPRET=1
+must be in the environment before triton itself is first imported (its @jit library functions,
+tl.max and co., are made interpretable or not then) and before the kernel module is: tests of
+other files import triton too (torch.compile / opcheck do), so this module sets it when pytest
+collects it, before any test runs, and removes it after its own tests. Other files' backend
+choices do not change: the triton backend is never chosen automatically for CPU tensors. The interpreter mishandles tl.dot on bf16, so bf16 runs only on the `cuda`
 params, which run where a GPU is. Shapes are small (the interpreter is slow) but cross the
 interpreter's 32-wide tiles: N = 1, N not a multiple of the tile, Nq != Nk, D = 80 / 96, fully
 masked rows, padding that empties whole key tiles, B = 0.
@@ -42,18 +43,20 @@ def _device_params():
 
 DEVICES = _device_params()
 
+# at collection (see the module docstring); on a GPU: FLUID_OPS_TRITON_AUTOTUNE=0, each of the many
+# shapes here compiles one config instead of tuning over all (test_autotuned_launch tunes)
+_ENV = {"TRITON_INTERPRET": "1"} if USE_INTERPRETER else {"FLUID_OPS_TRITON_AUTOTUNE": "0"}
+_ENV_BEFORE = {k: os.environ.get(k) for k in _ENV}
+os.environ.update(_ENV)
+
 
 @pytest.fixture(scope="module", autouse=True)
-def _interpreter_for_this_module():
-    """TRITON_INTERPRET=1 where there is no GPU; on a GPU, FLUID_OPS_TRITON_AUTOTUNE=0 (each of the
-    many shapes here compiles one config instead of tuning over all: test_autotuned_launch tunes)."""
-    new = {"TRITON_INTERPRET": "1"} if USE_INTERPRETER else {"FLUID_OPS_TRITON_AUTOTUNE": "0"}
-    old = {k: os.environ.get(k) for k in new}
-    os.environ.update(new)
+def _environment_for_this_module():
+    os.environ.update(_ENV)
     try:
         yield
     finally:
-        for k, v in old.items():
+        for k, v in _ENV_BEFORE.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
@@ -95,6 +98,11 @@ def _ref_grads(q, k, v, mask, causal, do):
 # ---- the interpreter really runs here (these tests cannot silently skip where no GPU is) ------
 @pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
 def test_triton_backend_runs_here():
+    if USE_INTERPRETER:
+        from fluid_ops import triton as fluid_triton
+        assert fluid_triton.triton_library_interpretable(), (
+            "triton was imported before TRITON_INTERPRET=1 was set (by a module collected before this one?): "
+            "the interpreter tests cannot run; set TRITON_INTERPRET=1 in the environment")
     q, k, v, _ = _inputs(1, 3, 3, 1, 32)
     dev = "cuda" if HAVE_GPU and not USE_INTERPRETER else "cpu"
     o, _ = _fwd(*_to(dev, q, k, v), None, False)

@@ -29,6 +29,16 @@ def kernels_interpreted() -> bool | None:
     return None
 
 
+def triton_library_interpretable() -> bool:
+    """Triton's own @jit library functions (tl.cdiv, tl.max, ...) are made interpretable or not
+    when triton is first imported: True unless it was imported without TRITON_INTERPRET=1 (then
+    interpreted kernels that call them fail)."""
+    std = sys.modules.get("triton.language.standard")
+    if std is None:  # not imported yet: it will follow the environment of that moment
+        return interpreter_requested()
+    return type(std.cdiv).__name__ == "InterpretedFunction"
+
+
 def run_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     """None if the Triton kernels can run on tensors of this device and dtype, else why not."""
     interpreted = kernels_interpreted()
@@ -37,6 +47,9 @@ def run_reason(device: torch.device, dtype: torch.dtype) -> str | None:
     if device.type == "cpu" and not interpreted:
         return ("cpu tensors need Triton's interpreter, but the kernels were compiled for the GPU "
                 "(set TRITON_INTERPRET=1 before their first use)")
+    if interpreted and not triton_library_interpretable():
+        return ("the Triton interpreter needs TRITON_INTERPRET=1 set before triton itself is first imported "
+                "(something imported it earlier, e.g. torch.compile), not only before the kernels")
     if interpreted and dtype == torch.bfloat16:
         return "bfloat16 under the Triton interpreter (its tl.dot mishandles bf16; bf16 runs on a GPU)"
     return None
