@@ -120,6 +120,9 @@ def test_cpu_tensors_use_triton_only_when_forced():
         assert backend.select("attention_fwd", q.device, *args)[0] == "triton"
         with pytest.raises(RuntimeError, match="bfloat16 under the Triton interpreter"):
             fluid_ops.attention(q.bfloat16(), k.bfloat16(), v.bfloat16())
+        big = torch.zeros(65536, 1, 1, 32)  # B·H past the grid's second axis: refused, not launched
+        with pytest.raises(RuntimeError, match="grid limit"):
+            fluid_ops.attention(big, big, big)
 
 
 @pytest.mark.skipif(not (HAVE_GPU and HAVE_TRITON), reason="no CUDA device")

@@ -130,9 +130,14 @@ def _triton_kernels():
     return importlib.import_module("fluid_ops.triton.attention")
 
 
+_TRITON_MAX_BATCH_HEADS = 65535  # B·H is the kernels' second grid axis
+
+
 def _triton_supports(q, *args, **kwargs):
     if q.dtype not in FLOAT_DTYPES:
         return f"dtype {q.dtype} is not supported by the Triton kernels (float32, float16, bfloat16)"
+    if q.shape[0] * q.shape[2] > _TRITON_MAX_BATCH_HEADS:
+        return f"B·H = {q.shape[0] * q.shape[2]} > {_TRITON_MAX_BATCH_HEADS} (the kernels' grid limit)"
     from fluid_ops import triton as fluid_triton
     return fluid_triton.run_reason(q.device, q.dtype)
 

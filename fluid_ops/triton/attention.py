@@ -53,7 +53,6 @@ except AttributeError:  # Triton < 3.4 has no knobs
     INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 # Key-tile width of the masked kernels: the padding block list is built at this granularity, so
 # every kernel that walks it uses this BLOCK_N (the tuner picks BLOCK_M, warps and stages).
