@@ -5,9 +5,10 @@ must be in the environment before triton itself is first imported (its @jit libr
 tl.max and co., are made interpretable or not then) and before the kernel module is: tests of
 other files import triton too (torch.compile / opcheck do), so this module sets it when pytest
 collects it, before any test runs, and removes it after its own tests. Other files' backend
-choices do not change: the triton backend is never chosen automatically for CPU tensors. The interpreter mishandles tl.dot on bf16, so bf16 runs only on the `cuda`
-params, which run where a GPU is. Shapes are small (the interpreter is slow) but cross the
-interpreter's 32-wide tiles: N = 1, N not a multiple of the tile, Nq != Nk, D = 80 / 96, fully
+choices do not change: the triton backend is never chosen automatically for CPU tensors.
+The interpreter mishandles tl.dot on bf16, so bf16 runs only on the `cuda` params, which run
+where a GPU is (there this module sets FLUID_OPS_TRITON_AUTOTUNE=0 instead). Shapes are small
+(the interpreter is slow) but cross the interpreter's 32-wide tiles: N = 1, N not a multiple of the tile, Nq != Nk, D = 80 / 96, fully
 masked rows, padding that empties whole key tiles, B = 0.
 """
 import importlib

@@ -663,8 +663,8 @@ def append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens):
     with _device_guard(k_cache):
         _kv_append_kernel[(b * nnew,)](
             k_cache, v_cache, k_new, v_new, cache_seqlens,
-            *k_cache.stride(), *v_cache.stride(), k_new.stride(0), k_new.stride(1), k_new.stride(2), v_new.stride(0), v_new.stride(1),
-            v_new.stride(2), h, nnew, HEAD_DIM=d, BLOCK_H=triton.next_power_of_2(h), BLOCK_D=triton.next_power_of_2(d))
+            *k_cache.stride(), *v_cache.stride(), *k_new.stride()[:3], *v_new.stride()[:3], h, nnew,
+            HEAD_DIM=d, BLOCK_H=triton.next_power_of_2(h), BLOCK_D=triton.next_power_of_2(d))
 
 
 def kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens, causal: bool, softmax_scale: float):
