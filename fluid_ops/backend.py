@@ -22,6 +22,9 @@ from fluid_ops import _compiled
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 # Which devices each backend runs on.
 _DEVICES = {"cuda": ("cuda",), "triton": ("cuda", "cpu"), "cpu": ("cpu",), "reference": ("cuda", "cpu")}
+# (backend, device) pairs taken only when forced: Triton on CPU tensors runs in its interpreter
+# (TRITON_INTERPRET=1), ~1000x slower than the cpu backend: there for tests, never a default.
+_FORCED_ONLY = {("triton", "cpu")}
 
 
 @dataclass
@@ -46,11 +49,20 @@ def register(op: str, backend: str, supports: Callable | None = None):
     return deco
 
 
+_TRITON_INSTALLED: bool | None = None
+
+
 def _triton_status() -> str | None:
-    if importlib.util.find_spec("triton") is None:
+    # not cached as a whole: TRITON_INTERPRET may be set after the first call (tests do)
+    global _TRITON_INSTALLED
+    if _TRITON_INSTALLED is None:
+        _TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+    if not _TRITON_INSTALLED:
         return "triton is not installed"
-    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-        return "no CUDA device for Triton (set TRITON_INTERPRET=1 to run its kernels on CPU tensors)"
+    if not torch.cuda.is_available():
+        from fluid_ops.triton import interpreter_requested, kernels_interpreted
+        if not (kernels_interpreted() or (kernels_interpreted() is None and interpreter_requested())):
+            return "no CUDA device for Triton (set TRITON_INTERPRET=1 to run its kernels on CPU tensors)"
     return None
 
 
@@ -75,6 +87,8 @@ _STATUS_CACHE: dict[str, str | None] = {}
 
 
 def _status(backend: str) -> str | None:
+    if backend == "triton":
+        return _triton_status()
     if backend not in _STATUS_CACHE:
         _STATUS_CACHE[backend] = _unavailable_reason(backend)
     return _STATUS_CACHE[backend]
@@ -125,6 +139,9 @@ def select(op: str, device: torch.device, *args, **kwargs) -> tuple[str, Callabl
             continue
         if device.type not in _DEVICES[b]:
             reasons.append(f"{b}: does not run on {device.type} tensors")
+            continue
+        if not forced and (b, device.type) in _FORCED_ONLY:
+            reasons.append(f"{b}: runs on {device.type} tensors only when forced")
             continue
         why = _status(b)
         if why is None and impl.supports is not None:

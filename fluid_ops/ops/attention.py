@@ -124,6 +124,39 @@ def _kv_cpu(q, k_cache, v_cache, k_new, v_new, cache_seqlens, causal, softmax_sc
     return _cpu_forward(q, k_cache, v_cache, None, seqlens_k, causal, softmax_scale)[0]
 
 
+def _triton_kernels():
+    """The Triton kernel module, imported on first use (importing it fixes whether its kernels are
+    compiled for the GPU or interpreted: see fluid_ops.triton)."""
+    return importlib.import_module("fluid_ops.triton.attention")
+
+
+_TRITON_MAX_BATCH_HEADS = 65535  # B·H is the kernels' second grid axis
+
+
+def _triton_supports(q, *args, **kwargs):
+    if q.dtype not in FLOAT_DTYPES:
+        return f"dtype {q.dtype} is not supported by the Triton kernels (float32, float16, bfloat16)"
+    if q.shape[0] * q.shape[2] > _TRITON_MAX_BATCH_HEADS:
+        return f"B·H = {q.shape[0] * q.shape[2]} > {_TRITON_MAX_BATCH_HEADS} (the kernels' grid limit)"
+    from fluid_ops import triton as fluid_triton
+    return fluid_triton.run_reason(q.device, q.dtype)
+
+
+@backend.register(FWD, "triton", supports=_triton_supports)
+def _fwd_triton(q, k, v, key_padding_mask, causal, softmax_scale):
+    return _triton_kernels().forward(q, k, v, key_padding_mask, causal, softmax_scale)
+
+
+@backend.register(BWD, "triton", supports=lambda dout, q, *a, **kw: _triton_supports(q))
+def _bwd_triton(dout, q, k, v, o, lse, key_padding_mask, causal, softmax_scale):
+    return _triton_kernels().backward(dout, q, k, v, o, lse, key_padding_mask, causal, softmax_scale)
+
+
+@backend.register(KV, "triton", supports=_triton_supports)
+def _kv_triton(q, k_cache, v_cache, k_new, v_new, cache_seqlens, causal, softmax_scale):
+    return _triton_kernels().kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens, causal, softmax_scale)
+
+
 # ---- custom ops -------------------------------------------------------------------------
 def _empty_fwd(q, k):
     b, nq, h, _ = q.shape
