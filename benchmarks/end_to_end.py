@@ -44,6 +44,7 @@ if str(ROOT) not in sys.path:
 
 import fluid_ops  # noqa: E402
 from fluid_ops.models import Fluid  # noqa: E402
+from benchmarks._sampling_bench import _cpu_name  # noqa: E402
 
 PROMPTS = ["a red circle at the top left", "two blue squares", "a green triangle at the bottom",
            "a yellow circle in the center", "a purple square at the right", "an orange triangle at the top"]
@@ -65,17 +66,6 @@ GRIDS = {
     }},
 }
 BACKENDS = ("default", "reference")
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_info(device: torch.device) -> dict:
