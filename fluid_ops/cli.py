@@ -207,6 +207,9 @@ def _add_common(p, *, sampling=False):
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's, one per core; on a machine shared with other "
+                        "busy processes, 1 can be many times faster than oversubscribed cores)")
     if sampling:
         p.add_argument("--num-iter", type=int, default=None, help="AR steps (default: the config's)")
         p.add_argument("--cfg", type=float, default=None, help="CFG scale (default: the config's)")
@@ -275,6 +278,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None) is not None:
+        if args.threads < 1:
+            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+        import torch
+        torch.set_num_threads(args.threads)
     return args.fn(args)
 
 

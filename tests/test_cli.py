@@ -63,6 +63,20 @@ def test_bad_input_clear_errors(tmp_path):
         cli.main(["train", *TINY, "--out", str(tmp_path / "o")])
     with pytest.raises(ValueError, match="unknown|valid"):
         cli.main(["train", "--config", "no-such-config", "--steps", "1", "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit, match="--threads must be >= 1, got 0"):
+        cli.main(["train", *TINY, "--steps", "1", "--threads", "0", "--out", str(tmp_path / "o")])
+
+
+def test_threads_flag_sets_torch_threads(run_dir, tmp_path):
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # the run_dir fixture left 1: start elsewhere so the flag must change it
+    try:
+        assert cli.main(["generate", "--ckpt", str(run_dir), "--prompt", "a red circle", "-n", "1", "--num-iter", "1",
+                         "--num-diffusion-steps", "2", "--threads", "1", "--no-progress",
+                         "--out", str(tmp_path / "g.png")]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_python_m_entry_point():
