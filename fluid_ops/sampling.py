@@ -61,7 +61,7 @@ def _progress_bar(total):
 def diffusion_sample(net, z: torch.Tensor, *, num_steps: int = 100, temperature: float = 1.0,
                      cfg: float = 1.0, noise: torch.Tensor | None = None,
                      generator: torch.Generator | None = None, gemm_dtype: torch.dtype | None = None,
-                     progress: bool = False) -> torch.Tensor:
+                     progress: bool = False, clip_denoised: bool = False) -> torch.Tensor:
     """Sample N tokens from MAR's diffusion head; returns (N, C) float32, C = net.in_channels.
 
     net: a `fluid_ops.nn.DenoiserMLP` (fast path) or any module with `in_channels` called as
@@ -71,7 +71,9 @@ def diffusion_sample(net, z: torch.Tensor, *, num_steps: int = 100, temperature:
     gemm_dtype: torch.bfloat16 runs the fast path's GEMMs in bf16 (None: the weights' dtype;
     "auto": bf16 where the hardware has native bf16 GEMMs (CUDA, AVX512_BF16 / AMX CPUs), else
     fp32 -- on AVX2-only CPUs torch's bf16 GEMMs are emulated and slower than fp32).
-    progress: show a progress bar (tqdm when installed)."""
+    progress: show a progress bar (tqdm when installed). clip_denoised: clamp each step's predicted
+    x_0 to [-1, 1] (see `fluid_ops.ddpm_step`; for tokens in [-1, 1] such as pixel patches; MAR's
+    latents are unbounded and MAR samples without it, the default)."""
     if not isinstance(net, torch.nn.Module) and not callable(net):
         raise TypeError(f"{OP}: net must be a callable module, got {type(net).__name__}")
     c = getattr(net, "in_channels", None)
@@ -87,6 +89,8 @@ def diffusion_sample(net, z: torch.Tensor, *, num_steps: int = 100, temperature:
         raise ValueError(f"{OP}: num_steps must be in [1, 1000] (respaced from 1000 training steps), got {num_steps}")
     temperature = check_finite_scalar(OP, "temperature", temperature, min_value=0.0)
     cfg = check_finite_scalar(OP, "cfg", cfg)
+    if not isinstance(clip_denoised, bool):
+        raise TypeError(f"{OP}: clip_denoised must be a bool, got {type(clip_denoised).__name__}")
     guided = cfg != 1.0
     if guided and z.shape[0] % 2:
         raise ValueError(f"{OP}: with cfg != 1, z must have an even number of rows ([cond; uncond], 2N), "
@@ -129,7 +133,8 @@ def diffusion_sample(net, z: torch.Tensor, *, num_steps: int = 100, temperature:
             else:
                 xin = torch.cat([x, x]) if guided else x
                 model_out = net(xin, ts[step].expand(xin.shape[0]), z)
-            x = ddpm_step(x, model_out, noise[i + 1], table, step, temperature=temperature, cfg=cfg)
+            x = ddpm_step(x, model_out, noise[i + 1], table, step, temperature=temperature, cfg=cfg,
+                          clip_denoised=clip_denoised)
             if bar is not None:
                 bar.update(1)
     if bar is not None:

@@ -79,6 +79,57 @@ def test_backend_mixed_dtypes(backend, dtype, mo_dtype):
     torch.testing.assert_close(got.float(), want.float(), rtol=1e-2, atol=1e-2)
 
 
+def _clip_inputs(n, c, guided, step, seed=3):
+    """Inputs for which the predicted x_0 falls both inside and well outside [-1, 1] at `step`."""
+    x, mo, noise = _inputs(n, c, guided, seed=seed)
+    return x * 3.0, mo, noise
+
+
+def test_reference_clip_denoised_matches_formula():
+    sched = ref.DiffusionSchedule(100)
+    step, temp, w = 80, 0.8, 2.5
+    x, mo, noise = (t.double() for t in _clip_inputs(9, 8, True, step))
+    n, c = x.shape
+    eps = mo[n:, :c] + w * (mo[:n, :c] - mo[n:, :c])
+    x0 = sched.sqrt_recip_alphas_cumprod[step] * x - sched.sqrt_recipm1_alphas_cumprod[step] * eps
+    assert (x0.abs() > 1).any() and (x0.abs() < 1).any()  # the clamp is active on some elements only
+    frac = (mo[:n, c:] + 1) / 2
+    logvar = frac * sched.log_betas[step] + (1 - frac) * sched.posterior_log_variance_clipped[step]
+    mean = sched.posterior_mean_coef1[step] * x0.clamp(-1, 1) + sched.posterior_mean_coef2[step] * x
+    want = mean + torch.exp(0.5 * logvar) * temp * noise
+    got = ref.ddpm_step(x.float(), mo.float(), noise.float(), sched.table(), step, temperature=temp, cfg=w,
+                        clip_denoised=True)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    unclipped = ref.ddpm_step(x.float(), mo.float(), noise.float(), sched.table(), step, temperature=temp, cfg=w)
+    assert (got - unclipped).abs().max() > 1e-2
+    # the last step is the clamped x_0 itself: every value in [-1, 1]
+    last = ref.ddpm_step(x.float(), mo.float(), noise.float(), sched.table(), 0, cfg=w, clip_denoised=True)
+    assert last.abs().max() <= 1.0
+
+
+@pytest.mark.parametrize("backend", backend_params("reference", "cpu"))
+@pytest.mark.parametrize("n,c", [(1, 1), (33, 3), (256, 16)])
+@pytest.mark.parametrize("guided", [False, True])
+@pytest.mark.parametrize("step", [0, 1, 99])
+def test_backend_clip_denoised_matches_reference(backend, n, c, guided, step):
+    sched = ref.DiffusionSchedule(100)
+    x, mo, noise = _clip_inputs(n, c, guided, step)
+    want = ref.ddpm_step(x, mo, noise, sched.table(), step, temperature=0.9, cfg=3.0, clip_denoised=True)
+    with fluid_ops.use_backend(backend):
+        got = fluid_ops.ddpm_step(x, mo, noise, sched.table(), step, temperature=0.9, cfg=3.0, clip_denoised=True)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_clip_denoised_keeps_nan_visible():
+    sched = ref.DiffusionSchedule(10)
+    x, mo, noise = _inputs(2, 4, False)
+    mo[0, 1] = float("nan")
+    for backend in ("reference", "cpu"):
+        with fluid_ops.use_backend(backend):
+            out = fluid_ops.ddpm_step(x, mo, noise, sched.table(), 4, clip_denoised=True)
+        assert torch.isnan(out[0, 1]) and torch.isfinite(out[1]).all(), backend
+
+
 def test_empty_batch_returns_empty():
     sched = ref.DiffusionSchedule(10)
     x = torch.empty(0, 16)
@@ -100,29 +151,33 @@ def test_empty_batch_returns_empty():
     (dict(temperature=float("nan")), "temperature must be finite"),
     (dict(temperature=-1.0), "temperature must be >= 0"),
     (dict(cfg=float("inf")), "cfg must be finite"),
+    (dict(clip_denoised=1), "clip_denoised must be a bool"),
 ])
 def test_bad_inputs_name_the_argument(bad, match):
     args = dict(x=torch.randn(4, 8), model_out=torch.randn(8, 16), noise=torch.randn(4, 8),
-                table=ref.DiffusionSchedule(10).table(), step=3, temperature=1.0, cfg=2.0)
+                table=ref.DiffusionSchedule(10).table(), step=3, temperature=1.0, cfg=2.0, clip_denoised=False)
     args.update(bad)
     with pytest.raises((ValueError, TypeError), match=match):
         fluid_ops.ddpm_step(args["x"], args["model_out"], args["noise"], args["table"], args["step"],
-                            temperature=args["temperature"], cfg=args["cfg"])
+                            temperature=args["temperature"], cfg=args["cfg"], clip_denoised=args["clip_denoised"])
 
 
 @pytest.mark.parametrize("guided", [False, True])
 @pytest.mark.parametrize("step", [0, 5])
-def test_backward_matches_autograd_of_formula(guided, step):
+@pytest.mark.parametrize("clip", [False, True])
+def test_backward_matches_autograd_of_formula(guided, step, clip):
     table = ref.DiffusionSchedule(10).table()
     x, mo, noise = (t.double().requires_grad_() for t in _inputs(3, 4, guided, seed=1))
+    if clip:  # make the clamp active on part of the elements
+        x = (x.detach() * 3.0).requires_grad_()
     # The op computes in fp32, so torch.autograd.gradcheck's fp64 finite differences do not
     # apply; compare its backward with autograd through the fp64 formula instead.
     xs, ms, ns = (t.detach().float().requires_grad_() for t in (x, mo, noise))
-    out = fluid_ops.ddpm_step(xs, ms, ns, table, step, cfg=1.7, temperature=0.9)
+    out = fluid_ops.ddpm_step(xs, ms, ns, table, step, cfg=1.7, temperature=0.9, clip_denoised=clip)
     gout = torch.randn_like(out)
     gx, gm, gn = torch.autograd.grad(out, (xs, ms, ns), gout)
     xd, md, nd = (t.detach().double().requires_grad_() for t in (x, mo, noise))
-    outd = ref.ddpm_step(xd, md, nd, table.double(), step, cfg=1.7, temperature=0.9)
+    outd = ref.ddpm_step(xd, md, nd, table.double(), step, cfg=1.7, temperature=0.9, clip_denoised=clip)
     want = torch.autograd.grad(outd.double(), (xd, md, nd), gout.double(), allow_unused=True)
     for got, w in zip((gx, gm, gn), want):
         w = torch.zeros_like(got, dtype=torch.float64) if w is None else w
@@ -133,7 +188,8 @@ def test_opcheck():
     table = ref.DiffusionSchedule(10).table()
     x, mo, noise = _inputs(3, 4, True)
     for step in (0, 4):
-        torch.library.opcheck(torch.ops.fluid_ops.ddpm_step.default, (x, mo, noise, table, step, 0.9, 2.0))
+        for clip in (False, True):
+            torch.library.opcheck(torch.ops.fluid_ops.ddpm_step.default, (x, mo, noise, table, step, 0.9, 2.0, clip))
 
 
 @requires_cuda
@@ -143,11 +199,14 @@ def test_cuda_matches_reference(dtype, guided):
     sched = ref.DiffusionSchedule(100)
     x, mo, noise = _inputs(300, 16, guided, dtype=dtype, device="cuda")
     for step in (0, 42):
-        want = ref.ddpm_step(x, mo, noise, sched.table("cuda"), step, temperature=0.95, cfg=4.0)
-        with fluid_ops.use_backend("cuda"):
-            got = fluid_ops.ddpm_step(x, mo, noise, sched.table("cuda"), step, temperature=0.95, cfg=4.0)
-        tol = 1e-6 if dtype == torch.float32 else 1e-2
-        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
+        for clip in (False, True):
+            want = ref.ddpm_step(x * 3, mo, noise, sched.table("cuda"), step, temperature=0.95, cfg=4.0,
+                                 clip_denoised=clip)
+            with fluid_ops.use_backend("cuda"):
+                got = fluid_ops.ddpm_step(x * 3, mo, noise, sched.table("cuda"), step, temperature=0.95, cfg=4.0,
+                                          clip_denoised=clip)
+            tol = 1e-6 if dtype == torch.float32 else 1e-2
+            torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol)
 
 
 def test_space_timesteps_matches_iddpm_respacing_for_every_count():

@@ -80,6 +80,24 @@ def test_fast_path_fp32_matches_reference_loop(nets, cfg, temperature):
     _close(generic, want, rel=1e-5)
 
 
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_clip_denoised_matches_reference_loop_and_bounds_the_samples(nets, cfg):
+    ref, fast = nets
+    z, noise = _inputs(13, cfg, 15)
+    with torch.no_grad():
+        want = rdiff.diffusion_sample(ref, z, num_steps=15, temperature=0.9, cfg=cfg, noise=noise,
+                                      clip_denoised=True)
+        free = rdiff.diffusion_sample(ref, z, num_steps=15, temperature=0.9, cfg=cfg, noise=noise)
+    assert free.abs().max() > 1.5  # this net's unclipped samples leave [-1, 1]: the clamp matters
+    got = fluid_ops.diffusion_sample(fast, z, num_steps=15, temperature=0.9, cfg=cfg, noise=noise, clip_denoised=True)
+    _close(got, want)
+    # the last step returns the clamped x_0 prediction itself
+    assert got.abs().max() <= 1.0 and want.abs().max() <= 1.0
+    generic = fluid_ops.diffusion_sample(ref, z, num_steps=15, temperature=0.9, cfg=cfg, noise=noise,
+                                         clip_denoised=True)
+    _close(generic, want, rel=1e-5)
+
+
 def test_temperature_zero_ignores_step_noise(nets):
     _, fast = nets
     z, noise = _inputs(6, 2.0, 12)
@@ -193,6 +211,7 @@ def test_empty_batch_and_progress(nets):
     (dict(noise=torch.randn(5, 4, C)), rf"noise must have shape \(11, 4, {C}\)"),
     (dict(noise=torch.randn(11, 4, C).long()), "noise must have dtype"),
     (dict(gemm_dtype=torch.int8), "gemm_dtype must be None"),
+    (dict(clip_denoised="yes"), "clip_denoised must be a bool"),
     (dict(net=object()), "net must be a callable module"),
     (dict(net=torch.nn.Linear(2, 2)), "net must have an int attribute in_channels"),
 ])

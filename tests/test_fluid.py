@@ -238,6 +238,40 @@ def test_bad_input_gets_clear_errors():
         d(images(), CAPTIONS)
 
 
+@pytest.mark.parametrize("order", ["random", "raster"])
+def test_pixel_tokens_sample_with_the_predicted_x0_clamped(order, monkeypatch):
+    """Pixel-patch tokens lie in [-1, 1]: sampling clamps each step's predicted x_0 there by default
+    (without it the first steps from t ~ 1000 amplify the head's eps error ~1e4-fold: a tiny model
+    trained 600 steps sampled noise of magnitude ~1e3). A head whose eps is far off still gives
+    tokens in [-1, 1]; clip_denoised=False turns the clamp off."""
+    seen = []
+    real = fluid_ops.diffusion_sample
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["clip_denoised"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fluid_ops, "diffusion_sample", spy)
+    name = "tiny" if order == "random" else "tiny-raster"
+    m = randomize_head(small(name), seed=7)
+    with torch.no_grad():  # a head with large, wrong eps: unclamped samples leave [-1, 1] far behind
+        m.head.net.final_layer.linear.weight[: m.token_dim].mul_(200.0)  # eps channels only
+    captured = []
+    decode = m.tokenizer.decode
+    monkeypatch.setattr(m.tokenizer, "decode", lambda t: captured.append(t) or decode(t))
+    m.generate(["a red circle"], generator=gen(0))
+    assert seen and all(seen) and captured[-1].abs().max() <= 1.0
+    seen.clear()
+    free = Fluid(name, **{**SMALL, "num_iter": 4} if order == "random" else SMALL, clip_denoised=False)
+    free.load_state_dict(m.state_dict())
+    free_decode = free.tokenizer.decode
+    monkeypatch.setattr(free.tokenizer, "decode", lambda t: captured.append(t) or free_decode(t))
+    free.generate(["a red circle"], generator=gen(0))
+    assert seen and not any(seen) and captured[-1].abs().max() > 2.0
+    with pytest.raises(ValueError, match="VAE latents are not bounded"):
+        Fluid(FluidConfig(tokenizer="vae", vae_path="/x", clip_denoised=True))
+
+
 # ---- the real text encoder -------------------------------------------------------------------
 def test_minilm_text_encoder_stays_out_of_the_state_dict():
     m = small("tiny", text_encoder="minilm")

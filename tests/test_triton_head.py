@@ -129,6 +129,20 @@ def test_ddpm_step_matches_reference(device, n, c, guided):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("guided", [False, True])
+def test_ddpm_step_clip_denoised_matches_reference(device, guided):
+    table = rdiff.DiffusionSchedule(100).table(device)
+    x, mo, noise = _to(device, *_step_inputs(33, 16, guided, seed=3))
+    x = x * 3.0  # predicted x_0 partly inside, partly outside [-1, 1]
+    for step in (0, 1, 80):
+        want = rdiff.ddpm_step(x, mo, noise, table, step, temperature=0.9, cfg=3.0, clip_denoised=True)
+        with fluid_ops.use_backend("triton"):
+            got = fluid_ops.ddpm_step(x, mo, noise, table, step, temperature=0.9, cfg=3.0, clip_denoised=True)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+        assert (want - rdiff.ddpm_step(x, mo, noise, table, step, temperature=0.9, cfg=3.0)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype,mo_dtype", [(torch.float32, torch.bfloat16), (torch.bfloat16, torch.bfloat16),
                                             (torch.float16, torch.float32), (torch.float32, torch.float16)])
 def test_ddpm_step_mixed_dtypes(device, dtype, mo_dtype):

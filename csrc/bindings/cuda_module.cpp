@@ -39,7 +39,7 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.attr("compiled_archs") = FLUID_CUDA_ARCHS;
   m.def("ddpm_step", &fluid::cuda::ddpm_step, fluid::nogil(), py::arg("x"), py::arg("model_out"),
         py::arg("noise"), py::arg("table"), py::arg("step"), py::arg("temperature"),
-        py::arg("cfg"), py::arg("out"), py::arg("stream"));
+        py::arg("cfg"), py::arg("clip_denoised"), py::arg("out"), py::arg("stream"));
   m.def(
       "layernorm_modulate",
       [](const TensorView& x, std::optional<TensorView> w, std::optional<TensorView> b,

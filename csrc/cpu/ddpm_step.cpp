@@ -12,7 +12,7 @@ namespace {
 template <typename TX, typename TM>
 void ddpm_step_impl(const TensorView& x, const TensorView& mo, const TensorView& noise,
                     const float* coef, float temperature, float cfg, bool add_noise,
-                    const TensorView& out, int nthreads) {
+                    bool clip_denoised, const TensorView& out, int nthreads) {
   const int64_t n = x.size(0), c = x.size(1);
   const bool guided = mo.size(0) == 2 * n;
   const TX* xp = x.ptr<TX>();
@@ -35,6 +35,8 @@ void ddpm_step_impl(const TensorView& x, const TensorView& mo, const TensorView&
         float frac = (load_f32(cond, c + j) + 1.0f) * 0.5f;
         float logvar = frac * max_log + (1.0f - frac) * min_log;
         float xstart = a * xv - b * eps;
+        // clamp to [-1, 1] as torch.clamp does (NaN stays NaN)
+        if (clip_denoised) xstart = xstart < -1.0f ? -1.0f : (xstart > 1.0f ? 1.0f : xstart);
         float v = c1 * xstart + c2 * xv;
         if (add_noise) v += std::exp(0.5f * logvar) * temperature * load_f32(np, r * c + j);
         store_f32(op, r * c + j, v);
@@ -47,7 +49,7 @@ void ddpm_step_impl(const TensorView& x, const TensorView& mo, const TensorView&
 
 void ddpm_step(const TensorView& x, const TensorView& model_out, const TensorView& noise,
                const TensorView& table, int64_t step, float temperature, float cfg,
-               const TensorView& out, int nthreads) {
+               bool clip_denoised, const TensorView& out, int nthreads) {
   FLUID_CHECK(x.ndim == 2 && out.ndim == 2 && noise.ndim == 2 && model_out.ndim == 2,
               "x, noise, out and model_out must be 2-D");
   const int64_t n = x.size(0), c = x.size(1);
@@ -64,7 +66,8 @@ void ddpm_step(const TensorView& x, const TensorView& model_out, const TensorVie
   const float* coef = table.ptr<float>() + step * 6;
   FLUID_DISPATCH_FLOAT(x.dtype, TX, {
     FLUID_DISPATCH_FLOAT(model_out.dtype, TM, {
-      ddpm_step_impl<TX, TM>(x, model_out, noise, coef, temperature, cfg, step > 0, out, nthreads);
+      ddpm_step_impl<TX, TM>(x, model_out, noise, coef, temperature, cfg, step > 0, clip_denoised,
+                             out, nthreads);
     });
   });
 }

@@ -8,7 +8,8 @@ namespace {
 __global__ void ddpm_step_kernel(const void* __restrict__ x, const void* __restrict__ mo,
                                  const void* __restrict__ noise, const float* __restrict__ coef,
                                  void* __restrict__ out, DType xt, DType mt, int64_t n, int64_t c,
-                                 bool guided, bool add_noise, float temperature, float cfg) {
+                                 bool guided, bool add_noise, bool clip_denoised, float temperature,
+                                 float cfg) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= n * c) return;
   const int64_t r = i / c, j = i - r * c;
@@ -22,7 +23,9 @@ __global__ void ddpm_step_kernel(const void* __restrict__ x, const void* __restr
   }
   const float frac = (load_as_f32(mo, mt, r * 2 * c + c + j) + 1.0f) * 0.5f;
   const float logvar = frac * max_log + (1.0f - frac) * min_log;
-  float v = c1 * (a * xv - b * eps) + c2 * xv;
+  float xstart = a * xv - b * eps;
+  if (clip_denoised) xstart = xstart < -1.0f ? -1.0f : (xstart > 1.0f ? 1.0f : xstart);  // NaN stays
+  float v = c1 * xstart + c2 * xv;
   if (add_noise) v += expf(0.5f * logvar) * temperature * load_as_f32(noise, xt, i);
   store_from_f32(out, xt, i, v);
 }
@@ -31,7 +34,7 @@ __global__ void ddpm_step_kernel(const void* __restrict__ x, const void* __restr
 
 void ddpm_step(const TensorView& x, const TensorView& model_out, const TensorView& noise,
                const TensorView& table, int64_t step, float temperature, float cfg,
-               const TensorView& out, uintptr_t stream) {
+               bool clip_denoised, const TensorView& out, uintptr_t stream) {
   FLUID_CHECK(x.ndim == 2 && model_out.ndim == 2 && table.ndim == 2 && table.size(1) == 6,
               "bad ranks");
   FLUID_CHECK(step >= 0 && step < table.size(0), "step out of range of the table");
@@ -43,7 +46,7 @@ void ddpm_step(const TensorView& x, const TensorView& model_out, const TensorVie
   ddpm_step_kernel<<<static_cast<unsigned>(blocks), threads, 0,
                      reinterpret_cast<cudaStream_t>(stream)>>>(
       x.data, model_out.data, noise.data, table.ptr<float>() + step * 6, out.data, x.dtype,
-      model_out.dtype, n, c, guided, step > 0, temperature, cfg);
+      model_out.dtype, n, c, guided, step > 0, clip_denoised, temperature, cfg);
   check_launch("ddpm_step");
 }
 

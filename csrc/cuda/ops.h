@@ -12,7 +12,7 @@ namespace cuda {
 // travels as a kernel argument, so a sampling loop does no host-to-device copy.
 void ddpm_step(const TensorView& x, const TensorView& model_out, const TensorView& noise,
                const TensorView& table, int64_t step, float temperature, float cfg,
-               const TensorView& out, uintptr_t stream);
+               bool clip_denoised, const TensorView& out, uintptr_t stream);
 
 // out = LN(x) * (1 + scale) + shift, LN over the last dim with optional affine weight / bias.
 // x, shift, scale, out: (R, D), unit stride along D, any row stride (shift / scale may be

@@ -100,6 +100,8 @@ class FluidConfig:
     num_iter: int | None = None         # sampling AR steps; None: 64 (random) / all tokens (raster)
     cfg: float | None = None            # sampling CFG scale; None: the paper's value for the variant
     temperature: float | None = None    # sampling temperature; None: the paper's value
+    clip_denoised: bool | None = None   # sampling: clamp each diffusion step's predicted x_0 to [-1, 1];
+                                        # None: on for pixel-patch tokens (they lie in [-1, 1]), off for VAE
     grad_checkpointing: bool = False
 
     def sampling_defaults(self) -> dict:
@@ -200,6 +202,10 @@ def validate_config(c: FluidConfig) -> FluidConfig:
     for name in ("text_pool_add", "grad_checkpointing"):
         if not isinstance(getattr(c, name), bool):
             raise ValueError(f"FluidConfig: {name} must be a bool, got {getattr(c, name)!r}")
+    if c.clip_denoised is not None and not isinstance(c.clip_denoised, bool):
+        raise ValueError(f"FluidConfig: clip_denoised must be a bool or None, got {c.clip_denoised!r}")
+    if c.clip_denoised and c.tokenizer == "vae":
+        raise ValueError("FluidConfig: clip_denoised clamps tokens to [-1, 1]; VAE latents are not bounded there")
     if c.num_iter is not None:
         _check_int("num_iter", c.num_iter, 1)
     _check_number("cfg", c.cfg, allow_none=True)
@@ -537,9 +543,16 @@ class Fluid(nn.Module):
         """Tokens for rows z_cond (N, W); CFG with scale w against z_uncond when given."""
         if self.config.token_kind == "continuous":
             z = z_cond if z_uncond is None else torch.cat([z_cond, z_uncond])
+            clip = self.config.clip_denoised
+            if clip is None:
+                # Pixel-patch tokens lie in [-1, 1]. Clamping the predicted x_0 there keeps the first
+                # steps from t ~ 1000 (1/sqrt(alpha_bar) ~ 2e4 amplifies the head's eps error) from
+                # throwing x out of range: without it a tiny head trained 600 steps sampled noise of
+                # magnitude ~1e3 (measured 2026-12-01), with it the right colours on a clean background.
+                clip = self.config.tokenizer == "patch"
             return fluid_ops.diffusion_sample(self.head.net, z, num_steps=steps, temperature=temperature,
                                               cfg=1.0 if z_uncond is None else w, generator=generator,
-                                              gemm_dtype=gemm_dtype)
+                                              gemm_dtype=gemm_dtype, clip_denoised=clip)
         logits = self.head(z_cond).float()
         if z_uncond is not None:
             lu = self.head(z_uncond).float()

@@ -17,8 +17,9 @@ OP = "ddpm_step"
 
 # ---- backends ---------------------------------------------------------------------------
 @backend.register(OP, "reference")
-def _ddpm_step_reference(x, model_out, noise, table, step, temperature, cfg):
-    return ref.ddpm_step(x, model_out, noise, table, step, temperature=temperature, cfg=cfg)
+def _ddpm_step_reference(x, model_out, noise, table, step, temperature, cfg, clip_denoised):
+    return ref.ddpm_step(x, model_out, noise, table, step, temperature=temperature, cfg=cfg,
+                         clip_denoised=clip_denoised)
 
 
 def _contig(*ts):
@@ -26,63 +27,72 @@ def _contig(*ts):
 
 
 @backend.register(OP, "cpu")
-def _ddpm_step_cpu(x, model_out, noise, table, step, temperature, cfg):
+def _ddpm_step_cpu(x, model_out, noise, table, step, temperature, cfg, clip_denoised):
     x, model_out, noise, table = _contig(x, model_out, noise, table)
     out = torch.empty_like(x)
     v = _compiled.view
-    _compiled.cpu.ddpm_step(v(x), v(model_out), v(noise), v(table), step, temperature, cfg, v(out),
-                            _compiled.cpu_threads())
+    _compiled.cpu.ddpm_step(v(x), v(model_out), v(noise), v(table), step, temperature, cfg, clip_denoised,
+                            v(out), _compiled.cpu_threads())
     return out
 
 
 @backend.register(OP, "cuda")
-def _ddpm_step_cuda(x, model_out, noise, table, step, temperature, cfg):
+def _ddpm_step_cuda(x, model_out, noise, table, step, temperature, cfg, clip_denoised):
     x, model_out, noise, table = _contig(x, model_out, noise, table)
     out = torch.empty_like(x)
     v = _compiled.view
-    _compiled.cuda.ddpm_step(v(x), v(model_out), v(noise), v(table), step, temperature, cfg, v(out),
-                             _compiled.cuda_stream(x.device))
+    _compiled.cuda.ddpm_step(v(x), v(model_out), v(noise), v(table), step, temperature, cfg, clip_denoised,
+                             v(out), _compiled.cuda_stream(x.device))
     return out
 
 
 @backend.register(OP, "triton", supports=lambda x, *args: cpu_rule(x))
-def _ddpm_step_triton(x, model_out, noise, table, step, temperature, cfg):
+def _ddpm_step_triton(x, model_out, noise, table, step, temperature, cfg, clip_denoised):
     from fluid_ops.triton import sampling  # imports triton: only when a Triton kernel runs
-    return sampling.ddpm_step(x, model_out, noise, table, step, temperature, cfg)
+    return sampling.ddpm_step(x, model_out, noise, table, step, temperature, cfg, clip_denoised=clip_denoised)
 
 
 # ---- custom op --------------------------------------------------------------------------
 @torch.library.custom_op("fluid_ops::ddpm_step", mutates_args=())
 def _ddpm_step_op(x: torch.Tensor, model_out: torch.Tensor, noise: torch.Tensor, table: torch.Tensor,
-                  step: int, temperature: float, cfg: float) -> torch.Tensor:
+                  step: int, temperature: float, cfg: float, clip_denoised: bool) -> torch.Tensor:
     if x.numel() == 0:
         return torch.empty_like(x)
-    return backend.dispatch(OP, x.device, x, model_out, noise, table, step, temperature, cfg)
+    return backend.dispatch(OP, x.device, x, model_out, noise, table, step, temperature, cfg, clip_denoised)
 
 
 @_ddpm_step_op.register_fake
-def _(x, model_out, noise, table, step, temperature, cfg):
+def _(x, model_out, noise, table, step, temperature, cfg, clip_denoised):
     return torch.empty_like(x)
 
 
 def _setup_context(ctx, inputs, output):
-    x, model_out, noise, table, step, temperature, cfg = inputs
-    ctx.save_for_backward(model_out, noise, table)
+    x, model_out, noise, table, step, temperature, cfg, clip_denoised = inputs
+    # x itself is needed only to know where the clamp of the predicted x_0 was active
+    ctx.save_for_backward(model_out, noise, table, x if clip_denoised else None)
     ctx.step, ctx.temperature, ctx.cfg, ctx.n = step, temperature, cfg, x.shape[0]
+    ctx.clip_denoised = clip_denoised
     ctx.x_dtype = x.dtype
 
 
 def _backward(ctx, grad):
     # The step is affine in x and eps and smooth in the variance channel v:
-    #   out = c1 * (a x - b eps) + c2 x + [step > 0] exp(0.5 logvar) T noise,
+    #   out = c1 * x0 + c2 x + [step > 0] exp(0.5 logvar) T noise, x0 = a x - b eps
+    #   (clamped to [-1, 1] with clip_denoised: then x0 passes no gradient where the clamp is active),
     #   logvar = frac max_log + (1 - frac) min_log, frac = (v + 1) / 2.
-    model_out, noise, table = ctx.saved_tensors
+    model_out, noise, table, x = ctx.saved_tensors
     n, step, temp, cfg = ctx.n, ctx.step, ctx.temperature, ctx.cfg
     c = grad.shape[1]
     c1, c2, a, b, min_log, max_log = table[step].float().unbind(0)
     g = grad.float()
-    gx = g * (c1 * a + c2)
-    geps = -g * c1 * b
+    g0 = g * c1  # gradient reaching x0
+    if ctx.clip_denoised:
+        mo = model_out.float()
+        eps = mo[:n, :c] if mo.shape[0] == n else mo[n:, :c] + cfg * (mo[:n, :c] - mo[n:, :c])
+        x0 = a * x.float() - b * eps
+        g0 = torch.where((x0 >= -1.0) & (x0 <= 1.0), g0, torch.zeros_like(g0))
+    gx = g0 * a + g * c2
+    geps = -g0 * b
     gmo = torch.zeros(model_out.shape, dtype=torch.float32, device=grad.device)
     guided = model_out.shape[0] == 2 * n
     gmo[:n, :c] = geps * cfg if guided else geps
@@ -97,7 +107,7 @@ def _backward(ctx, grad):
         gnoise = (g * std * temp).to(noise.dtype)
     else:
         gnoise = torch.zeros_like(noise)
-    return gx.to(ctx.x_dtype), gmo.to(model_out.dtype), gnoise, None, None, None, None
+    return gx.to(ctx.x_dtype), gmo.to(model_out.dtype), gnoise, None, None, None, None, None
 
 
 _ddpm_step_op.register_autograd(_backward, setup_context=_setup_context)
@@ -105,14 +115,17 @@ _ddpm_step_op.register_autograd(_backward, setup_context=_setup_context)
 
 # ---- public API ---------------------------------------------------------------------------
 def ddpm_step(x: torch.Tensor, model_out: torch.Tensor, noise: torch.Tensor, table: torch.Tensor,
-              step: int, *, temperature: float = 1.0, cfg: float = 1.0) -> torch.Tensor:
+              step: int, *, temperature: float = 1.0, cfg: float = 1.0, clip_denoised: bool = False) -> torch.Tensor:
     """One reverse-diffusion step, fused: returns x_{t-1} (same shape and dtype as x).
 
     x (N, C); model_out (N, 2C), or (2N, 2C) = [cond; uncond] rows for classifier-free guidance
     with scale `cfg`; noise (N, C) (added, times `temperature`, iff step > 0); table (S, 6) float32
     from `DiffusionSchedule.table(device)`; step the respaced index (S-1 down to 0). The table
     stays on the device and `step` travels as a kernel argument: no host-to-device copy.
-    Contract: exact."""
+    clip_denoised: clamp the predicted x_0 = a x - b eps to [-1, 1] before the posterior mean
+    (IDDPM's clip_denoised; for tokens that lie in [-1, 1], such as pixel patches: it keeps the
+    first steps from t ~ T, where 1/sqrt(alpha_bar) ~ 2e4 amplifies any error in eps, from
+    throwing x out of range). Off by default, as MAR samples. Contract: exact."""
     check_tensor(OP, "x", x, ndim=2, dtypes=FLOAT_DTYPES)
     n, c = x.shape
     check_tensor(OP, "model_out", model_out, ndim=2, dtypes=FLOAT_DTYPES)
@@ -129,5 +142,7 @@ def ddpm_step(x: torch.Tensor, model_out: torch.Tensor, noise: torch.Tensor, tab
         raise ValueError(f"{OP}: step must be in [0, {table.shape[0]}) (rows of table), got {step}")
     temperature = check_finite_scalar(OP, "temperature", temperature, min_value=0.0)
     cfg = check_finite_scalar(OP, "cfg", cfg)
+    if not isinstance(clip_denoised, bool):
+        raise TypeError(f"{OP}: clip_denoised must be a bool, got {type(clip_denoised).__name__}")
     check_same_device(OP, x=x, model_out=model_out, noise=noise, table=table)
-    return torch.ops.fluid_ops.ddpm_step(x, model_out, noise, table, step, temperature, cfg)
+    return torch.ops.fluid_ops.ddpm_step(x, model_out, noise, table, step, temperature, cfg, clip_denoised)

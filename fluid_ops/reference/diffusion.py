@@ -101,8 +101,10 @@ def _gather(arr: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tenso
 
 
 def ddpm_step(x: torch.Tensor, model_out: torch.Tensor, noise: torch.Tensor, table: torch.Tensor,
-              step: int, *, temperature: float = 1.0, cfg: float = 1.0) -> torch.Tensor:
-    """One reverse step (SPEC §2.3), in fp32, from one row of `table`.
+              step: int, *, temperature: float = 1.0, cfg: float = 1.0,
+              clip_denoised: bool = False) -> torch.Tensor:
+    """One reverse step (SPEC §2.3), in fp32, from one row of `table`; clip_denoised clamps the
+    predicted x_0 = a x - b eps to [-1, 1] (IDDPM's option) before the posterior mean.
 
     model_out is (N, 2C), or (2N, 2C) = [cond; uncond] for guidance: eps = eps_u + cfg * (eps_c - eps_u),
     variance channel from the cond half. Noise is added iff step > 0."""
@@ -116,7 +118,10 @@ def ddpm_step(x: torch.Tensor, model_out: torch.Tensor, noise: torch.Tensor, tab
     frac = (v + 1.0) * 0.5
     logvar = frac * max_log + (1.0 - frac) * min_log
     xf = x.float()
-    out = c1 * (a * xf - b * eps) + c2 * xf
+    xstart = a * xf - b * eps
+    if clip_denoised:
+        xstart = xstart.clamp(-1.0, 1.0)
+    out = c1 * xstart + c2 * xf
     if step > 0:
         out = out + torch.exp(0.5 * logvar) * temperature * noise.float()
     return out.to(x.dtype)
@@ -131,7 +136,7 @@ def draw_sampling_noise(n: int, channels: int, num_steps: int, *, device="cpu",
 def diffusion_sample(net, z: torch.Tensor, *, num_steps: int = 100, temperature: float = 1.0,
                      cfg: float = 1.0, noise: torch.Tensor | None = None,
                      generator: torch.Generator | None = None,
-                     schedule: DiffusionSchedule | None = None) -> torch.Tensor:
+                     schedule: DiffusionSchedule | None = None, clip_denoised: bool = False) -> torch.Tensor:
     """The reference sampling loop, as MAR runs it: every step evaluates `net(x, t, z)` on all
     rows ([x; x] against [z_cond; z_uncond] when cfg != 1) and applies `ddpm_step`.
 
@@ -149,7 +154,8 @@ def diffusion_sample(net, z: torch.Tensor, *, num_steps: int = 100, temperature:
         xin = torch.cat([x, x]) if guided else x
         t = ts[step].expand(xin.shape[0])
         model_out = net(xin, t, z)
-        x = ddpm_step(x, model_out, noise[i + 1], table, step, temperature=temperature, cfg=cfg)
+        x = ddpm_step(x, model_out, noise[i + 1], table, step, temperature=temperature, cfg=cfg,
+                      clip_denoised=clip_denoised)
     return x
 
 

@@ -38,7 +38,7 @@ __all__ = ["ddpm_step", "sample_categorical"]
 # ---- ddpm_step --------------------------------------------------------------------------------
 @triton.jit
 def _ddpm_step_kernel(x_ptr, mo_ptr, noise_ptr, table_ptr, step_ptr, out_ptr, n, c, step, temperature, cfg,
-                      GUIDED: tl.constexpr, STEP_FROM_PTR: tl.constexpr, BLOCK: tl.constexpr):
+                      GUIDED: tl.constexpr, STEP_FROM_PTR: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n * c
     row = offs // c
@@ -62,7 +62,10 @@ def _ddpm_step_kernel(x_ptr, mo_ptr, noise_ptr, table_ptr, step_ptr, out_ptr, n,
     v = tl.load(mo_ptr + row * 2 * c + c + col, mask=mask, other=0.0).to(tl.float32)
     frac = (v + 1.0) * 0.5
     logvar = frac * max_log + (1.0 - frac) * min_log
-    out = c1 * (a * xv - b * eps) + c2 * xv
+    xstart = a * xv - b * eps
+    if CLIP:  # clamp to [-1, 1] as torch.clamp does (NaN stays NaN)
+        xstart = tl.where(xstart < -1.0, -1.0, tl.where(xstart > 1.0, 1.0, xstart))
+    out = c1 * xstart + c2 * xv
     noise = tl.load(noise_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     noisy = out + tl.exp(0.5 * logvar) * temperature * noise
     out = tl.where(cur > 0, noisy, out)  # the last step (index 0) adds no noise
@@ -70,7 +73,8 @@ def _ddpm_step_kernel(x_ptr, mo_ptr, noise_ptr, table_ptr, step_ptr, out_ptr, n,
 
 
 def ddpm_step(x: torch.Tensor, model_out: torch.Tensor, noise: torch.Tensor, table: torch.Tensor,
-              step, temperature: float, cfg: float, out: torch.Tensor | None = None) -> torch.Tensor:
+              step, temperature: float, cfg: float, out: torch.Tensor | None = None,
+              clip_denoised: bool = False) -> torch.Tensor:
     """x_{t-1} for checked arguments (see fluid_ops.ddpm_step). `step` is a Python int or a
     one-element integer tensor on x's device (read by the kernel: no host sync, graph-capturable).
     `out` (N, C) in x's dtype may be given (e.g. a buffer a CUDA graph reuses)."""
@@ -86,7 +90,7 @@ def ddpm_step(x: torch.Tensor, model_out: torch.Tensor, noise: torch.Tensor, tab
     grid = (triton.cdiv(n * c, block),)
     _ddpm_step_kernel[grid](x, model_out, noise, table, step_t, out, n, c, 0 if from_ptr else int(step),
                             float(temperature), float(cfg), GUIDED=model_out.shape[0] == 2 * n,
-                            STEP_FROM_PTR=from_ptr, BLOCK=block)
+                            STEP_FROM_PTR=from_ptr, CLIP=bool(clip_denoised), BLOCK=block)
     return out
 
 
