@@ -197,7 +197,8 @@ def head_forward(net, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, gemm_dt
         raise RuntimeError(f"{name}: the CUDA head cannot run this call: {why}")
     w = net._sampling_weights(gd, x.device)
     d = net.model_channels
-    with torch.autocast("cuda", dtype=gd):  # the embeddings are plain Linear layers: torch runs them
+    # the embeddings are plain Linear layers: torch runs them, in the GEMM dtype
+    with torch.autocast(x.device.type, dtype=gd, enabled=x.device.type == "cuda"):
         temb = net.time_embed(t).float().contiguous()
         cemb = net.cond_embed(c.to(net.cond_embed.weight.dtype)).float().contiguous()
     in_w = net.input_proj.weight.detach().float()
