@@ -90,12 +90,14 @@ def test_tile_choice():
     assert _compiled.cuda.head_gemm_tile(1025) == (128, 128, 8)
 
 
+M_, N_, K_ = 33, 40, 64
+
+
 @needs_module
-@pytest.mark.skipif(not NO_DEVICE, reason="passes CPU pointers: only where no CUDA device could ever read them")
-def test_kernel_argument_validation_without_a_gpu():
-    """Every bad call raises a ValueError naming the argument before anything is launched; a
-    good call passes validation and fails only at the launch (no driver here)."""
-    m, n, k = 33, 40, 64
+def test_kernel_argument_validation():
+    """Every bad call raises a ValueError naming the argument before anything is launched (so
+    CPU tensors' pointers are safe here, with or without a GPU)."""
+    m, n, k = M_, N_, K_
     bf = torch.bfloat16
     a, w, out = torch.zeros(m, k, dtype=bf), torch.zeros(n, k, dtype=bf), torch.zeros(m, n, dtype=bf)
     err = _compiled.cuda.KernelArgumentError
@@ -126,6 +128,19 @@ def test_kernel_argument_validation_without_a_gpu():
         args.update(kw)
         with pytest.raises(err, match=match):
             _call(**args)
+    _call(a[:0], w, out[:0])  # no rows: validated, nothing launched
+    with pytest.raises(err, match="w must have shape"):
+        _compiled.cuda.head_input_proj(v(torch.zeros(m, 4)), v(torch.zeros(n, 5)), None, v(torch.zeros(m, n)), 0)
+    with pytest.raises(err, match="c must have shape"):
+        _compiled.cuda.head_silu_add(v(torch.zeros(m, k)), v(torch.zeros(3, k)), v(torch.zeros(m, k, dtype=bf)), 0)
+
+
+@needs_module
+@pytest.mark.skipif(not NO_DEVICE, reason="passes CPU pointers to a launch: only where no CUDA device could read them")
+def test_valid_calls_pass_validation_and_fail_only_at_the_launch():
+    m, n, k = M_, N_, K_
+    bf = torch.bfloat16
+    a, w, out = torch.zeros(m, k, dtype=bf), torch.zeros(n, k, dtype=bf), torch.zeros(m, n, dtype=bf)
     for good in (dict(), dict(bias=torch.zeros(n, dtype=bf), silu=True),
                  dict(a=torch.zeros(m, k), c=torch.zeros(1, k)),
                  dict(a=torch.zeros(m, k), scale=torch.zeros(m, 3 * k, dtype=bf)[:, k:2 * k], lnw=torch.zeros(k)),
@@ -134,11 +149,6 @@ def test_kernel_argument_validation_without_a_gpu():
         args.update(good)
         with pytest.raises(RuntimeError, match="CUDA launch failed"):
             _call(**args)
-    _call(a[:0], w, out[:0])  # no rows: validated, nothing launched
-    with pytest.raises(err, match="w must have shape"):
-        _compiled.cuda.head_input_proj(v(torch.zeros(m, 4)), v(torch.zeros(n, 5)), None, v(torch.zeros(m, n)), 0)
-    with pytest.raises(err, match="c must have shape"):
-        _compiled.cuda.head_silu_add(v(torch.zeros(m, k)), v(torch.zeros(3, k)), v(torch.zeros(m, k, dtype=bf)), 0)
 
 
 # ---- host logic: the launch sequence, on CPU tensors with emulated kernels -------------------------
