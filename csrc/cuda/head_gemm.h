@@ -27,7 +27,7 @@ namespace cuda {
 // Requirements (checked): K % 8 == 0; every (M, K) / (N, K) operand read in 16-byte vectors
 // (A, c, shift, scale, lnw, lnb, W) has unit column stride, a row stride that is a multiple of
 // 16 bytes' worth of elements, and a 16-byte aligned base; the (M, N) epilogue operands have
-// unit column stride (any row stride); M, N, K < 2^31.
+// unit column stride (any row stride); M, N, K < 2^31 - 256.
 void head_linear(const TensorView& a, const TensorView* c, const TensorView* lnw,
                  const TensorView* lnb, const TensorView* shift, const TensorView* scale,
                  float eps, const TensorView& w, const TensorView* bias, const TensorView* rbias,
