@@ -24,6 +24,12 @@ Implementations (each a row of the JSON, `impl`):
   the compiled CPU kernels, fp32 GEMMs;
 * `ours_graph` (GPU, sample): the same loop captured once as a CUDA graph and replayed (the
   per-AR-step sampler set-up, i.e. cond_embed(z) and the time embeddings, is outside the graph).
+* `ours_cuda*` (GPU, where fluid_ops._C_cuda has the head kernels; not with `--backend`, which
+  forces one head for `ours`): the same rows with the compiled CUDA head (fluid_ops.ops.head_cuda, hand-written
+  mma.sync GEMMs): forward = `head_cuda.head_forward` (+ `ours_cuda_<mode>_prologue` for the other
+  prologue mode), sample / graph = the loop under `use_backend("cuda")` (CUDA head + CUDA
+  ddpm_step). `ours` / `ours_graph` then run under `use_backend("triton")`, so they keep timing the
+  Triton head (the sampler would otherwise pick the CUDA head).
 
 Timing: GPU `triton.testing.do_bench` medians (L2 flushed between runs; the sample is one call
 of the whole loop); CPU medians of interleaved rounds. Each case first checks ours against the
@@ -201,9 +207,15 @@ def _compiled(head, net, device, mode):
     return _COMPILED[(head, mode)]
 
 
-def _graph_sampler(net, z, noise, steps, device):
-    """The sampling loop of fluid_ops.diffusion_sample captured as one CUDA graph; returns its
-    replay (the samples land in the graph's own output buffer)."""
+def _graph_sampler(net, z, noise, steps, device, backend=None):
+    """The sampling loop of fluid_ops.diffusion_sample captured as one CUDA graph (with `backend`
+    forced while the head is chosen and the loop captured; None: as the enclosing context says);
+    returns its replay (the samples land in the graph's own output buffer)."""
+    with fluid_ops.use_backend(backend) if backend else contextlib.nullcontext():
+        return _graph_sampler_body(net, z, noise, steps, device)
+
+
+def _graph_sampler_body(net, z, noise, steps, device):
     sched = rdiff.DiffusionSchedule(steps)
     table, ts = sched.table(device), sched.model_timesteps(device)
     sampler = net.sampler(z, ts, torch.bfloat16)
@@ -233,10 +245,30 @@ def _rel_err(a, b) -> float:
     return ((a - b).abs().max() / (b.abs().max() + 1e-6)).item()
 
 
+def _cuda_head_available(device, args) -> bool:
+    """Whether the compiled CUDA head can run here (and no other backend is forced)."""
+    if device.type != "cuda" or args.backend is not None:  # --backend cuda: `ours` is the CUDA head
+        return False
+    from fluid_ops.ops.head_cuda import cuda_head_unusable
+    return cuda_head_unusable(device, torch.bfloat16) is None
+
+
+def _forced(name):
+    """A call under use_backend(name) (None: unchanged)."""
+    def wrap(fn):
+        def run():
+            with fluid_ops.use_backend(name) if name else contextlib.nullcontext():
+                return fn()
+        return run
+    return wrap
+
+
 def bench_case(head: str, rows: int, what: str, args, device) -> list[dict]:
     cfg = HEADS[head]
     ref, ours = _nets(head, device)
     gpu = device.type == "cuda"
+    cuda_head = _cuda_head_available(device, args)
+    extra_checks = {}  # impl-name prefix -> (relative error, tolerance) of variants checked apart
     g = torch.Generator().manual_seed(rows)
     nograd = torch.no_grad()
     impls: dict = {}
@@ -262,6 +294,18 @@ def bench_case(head: str, rows: int, what: str, args, device) -> list[dict]:
                     if other != auto:
                         impls[f"ours_{other}_prologue"] = (
                             lambda other=other: head_forward(ours, x, t, c, torch.bfloat16, prologue=other))
+                if cuda_head:
+                    from fluid_ops.ops import head_cuda
+                    auto_c = head_cuda.prologue_mode(rows)
+                    impls["ours_cuda"] = lambda: head_cuda.head_forward(ours, x, t, c, torch.bfloat16, prologue=auto_c)
+                    for other in head_cuda.PROLOGUE_MODES:
+                        if other != auto_c:
+                            impls[f"ours_cuda_{other}_prologue"] = (
+                                lambda other=other: head_cuda.head_forward(ours, x, t, c, torch.bfloat16,
+                                                                           prologue=other))
+                    with nograd:
+                        for k in [k for k in impls if k.startswith("ours_cuda")]:
+                            extra_checks[k] = (_rel_err(impls[k](), ref(x, t, c)), LOWP_TOL)
             else:
                 impls["ours"] = lambda: ours(x, t, c)
             with nograd:
@@ -296,20 +340,33 @@ def bench_case(head: str, rows: int, what: str, args, device) -> list[dict]:
         for k, net in peers.items():
             impls[k] = (lambda net=net: _no_grad_call(lambda: rdiff.diffusion_sample(net, z, **kw)))
         gd = torch.bfloat16 if gpu else torch.float32
-        impls["ours"] = lambda: fluid_ops.diffusion_sample(ours, z, gemm_dtype=gd, **kw)
+        # with the CUDA head available, `ours` keeps timing the Triton head (forced), `ours_cuda` that one
+        tri = "triton" if cuda_head else None
+        impls["ours"] = _forced(tri)(lambda: fluid_ops.diffusion_sample(ours, z, gemm_dtype=gd, **kw))
         if gpu:
-            impls["ours_graph"] = _graph_sampler(ours, z, noise, steps, device)
+            impls["ours_graph"] = _graph_sampler(ours, z, noise, steps, device, backend=tri)
+        if cuda_head:
+            impls["ours_cuda"] = _forced("cuda")(lambda: fluid_ops.diffusion_sample(ours, z, gemm_dtype=gd, **kw))
+            impls["ours_cuda_graph"] = _graph_sampler(ours, z, noise, steps, device, backend="cuda")
         # one model evaluation as the loop sees it (the samples themselves drift apart over 100
         # steps of bf16 rounding; test_diffusion checks them in distribution)
         ts = rdiff.DiffusionSchedule(steps).model_timesteps(device)
         xq = noise[1]
         with nograd:
             want = ref(torch.cat([xq, xq]), ts[steps // 2].expand(2 * rows), z)
-            got = ours.sampler(z, ts, gd)(xq, steps // 2)
+            got = _forced(tri)(lambda: ours.sampler(z, ts, gd)(xq, steps // 2))()
+            if cuda_head:
+                got_c = _forced("cuda")(lambda: ours.sampler(z, ts, gd)(xq, steps // 2))()
+                for k in ("ours_cuda", "ours_cuda_graph"):
+                    extra_checks[k] = (_rel_err(got_c, want), LOWP_TOL)
         check = (_rel_err(got, want), LOWP_TOL if gpu else 1e-4)
     if check is not None and not check[0] <= check[1]:
         raise AssertionError(f"{head} {rows} {what}: ours differs from the reference by {check[0]:.3e} "
                              f"(relative) > {check[1]}")
+    for k, (err, tol) in extra_checks.items():
+        if not err <= tol:
+            raise AssertionError(f"{head} {rows} {what}: {k} differs from the reference by {err:.3e} "
+                                 f"(relative) > {tol}")
     # warm-up (compiles Triton kernels and torch.compile graphs, fills caches)
     for fn in impls.values():
         fn()
@@ -335,7 +392,8 @@ def bench_case(head: str, rows: int, what: str, args, device) -> list[dict]:
                    tflops=flops / s / 1e12, steps=args.steps if what == "sample" else None,
                    ms_per_step=s * 1e3 / args.steps if what == "sample" else None,
                    speedup_vs_ref_fp32=med["ref_fp32"] / s, speedup_vs_ref_bf16=med["ref_bf16"] / s,
-                   check_rel_err=check[0] if k.startswith("ours") else None)
+                   check_rel_err=extra_checks[k][0] if k in extra_checks else (
+                       check[0] if k.startswith("ours") else None))
         for peer in ("compile_max_autotune", "compile_default"):
             if peer in med:
                 row[f"speedup_vs_{peer}"] = med[peer] / s
@@ -440,6 +498,8 @@ def main(argv=None) -> int:
         args.peak_tflops = args.peak_tflops or peak_bf16_tflops(info["gpu"])
         info["peak_bf16_tflops_assumed"] = args.peak_tflops
     info.update(cfg_scale=CFG_SCALE, temperature=TEMPERATURE, steps=args.steps, quick=args.quick)
+    if gpu:
+        info["cuda_head"] = _cuda_head_available(device, args)
     print(json.dumps(info))
     rows = []
     cases = [(h, r, w) for h in args.heads for r in args.rows for w in args.passes

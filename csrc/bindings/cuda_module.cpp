@@ -11,6 +11,8 @@
 namespace py = pybind11;
 using fluid::TensorView;
 
+void register_denoiser(py::module& m);  // cuda_denoiser.cpp: the fused head GEMMs
+
 namespace {
 
 py::tuple device_status() {
@@ -52,4 +54,5 @@ PYBIND11_MODULE(_C_cuda, m) {
       py::arg("scale"), py::arg("eps"), py::arg("out"), py::arg("stream"));
   m.def("gated_residual", &fluid::cuda::gated_residual, fluid::nogil(), py::arg("h"),
         py::arg("gate"), py::arg("y"), py::arg("out"), py::arg("stream"));
+  register_denoiser(m);
 }

@@ -14,8 +14,9 @@ strict=True.
   With gemm_dtype=torch.bfloat16 the GEMMs run in bf16 (weights cast once and cached, fp32
   accumulation inside the GEMM) while the residual stream h, y and the LN statistics stay fp32.
   Contract: exact in fp32, rounding-level with bf16 GEMMs. On CUDA tensors (and on CPU tensors
-  when the triton backend is forced) a step runs as the fused Triton head of
-  `fluid_ops.triton.denoiser` (same contract).
+  when the triton backend is forced) a step runs as a fused head: the CUDA one of
+  `fluid_ops.ops.head_cuda` (bf16 / fp16 GEMMs, where the compiled CUDA module has it), else the
+  Triton one of `fluid_ops.triton.denoiser` (same contract).
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ import torch.nn.functional as F
 
 from fluid_ops.ops._checks import FLOAT_DTYPES, check_tensor
 from fluid_ops.ops.denoiser import gated_residual, gated_residual_, layernorm_modulate, layernorm_modulate_into
+from fluid_ops.ops.head_cuda import cuda_head_unusable
 from fluid_ops.reference import denoiser as ref
 from fluid_ops.triton._util import fused_head_unusable
 
@@ -114,10 +116,16 @@ class DenoiserSampler:
         self.ada = torch.empty(m, w.ada_wt.shape[1], dtype=gd, device=dev)
         self.h = torch.empty(m, d, device=dev)
         self.u = torch.empty(m, d, dtype=gd, device=dev)
-        # On CUDA (and on CPU when triton is forced) one step runs as the fused Triton head of
-        # fluid_ops.triton.denoiser (3 + 2 * blocks GEMM launches with LN / SiLU / gates fused
-        # in), which needs no more workspace than the three above.
+        # On CUDA one step runs as a fused head (3 + 2 * blocks GEMM launches with LN / SiLU /
+        # gates fused in), which needs no more workspace than the three above: the compiled CUDA
+        # head (fluid_ops.ops.head_cuda, bf16 / fp16 GEMMs) where it can run, else the Triton
+        # head of fluid_ops.triton.denoiser (also on CPU when triton is forced), in the order
+        # the op backends use (cuda, triton, ...), FLUID_OPS_BACKEND / use_backend respected.
         self.fused = None
+        if cuda_head_unusable(dev, gd, d) is None:
+            from fluid_ops.ops.head_cuda import CudaHeadStep
+            self.fused = CudaHeadStep(self)
+            return
         if fused_head_unusable(dev, gd) is None:
             from fluid_ops.triton.denoiser import FusedHeadStep
             self.fused = FusedHeadStep(self)
