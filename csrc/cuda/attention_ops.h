@@ -90,6 +90,7 @@ inline AttnShape check_attention_args(const TensorView& q, const TensorView& k, 
   if (tile_any != nullptr) {
     FLUID_CHECK(mask != nullptr, "tile_any is given without key_padding_mask");
     check_flags(*tile_any, s.b, (s.nk + kAttnTileN - 1) / kAttnTileN, "tile_any");
+    FLUID_CHECK(tile_any->shape[1] <= 1 || tile_any->stride[1] == 1, "tile_any must have unit stride along its tiles");
   }
   return s;
 }
