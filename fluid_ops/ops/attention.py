@@ -163,8 +163,13 @@ def _kv_triton(q, k_cache, v_cache, k_new, v_new, cache_seqlens, causal, softmax
 # path here would be slower than Triton's and is not worth its compile time. The backward is
 # deterministic (no atomics), whatever torch.are_deterministic_algorithms_enabled() says: the
 # atomic-dq variant of the Triton backend was not written for this one.
-# UNPROVEN: written and compiled on a machine without a GPU; tests/test_attention_cuda.py is the
-# check a GPU run must pass first.
+# UNPROVEN: written and compiled on a machine without a GPU. What a GPU run must check first, in
+# this order: (1) `pytest tests/test_attention_cuda.py` (the forward cases catch fragment-layout
+# and tail-tile mistakes; test_padding_tiles_are_skipped the tile skipping; the backward cases the
+# dk/dv and dq passes; it should take well under a minute); (2) the same under
+# `compute-sanitizer --tool memcheck` (out-of-bounds reads at the ragged ends, cp.async alignment)
+# and `--tool racecheck` (the __syncthreads around the shared K / V buffers); (3) the cuda rows
+# of `python benchmarks/attention.py` (speed is unmeasured).
 _CUDA_DTYPES = (torch.float16, torch.bfloat16)
 _CUDA_MAX_GRID_YZ = 65535  # H and B are the kernels' grid y / z axes
 
