@@ -166,14 +166,16 @@ def test_kernel_rejects_bad_backward_views_itself():
         a.update(kw)
         _compiled.cuda.attention_bwd(vw(a["dout"]), vw(a["q"]), vw(a["k"]), vw(a["v"]), vw(a["o"]), vw(a["lse"]),
                                      None, None, vw(a["dq"]), vw(a["dk"]), vw(a["dv"]), vw(a["delta"]),
-                                     vw(a["lse2"]), True, 0.1, 0)
+                                     vw(a["lse2"]), vw(a.get("dq_accum")), True, 0.1, 0)
 
     for kw, match in [(dict(dq=torch.zeros(2, 3, 1, 32, dtype=h)), "dq has a shape different"),
                       (dict(dk=torch.zeros(2, 4, 1, 32)), "dk must be float16|dk must have the dtype"),
                       (dict(dout=torch.zeros(2, 4, 1, 32, dtype=torch.bfloat16)), "dout must have the dtype"),
                       (dict(delta=torch.zeros(2, 1, 3)), r"delta must be a contiguous \(B, H, Nq\)"),
                       (dict(lse2=torch.zeros(2, 1, 8)[..., ::2]), r"lse2 must be a contiguous"),
-                      (dict(lse=torch.zeros(2, 1, 4, dtype=h)), "lse must be float32")]:
+                      (dict(lse=torch.zeros(2, 1, 4, dtype=h)), "lse must be float32"),
+                      (dict(dq_accum=torch.zeros(2, 4, 1, 32, dtype=h)), "dq_accum must be float32"),
+                      (dict(dq_accum=torch.zeros(2, 4, 1, 64)[..., :32]), "dq_accum must be a contiguous")]:
         with pytest.raises(ValueError, match=match):
             call(**kw)
 
@@ -332,24 +334,64 @@ def test_backward_flash_rule(dtype, b, nq, nk, h, d, causal, masked):
 
 
 @requires_cuda
-def test_backward_is_bitwise_repeatable():
-    """The only backward mode is deterministic (no atomics): two runs, and a run with torch's
-    deterministic algorithms switched on, give identical bits."""
+def test_backward_is_bitwise_repeatable(monkeypatch):
+    """The deterministic backward (no atomics): two runs give identical bits, and so does the op
+    with FLUID_OPS_CUDA_ATTENTION_BWD=atomic while torch's deterministic algorithms are on (they
+    force the deterministic passes)."""
     dtype = torch.bfloat16
     q, k, v, mask = _dev(*_inputs(2, 200, 333, 2, 64, dtype=dtype, masked=True, full_mask_batch=1, seed=5))
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(2)).to(dtype).cuda()
     o, lse = _fwd(q, k, v, mask, True)
-    with fluid_ops.use_backend("cuda"):
-        first = torch.ops.fluid_ops.attention_bwd(do, q, k, v, o, lse, mask, True, 0.125)
-        second = torch.ops.fluid_ops.attention_bwd(do, q, k, v, o, lse, mask, True, 0.125)
-        before = torch.are_deterministic_algorithms_enabled()
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        try:
+    first = ops_attn._cuda_backward(do, q, k, v, o, lse, mask, True, 0.125, deterministic=True)
+    second = ops_attn._cuda_backward(do, q, k, v, o, lse, mask, True, 0.125, deterministic=True)
+    monkeypatch.setenv("FLUID_OPS_CUDA_ATTENTION_BWD", "atomic")
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        with fluid_ops.use_backend("cuda"):
             third = torch.ops.fluid_ops.attention_bwd(do, q, k, v, o, lse, mask, True, 0.125)
-        finally:
-            torch.use_deterministic_algorithms(before)
+    finally:
+        torch.use_deterministic_algorithms(before)
     for name, a, b2, c in zip("qkv", first, second, third):
         assert torch.equal(a, b2) and torch.equal(a, c), f"d{name} differs between runs"
+
+
+def test_backward_mode_env(monkeypatch):
+    monkeypatch.delenv("FLUID_OPS_CUDA_ATTENTION_BWD", raising=False)
+    assert ops_attn._cuda_deterministic_backward()
+    monkeypatch.setenv("FLUID_OPS_CUDA_ATTENTION_BWD", "atomic")
+    assert ops_attn._cuda_deterministic_backward() == torch.are_deterministic_algorithms_enabled()
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        assert ops_attn._cuda_deterministic_backward()  # torch's switch forces the deterministic passes
+    finally:
+        torch.use_deterministic_algorithms(before)
+    monkeypatch.setenv("FLUID_OPS_CUDA_ATTENTION_BWD", "fast")
+    with pytest.raises(ValueError, match="FLUID_OPS_CUDA_ATTENTION_BWD must be"):
+        ops_attn._cuda_deterministic_backward()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,nq,nk,h,d,causal,masked", [BWD_CASES[0], BWD_CASES[1], BWD_CASES[2], BWD_CASES[5],
+                                                       (2, 100, 100, 2, 80, True, False)])
+@requires_cuda
+def test_backward_atomic_mode(dtype, b, nq, nk, h, d, causal, masked):
+    """The atomic-dq mode against the reference (2x rule) and against the deterministic mode
+    (dk / dv are computed identically; dq only differs by summation order)."""
+    q, k, v, mask = _inputs(b, nq, nk, h, d, dtype=dtype, masked=masked, full_mask_batch=1, seed=3)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(9)).to(dtype)
+    _, want = _ref_grads(q, k, v, mask, causal, do)
+    lowp = _lowp_grads(q, k, v, mask, causal, do)
+    qd, kd, vd, md, dod = _dev(q, k, v, mask, do)
+    o, lse = _fwd(qd, kd, vd, md, causal)
+    scale = d ** -0.5
+    atomic = ops_attn._cuda_backward(dod, qd, kd, vd, o, lse, md, causal, scale, deterministic=False)
+    det = ops_attn._cuda_backward(dod, qd, kd, vd, o, lse, md, causal, scale, deterministic=True)
+    _check_grads(atomic, want, lowp, dtype, "atomic")
+    assert torch.equal(atomic[1], det[1]) and torch.equal(atomic[2], det[2])
+    tol = 1e-2 if dtype == torch.bfloat16 else 2e-3
+    torch.testing.assert_close(atomic[0].float(), det[0].float(), rtol=tol, atol=tol)
 
 
 @requires_cuda

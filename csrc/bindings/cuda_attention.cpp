@@ -30,16 +30,17 @@ void register_cuda_attention(py::module_& m) {
       [](const TensorView& dout, const TensorView& q, const TensorView& k, const TensorView& v,
          const TensorView& o, const TensorView& lse, std::optional<TensorView> mask,
          std::optional<TensorView> tile_any, const TensorView& dq, const TensorView& dk,
-         const TensorView& dv, const TensorView& delta, const TensorView& lse2, bool causal,
-         float softmax_scale, uintptr_t stream) {
+         const TensorView& dv, const TensorView& delta, const TensorView& lse2,
+         std::optional<TensorView> dq_accum, bool causal, float softmax_scale, uintptr_t stream) {
         fluid::cuda::attention_bwd(dout, q, k, v, o, lse, mask ? &*mask : nullptr,
-                                   tile_any ? &*tile_any : nullptr, dq, dk, dv, delta, lse2, causal,
-                                   softmax_scale, stream);
+                                   tile_any ? &*tile_any : nullptr, dq, dk, dv, delta, lse2,
+                                   dq_accum ? &*dq_accum : nullptr, causal, softmax_scale, stream);
       },
       fluid::nogil(), py::arg("dout"), py::arg("q"), py::arg("k"), py::arg("v"), py::arg("o"),
       py::arg("lse"), py::arg("key_padding_mask"), py::arg("tile_any"), py::arg("dq"), py::arg("dk"),
-      py::arg("dv"), py::arg("delta"), py::arg("lse2"), py::arg("causal"), py::arg("softmax_scale"),
-      py::arg("stream"), "dq, dk, dv <- attention backward (deterministic); delta / lse2 are workspaces");
+      py::arg("dv"), py::arg("delta"), py::arg("lse2"), py::arg("dq_accum"), py::arg("causal"),
+      py::arg("softmax_scale"), py::arg("stream"),
+      "dq, dk, dv <- attention backward; dq_accum None: deterministic, else atomic dq into it");
 }
 
 }  // namespace fluid

@@ -1,9 +1,12 @@
 // Attention backward on tensor cores (SPEC §2.1): the preprocess and the dk/dv pass, and the
 // host entry point (the dq pass is in attention_bwd_dq.cu so the two compile in parallel).
 //
-// Deterministic by construction (no atomics, fixed reduction order): the only mode written.
-// (An atomic-dq mode, as the Triton backend's FLUID_OPS_TRITON_ATTENTION_BWD=atomic, was not
-// written for this backend: torch.are_deterministic_algorithms_enabled() is honoured trivially.)
+// Two modes, chosen by the caller (fluid_ops/ops/attention.py, as the Triton backend chooses):
+// * deterministic (default): dk/dv here, then the dq pass of attention_bwd_dq.cu; no atomics,
+//   fixed reduction order, bit-reproducible;
+// * atomic (dq_accum given): the dk/dv pass also stages dSᵀ in shared memory and adds its
+//   dQ share, dS K, into an fp32 buffer with atomicAdd (no second pass: two fewer GEMMs per tile
+//   pair, last-bit differences between runs).
 //
 // 1. preprocess, one warp per query row: delta = rowsum(dO * O) and lse2 = lse * log2 e (+inf
 //    for rows with no key, so their probabilities recompute to exactly 0).
@@ -54,6 +57,8 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
   T* sdO = sQ + BQ * LDS;
   float* sL = reinterpret_cast<float*>(sdO + BQ * LDS);
   float* sDl = sL + BQ;
+  constexpr int LDSS = BQ + 8;  // pitch of the dSᵀ staging tile (atomic mode)
+  T* sDS = reinterpret_cast<T*>(sDl + BQ);
 
   const int n0 = blockIdx.x * BN, h = blockIdx.y, b = blockIdx.z;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t4 = lane & 3;
@@ -149,7 +154,43 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
           Mma<T>::run(dk[2 * dp + 1], as, bq[2], bq[3]);
         }
       }
-      __syncthreads();  // before the next query tile overwrites sQ / sdO / sL / sDl
+      if (p.dq_accum != nullptr) {
+        // atomic mode: dSᵀ (rounded to T, as for the dK GEMM) -> shared, then
+        // dQ[q0 .. q0 + 32) += dS K · scale. Warp w: query rows 16 (w & 1) .., column pairs of
+        // 16 with index = w >> 1 (mod 2). A = dS [query][key] is dSᵀ [key][query] read with
+        // ldmatrix.trans in the [n][k] address pattern; B = K [key][d] with .trans.
+#pragma unroll
+        for (int nt = 0; nt < BQ / 8; ++nt)
+#pragma unroll
+          for (int r = 0; r < 2; ++r)
+            store2<T>(sDS + (warp * 16 + g + 8 * r) * LDSS + nt * 8 + t4 * 2, dpt[nt][2 * r], dpt[nt][2 * r + 1]);
+        __syncthreads();
+        const int mt = warp & 1;
+        float* dqa = p.dq_accum + b * p.dqa_sb + h * p.dqa_sh;
+        for (int pp = warp >> 1; pp < D / 16; pp += 2) {
+          float c[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+          for (int kk = 0; kk < BN / 16; ++kk) {
+            uint32_t a[4], bk[4];
+            ldsm_x4_trans(a, sDS + bnk_offset<LDSS>(kk * 16, mt * 16, lane));
+            ldsm_x4_trans(bk, sK + bkn_offset<LDS>(kk * 16, pp * 16, lane));
+            Mma<T>::run(c[0], a, bk[0], bk[1]);
+            Mma<T>::run(c[1], a, bk[2], bk[3]);
+          }
+#pragma unroll
+          for (int r = 0; r < 2; ++r) {
+            const int qi = q0 + mt * 16 + g + 8 * r;
+            if (qi >= nq) continue;
+            float* row = dqa + static_cast<int64_t>(qi) * p.dqa_sn + pp * 16 + t4 * 2;
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+              atomicAdd(row + half * 8, c[half][2 * r] * p.scale);
+              atomicAdd(row + half * 8 + 1, c[half][2 * r + 1] * p.scale);
+            }
+          }
+        }
+      }
+      __syncthreads();  // before the next query tile overwrites sQ / sdO / sL / sDl / sDS
     }
   }
 
@@ -196,9 +237,15 @@ void attention_bwd(const TensorView& dout, const TensorView& q, const TensorView
                    const TensorView& v, const TensorView& o, const TensorView& lse,
                    const TensorView* key_padding_mask, const TensorView* tile_any,
                    const TensorView& dq, const TensorView& dk, const TensorView& dv,
-                   const TensorView& delta, const TensorView& lse2, bool causal,
-                   float softmax_scale, uintptr_t stream) {
+                   const TensorView& delta, const TensorView& lse2, const TensorView* dq_accum,
+                   bool causal, float softmax_scale, uintptr_t stream) {
   const AttnShape s = check_attention_args(q, k, v, key_padding_mask, tile_any, "attention_bwd");
+  if (dq_accum != nullptr) {
+    check_dtype(*dq_accum, DType::F32, "dq_accum");
+    FLUID_CHECK(dq_accum->ndim == 4 && dq_accum->shape[0] == s.b && dq_accum->shape[1] == s.nq &&
+                    dq_accum->shape[2] == s.h && dq_accum->shape[3] == s.d && dq_accum->is_contiguous(),
+                "dq_accum must be a contiguous float32 tensor of q's shape");
+  }
   check_attention_out(dout, q, "dout");
   check_attention_out(o, q, "o");
   check_attention_out(dq, q, "dq");
@@ -215,6 +262,10 @@ void attention_bwd(const TensorView& dout, const TensorView& q, const TensorView
   attn::BwdParams p{};
   p.q = q.data; p.k = k.data; p.v = v.data; p.o = o.data; p.dout = dout.data; p.lse = lse.ptr<const float>();
   p.dq = dq.data; p.dk = dk.data; p.dv = dv.data; p.delta = delta.ptr<float>(); p.lse2 = lse2.ptr<float>();
+  p.dq_accum = dq_accum != nullptr ? dq_accum->ptr<float>() : nullptr;
+  if (dq_accum != nullptr) {
+    p.dqa_sb = dq_accum->stride[0]; p.dqa_sn = dq_accum->stride[1]; p.dqa_sh = dq_accum->stride[2];
+  }
   p.mask = key_padding_mask ? key_padding_mask->ptr<const uint8_t>() : nullptr;
   p.tile_any = tile_any ? tile_any->ptr<const uint8_t>() : nullptr;
   p.q_sb = q.stride[0]; p.q_sn = q.stride[1]; p.q_sh = q.stride[2];
@@ -248,8 +299,10 @@ void attention_bwd(const TensorView& dout, const TensorView& q, const TensorView
     attn::dispatch_dkdv<__nv_bfloat16>(p, d, b, st);
   }
   check_launch("attention_bwd (dk/dv)");
-  attn::launch_bwd_dq(p, q.dtype, d, b, st);
-  check_launch("attention_bwd (dq)");
+  if (dq_accum == nullptr) {  // deterministic: the separate dq pass
+    attn::launch_bwd_dq(p, q.dtype, d, b, st);
+    check_launch("attention_bwd (dq)");
+  }
 }
 
 }  // namespace cuda

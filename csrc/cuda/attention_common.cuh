@@ -177,10 +177,12 @@ struct BwdParams {
   void* dq; void* dk; void* dv;
   float* delta;  // (B, H, Nq) workspace: rowsum(dO * O)
   float* lse2;   // (B, H, Nq) workspace: lse * log2(e), +inf for rows with no key
+  float* dq_accum;  // atomic mode: (B, Nq, H, D) fp32 contiguous, zeroed; nullptr: deterministic
   const uint8_t* mask; const uint8_t* tile_any;
   int64_t q_sb, q_sn, q_sh, k_sb, k_sn, k_sh, v_sb, v_sn, v_sh, o_sb, o_sn, o_sh, do_sb, do_sn, do_sh;
   int64_t dq_sb, dq_sn, dq_sh, dk_sb, dk_sn, dk_sh, dv_sb, dv_sn, dv_sh;
   int64_t m_sb, m_sn, t_sb;
+  int64_t dqa_sb, dqa_sn, dqa_sh;
   int nq, nk, h;
   float scale, scale_log2;
   bool causal;
@@ -198,7 +200,8 @@ namespace attn {
 // cudaFuncAttributeMaxDynamicSharedMemorySize opt-in, which the launchers set).
 template <typename T, int D>
 constexpr int dkdv_smem_bytes() {
-  return (2 * kBlockN + 2 * kBlockQ) * (D + 8) * static_cast<int>(sizeof(T)) + 2 * kBlockQ * 4;
+  return (2 * kBlockN + 2 * kBlockQ) * (D + 8) * static_cast<int>(sizeof(T)) + 2 * kBlockQ * 4 +
+         kBlockN * (kBlockQ + 8) * static_cast<int>(sizeof(T));  // + dSᵀ staging of the atomic mode
 }
 template <typename T, int D>
 constexpr int dq_smem_bytes() {

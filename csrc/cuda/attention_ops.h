@@ -23,14 +23,15 @@ void attention_fwd(const TensorView& q, const TensorView& k, const TensorView& v
                    bool causal, float softmax_scale, uintptr_t stream);
 
 // dq, dk, dv (shapes and dtype of q, k, v) from dout, o and lse; delta / lse2 are (B, H, Nq)
-// float32 contiguous workspaces. Deterministic (no atomics): a dk/dv pass per key tile and a dq
-// pass per query tile.
+// float32 contiguous workspaces. dq_accum == nullptr: deterministic (no atomics; a dk/dv pass per
+// key tile and a dq pass per query tile). dq_accum given ((B, Nq, H, D) float32 contiguous,
+// zeroed by the caller): the dk/dv pass adds dq (scale included) into it with atomics and dq is not written.
 void attention_bwd(const TensorView& dout, const TensorView& q, const TensorView& k,
                    const TensorView& v, const TensorView& o, const TensorView& lse,
                    const TensorView* key_padding_mask, const TensorView* tile_any,
                    const TensorView& dq, const TensorView& dk, const TensorView& dv,
-                   const TensorView& delta, const TensorView& lse2, bool causal,
-                   float softmax_scale, uintptr_t stream);
+                   const TensorView& delta, const TensorView& lse2, const TensorView* dq_accum,
+                   bool causal, float softmax_scale, uintptr_t stream);
 
 constexpr int kAttnTileN = 64;  // key-tile width of tile_any (attn::kBlockN)
 

@@ -160,9 +160,11 @@ def _kv_triton(q, k_cache, v_cache, k_new, v_new, cache_seqlens, causal, softmax
 # ---- cuda: tensor-core kernels of fluid_ops._C_cuda (csrc/cuda/attention_*.cu) -------------
 # fp16 / bf16 only (mma.sync m16n8k16, fp32 accumulate). fp32 is declined with a reason and runs
 # on the Triton backend (IEEE fp32 dots), which keeps the op's exact-fp32 contract; a SIMT fp32
-# path here would be slower than Triton's and is not worth its compile time. The backward is
-# deterministic (no atomics), whatever torch.are_deterministic_algorithms_enabled() says: the
-# atomic-dq variant of the Triton backend was not written for this one.
+# path here would be slower than Triton's and is not worth its compile time. The backward has the
+# Triton backend's two modes, chosen the same way (_cuda_deterministic_backward): deterministic
+# (default: dk/dv pass + separate dq pass, no atomics) or atomic (FLUID_OPS_CUDA_ATTENTION_BWD=
+# atomic: dq added with fp32 atomics inside the dk/dv pass), deterministic whenever
+# torch.are_deterministic_algorithms_enabled().
 # UNPROVEN: written and compiled on a machine without a GPU. What a GPU run must check first, in
 # this order: (1) `pytest tests/test_attention_cuda.py` (the forward cases catch fragment-layout
 # and tail-tile mistakes; test_padding_tiles_are_skipped the tile skipping; the backward cases the
@@ -214,6 +216,15 @@ def _cuda_tile_any(mask):
     return padded.view(b, n_tiles, tile).any(-1)
 
 
+def _cuda_deterministic_backward() -> bool:
+    """FLUID_OPS_CUDA_ATTENTION_BWD=atomic picks the atomic dq unless torch's deterministic
+    algorithms are switched on; otherwise (default) the deterministic passes."""
+    mode = os.environ.get("FLUID_OPS_CUDA_ATTENTION_BWD", "deterministic").strip().lower()
+    if mode not in ("deterministic", "atomic"):
+        raise ValueError(f"FLUID_OPS_CUDA_ATTENTION_BWD must be 'deterministic' or 'atomic', got {mode!r}")
+    return mode == "deterministic" or torch.are_deterministic_algorithms_enabled()
+
+
 def _cuda_device(t):
     return torch.cuda.device(t.device)
 
@@ -238,6 +249,12 @@ def _fwd_cuda(q, k, v, key_padding_mask, causal, softmax_scale):
 
 @backend.register(BWD, "cuda", supports=lambda dout, q, *a, **kw: _cuda_supports(q))
 def _bwd_cuda(dout, q, k, v, o, lse, key_padding_mask, causal, softmax_scale):
+    return _cuda_backward(dout, q, k, v, o, lse, key_padding_mask, causal, softmax_scale)
+
+
+def _cuda_backward(dout, q, k, v, o, lse, key_padding_mask, causal, softmax_scale, deterministic=None):
+    if deterministic is None:
+        deterministic = _cuda_deterministic_backward()
     # locals keep every tensor (and any copy) alive until the kernels are enqueued
     dout, q, k, v, o = (_cuda_rows(t) for t in (dout, q, k, v, o))
     lse = lse.contiguous()
@@ -248,11 +265,14 @@ def _bwd_cuda(dout, q, k, v, o, lse, key_padding_mask, causal, softmax_scale):
     delta = torch.empty(lse.shape, dtype=torch.float32, device=dev)
     lse2 = torch.empty_like(delta)
     tile_any = _cuda_tile_any(key_padding_mask)
+    dq_accum = None if deterministic else torch.zeros(q.shape, dtype=torch.float32, device=dev)
     vw = _compiled.view
     with _cuda_device(q):
         _compiled.cuda.attention_bwd(vw(dout), vw(q), vw(k), vw(v), vw(o), vw(lse), vw(key_padding_mask),
-                                     vw(tile_any), vw(dq), vw(dk), vw(dv), vw(delta), vw(lse2), causal,
-                                     softmax_scale, _compiled.cuda_stream(dev))
+                                     vw(tile_any), vw(dq), vw(dk), vw(dv), vw(delta), vw(lse2), vw(dq_accum),
+                                     causal, softmax_scale, _compiled.cuda_stream(dev))
+    if dq_accum is not None:
+        dq.copy_(dq_accum)
     return dq, dk, dv
 
 
