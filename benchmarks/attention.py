@@ -10,8 +10,9 @@ shape: run it in parts (--groups ... --merge) where a command has a time limit. 
 cached on disk (TRITON_CACHE_AUTOTUNING=1 is set here), so a rerun does not tune again.
 
 For each case (shape, causal, key padding) and pass (forward; forward+backward) it times
-* ours: every fluid_ops backend that runs here and supports the call (cuda when it registers
-  attention, triton, cpu; never the reference; the Triton interpreter is not timed);
+* ours: every fluid_ops backend that runs here and supports the call (on a GPU: cuda -- the
+  mma.sync kernels of csrc/cuda/attention_*.cu, fp16 / bf16 only, its deterministic backward --
+  and triton; on a CPU: cpu; never the reference; the Triton interpreter is not timed);
 * peers: torch SDPA under `sdpa_kernel` with each of FLASH_ATTENTION, EFFICIENT_ATTENTION,
   CUDNN_ATTENTION, MATH that accepts the case (a key-padding mask goes in as a boolean attn_mask,
   which flash does not take), and FlexAttention (compiled; a block mask from the padding / causal
@@ -302,6 +303,8 @@ def environment(device) -> dict:
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
         info["cudnn"] = torch.backends.cudnn.version()
+        from fluid_ops import _compiled
+        info["fluid_ops_cuda_archs"] = getattr(_compiled.cuda, "compiled_archs", None)
     else:
         info["cpu"] = platform.processor() or platform.machine()
         try:

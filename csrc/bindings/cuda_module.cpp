@@ -9,6 +9,7 @@
 #include "pyview.h"
 
 namespace py = pybind11;
+namespace fluid { void register_cuda_attention(pybind11::module_& m); }  // cuda_attention.cpp
 using fluid::TensorView;
 
 void register_denoiser(py::module& m);  // cuda_denoiser.cpp: the fused head GEMMs
@@ -52,6 +53,7 @@ PYBIND11_MODULE(_C_cuda, m) {
       },
       fluid::nogil(), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("shift"),
       py::arg("scale"), py::arg("eps"), py::arg("out"), py::arg("stream"));
+  fluid::register_cuda_attention(m);
   m.def("gated_residual", &fluid::cuda::gated_residual, fluid::nogil(), py::arg("h"),
         py::arg("gate"), py::arg("y"), py::arg("out"), py::arg("stream"));
   register_denoiser(m);

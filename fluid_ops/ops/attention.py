@@ -157,6 +157,134 @@ def _kv_triton(q, k_cache, v_cache, k_new, v_new, cache_seqlens, causal, softmax
     return _triton_kernels().kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens, causal, softmax_scale)
 
 
+# ---- cuda: tensor-core kernels of fluid_ops._C_cuda (csrc/cuda/attention_*.cu) -------------
+# fp16 / bf16 only (mma.sync m16n8k16, fp32 accumulate). fp32 is declined with a reason and runs
+# on the Triton backend (IEEE fp32 dots), which keeps the op's exact-fp32 contract; a SIMT fp32
+# path here would be slower than Triton's and is not worth its compile time. The backward has the
+# Triton backend's two modes, chosen the same way (_cuda_deterministic_backward): deterministic
+# (default: dk/dv pass + separate dq pass, no atomics) or atomic (FLUID_OPS_CUDA_ATTENTION_BWD=
+# atomic: dq added with fp32 atomics inside the dk/dv pass), deterministic whenever
+# torch.are_deterministic_algorithms_enabled().
+# UNPROVEN: written and compiled on a machine without a GPU. What a GPU run must check first, in
+# this order: (1) `pytest tests/test_attention_cuda.py` (the forward cases catch fragment-layout
+# and tail-tile mistakes; test_padding_tiles_are_skipped the tile skipping; the backward cases the
+# dk/dv and dq passes; it should take well under a minute); (2) the same under
+# `compute-sanitizer --tool memcheck` (out-of-bounds reads at the ragged ends, cp.async alignment)
+# and `--tool racecheck` (the __syncthreads around the shared K / V buffers); (3) the cuda rows
+# of `python benchmarks/attention.py` (speed is unmeasured).
+_CUDA_DTYPES = (torch.float16, torch.bfloat16)
+_CUDA_MAX_GRID_YZ = 65535  # H and B are the kernels' grid y / z axes
+
+
+def _cuda_supports(q, *args, **kwargs):
+    if q.dtype not in _CUDA_DTYPES:
+        return (f"dtype {str(q.dtype).replace('torch.', '')} is not supported by the CUDA tensor-core kernels "
+                f"(float16, bfloat16; float32 runs on the triton backend)")
+    if _compiled.cuda is None or not hasattr(_compiled.cuda, "attention_fwd"):
+        return "fluid_ops._C_cuda has no attention kernels (built before they existed?)"
+    if q.device.type != "cuda":
+        return f"tensors are on {q.device.type}, not cuda"
+    b, nq, h, d = q.shape
+    if d not in HEAD_DIMS:
+        return f"head dim {d} is not compiled (one of {HEAD_DIMS})"
+    if b > _CUDA_MAX_GRID_YZ or h > _CUDA_MAX_GRID_YZ:
+        return f"B = {b} or H = {h} > {_CUDA_MAX_GRID_YZ} (the kernels' grid limit)"
+    if torch.cuda.get_device_capability(q.device)[0] < 8:
+        return "needs compute capability 8.0+ (mma.sync with bf16, cp.async, ldmatrix)"
+    return None
+
+
+def _cuda_rows(t):
+    """The kernels move 16-byte chunks: unit stride along D, a 16-byte aligned pointer and strides
+    along B / N / H in multiples of 8 elements (any view of a fused QKV with D in HEAD_DIMS
+    qualifies); anything else is copied."""
+    ok = t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and all(
+        st % 8 == 0 for st, n in zip(t.stride()[:3], t.shape[:3]) if n > 1)
+    return t if ok else t.contiguous()
+
+
+def _cuda_tile_any(mask):
+    """(B, ceil(Nk / tile)) bool on the device: key tile t of batch b holds an attendable key. The
+    kernels skip the other tiles (never load them); computed by torch ops, no host sync."""
+    if mask is None:
+        return None
+    tile = _compiled.cuda.attention_tile_n
+    b, nk = mask.shape
+    n_tiles = -(-nk // tile)
+    padded = mask.new_zeros(b, n_tiles * tile)
+    padded[:, :nk] = mask
+    return padded.view(b, n_tiles, tile).any(-1)
+
+
+def _cuda_deterministic_backward() -> bool:
+    """FLUID_OPS_CUDA_ATTENTION_BWD=atomic picks the atomic dq unless torch's deterministic
+    algorithms are switched on; otherwise (default) the deterministic passes."""
+    mode = os.environ.get("FLUID_OPS_CUDA_ATTENTION_BWD", "deterministic").strip().lower()
+    if mode not in ("deterministic", "atomic"):
+        raise ValueError(f"FLUID_OPS_CUDA_ATTENTION_BWD must be 'deterministic' or 'atomic', got {mode!r}")
+    return mode == "deterministic" or torch.are_deterministic_algorithms_enabled()
+
+
+def _cuda_device(t):
+    return torch.cuda.device(t.device)
+
+
+def _cuda_forward(q, k, v, key_padding_mask, seqlens_k, causal, softmax_scale):
+    q, k, v = _cuda_rows(q), _cuda_rows(k), _cuda_rows(v)
+    b, nq, h, _ = q.shape
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, h, nq, dtype=torch.float32, device=q.device)
+    tile_any = _cuda_tile_any(key_padding_mask)
+    vw = _compiled.view
+    with _cuda_device(q):
+        _compiled.cuda.attention_fwd(vw(q), vw(k), vw(v), vw(key_padding_mask), vw(tile_any), vw(seqlens_k),
+                                     vw(o), vw(lse), causal, softmax_scale, _compiled.cuda_stream(q.device))
+    return o, lse
+
+
+@backend.register(FWD, "cuda", supports=_cuda_supports)
+def _fwd_cuda(q, k, v, key_padding_mask, causal, softmax_scale):
+    return _cuda_forward(q, k, v, key_padding_mask, None, causal, softmax_scale)
+
+
+@backend.register(BWD, "cuda", supports=lambda dout, q, *a, **kw: _cuda_supports(q))
+def _bwd_cuda(dout, q, k, v, o, lse, key_padding_mask, causal, softmax_scale):
+    return _cuda_backward(dout, q, k, v, o, lse, key_padding_mask, causal, softmax_scale)
+
+
+def _cuda_backward(dout, q, k, v, o, lse, key_padding_mask, causal, softmax_scale, deterministic=None):
+    if deterministic is None:
+        deterministic = _cuda_deterministic_backward()
+    # locals keep every tensor (and any copy) alive until the kernels are enqueued
+    dout, q, k, v, o = (_cuda_rows(t) for t in (dout, q, k, v, o))
+    lse = lse.contiguous()
+    dev = q.device
+    dq = torch.empty(q.shape, dtype=q.dtype, device=dev)
+    dk = torch.empty(k.shape, dtype=k.dtype, device=dev)
+    dv = torch.empty(v.shape, dtype=v.dtype, device=dev)
+    delta = torch.empty(lse.shape, dtype=torch.float32, device=dev)
+    lse2 = torch.empty_like(delta)
+    tile_any = _cuda_tile_any(key_padding_mask)
+    dq_accum = None if deterministic else torch.zeros(q.shape, dtype=torch.float32, device=dev)
+    vw = _compiled.view
+    with _cuda_device(q):
+        _compiled.cuda.attention_bwd(vw(dout), vw(q), vw(k), vw(v), vw(o), vw(lse), vw(key_padding_mask),
+                                     vw(tile_any), vw(dq), vw(dk), vw(dv), vw(delta), vw(lse2), vw(dq_accum),
+                                     causal, softmax_scale, _compiled.cuda_stream(dev))
+    if dq_accum is not None:
+        dq.copy_(dq_accum)
+    return dq, dk, dv
+
+
+@backend.register(KV, "cuda", supports=_cuda_supports)
+def _kv_cuda(q, k_cache, v_cache, k_new, v_new, cache_seqlens, causal, softmax_scale):
+    # append with torch indexing on the device (no host sync), then one forward launch over each
+    # batch's first cache_seqlens[b] + Nnew rows (lengths read on the device)
+    nnew = _append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens)
+    seqlens_k = (cache_seqlens.to(torch.int32) + nnew).contiguous()
+    return _cuda_forward(q, k_cache, v_cache, None, seqlens_k, causal, softmax_scale)[0]
+
+
 # ---- custom ops -------------------------------------------------------------------------
 def _empty_fwd(q, k):
     b, nq, h, _ = q.shape
