@@ -10,6 +10,7 @@
 
 namespace py = pybind11;
 using fluid::TensorView;
+void register_sampling(py::module& m);  // cuda_sampling.cpp
 
 namespace {
 
@@ -52,4 +53,5 @@ PYBIND11_MODULE(_C_cuda, m) {
       py::arg("scale"), py::arg("eps"), py::arg("out"), py::arg("stream"));
   m.def("gated_residual", &fluid::cuda::gated_residual, fluid::nogil(), py::arg("h"),
         py::arg("gate"), py::arg("y"), py::arg("out"), py::arg("stream"));
+  register_sampling(m);
 }
