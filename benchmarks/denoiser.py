@@ -23,7 +23,10 @@ Implementations (each a row of the JSON, `impl`):
   (fused head + ddpm_step kernels, eager); CPU: fluid_ops.nn.DenoiserMLP and diffusion_sample on
   the compiled CPU kernels, fp32 GEMMs;
 * `ours_graph` (GPU, sample): the same loop captured once as a CUDA graph and replayed (the
-  per-AR-step sampler set-up, i.e. cond_embed(z) and the time embeddings, is outside the graph).
+  per-AR-step sampler set-up, i.e. cond_embed(z) and the time embeddings, is outside the graph);
+* `ours_cuda_graph` (GPU, sample): `fluid_ops.diffusion_sample(cuda_graph=True)`, the library's
+  cached graph per row bucket (set-up inside the graph, z and noise copied into its buffers);
+  `ours` passes cuda_graph=False so it stays the eager loop.
 
 Timing: GPU `triton.testing.do_bench` medians (L2 flushed between runs; the sample is one call
 of the whole loop); CPU medians of interleaved rounds. Each case first checks ours against the
@@ -296,9 +299,11 @@ def bench_case(head: str, rows: int, what: str, args, device) -> list[dict]:
         for k, net in peers.items():
             impls[k] = (lambda net=net: _no_grad_call(lambda: rdiff.diffusion_sample(net, z, **kw)))
         gd = torch.bfloat16 if gpu else torch.float32
-        impls["ours"] = lambda: fluid_ops.diffusion_sample(ours, z, gemm_dtype=gd, **kw)
+        impls["ours"] = lambda: fluid_ops.diffusion_sample(ours, z, gemm_dtype=gd, cuda_graph=False, **kw)
         if gpu:
             impls["ours_graph"] = _graph_sampler(ours, z, noise, steps, device)
+            # the library's own graph path: set-up (cond_embed) inside the graph, z / noise copied in
+            impls["ours_cuda_graph"] = lambda: fluid_ops.diffusion_sample(ours, z, gemm_dtype=gd, cuda_graph=True, **kw)
         # one model evaluation as the loop sees it (the samples themselves drift apart over 100
         # steps of bf16 rounding; test_diffusion checks them in distribution)
         ts = rdiff.DiffusionSchedule(steps).model_timesteps(device)

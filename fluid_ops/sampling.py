@@ -93,9 +93,9 @@ def diffusion_sample(net, z: torch.Tensor, *, num_steps: int = 100, temperature:
     fp32 -- on AVX2-only CPUs torch's bf16 GEMMs are emulated and slower than fp32).
     progress: show a progress bar (tqdm when installed; with a CUDA graph it advances at the end).
     cuda_graph: None (default) replays a CUDA graph of the loop on CUDA tensors when capture is
-    possible (not inside another capture; FLUID_OPS_CUDA_GRAPHS=0 turns the default off) and runs
-    the eager loop on CPU; True asks for it (an
-    error on CPU tensors; a failed capture still falls back with a warning); False: eager."""
+    possible (an nn.Module net, not inside another capture; FLUID_OPS_CUDA_GRAPHS=0 turns the
+    default off) and runs the eager loop on CPU; True asks for it (an error on CPU tensors; a net
+    that is not an nn.Module or a failed capture falls back with a warning); False: eager."""
     if not isinstance(net, torch.nn.Module) and not callable(net):
         raise TypeError(f"{OP}: net must be a callable module, got {type(net).__name__}")
     c = getattr(net, "in_channels", None)
@@ -150,7 +150,7 @@ def diffusion_sample(net, z: torch.Tensor, *, num_steps: int = 100, temperature:
     bar = _progress_bar(num_steps) if progress else None
     with torch.no_grad():
         x = None
-        if _want_graph(z, cuda_graph):
+        if _want_graph(net, z, cuda_graph):
             x = _sample_with_graph(net, z, noise, sched, n, temperature, cfg, guided, use_fast, gemm_dtype)
             if x is not None and bar is not None:
                 bar.update(num_steps)
@@ -272,8 +272,14 @@ def graph_key(z: torch.Tensor, n: int, num_steps: int, gemm_dtype, guided: bool,
     return (graph_bucket(n), num_steps, gemm_dtype, guided, use_fast, z.dtype, z.shape[1], z.device)
 
 
-def _want_graph(z: torch.Tensor, cuda_graph) -> bool:
+def _want_graph(net, z: torch.Tensor, cuda_graph) -> bool:
     if cuda_graph is False or z.device.type != "cuda":
+        return False
+    if not isinstance(net, torch.nn.Module):  # its weights cannot be tracked: a graph could go stale
+        if cuda_graph:
+            warnings.warn(f"{OP}: cuda_graph=True needs net to be a torch.nn.Module (whose parameters tell "
+                          f"when a captured graph is stale), got a {type(net).__name__}; running the eager loop",
+                          RuntimeWarning, stacklevel=3)
         return False
     if cuda_graph is None and os.environ.get("FLUID_OPS_CUDA_GRAPHS", "1").strip() == "0":
         return False  # the default turned off for the process (e.g. to compare with the eager loop)

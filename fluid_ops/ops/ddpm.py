@@ -139,8 +139,8 @@ def ddpm_step(x: torch.Tensor, model_out: torch.Tensor, noise: torch.Tensor, tab
 # temperature / cfg written into `params` before the replay, so one capture serves every value.
 @backend.register(OP_PARAMS, "reference")
 def _ddpm_step_params_reference(x, model_out, noise, table, step, params):
-    temperature, cfg = params.tolist()
-    return ref.ddpm_step(x, model_out, noise, table, step, temperature=temperature, cfg=cfg)
+    # 0-dim tensors in the formula: no read back to the host (capturable on CUDA)
+    return ref.ddpm_step(x, model_out, noise, table, step, temperature=params[0], cfg=params[1])
 
 
 @backend.register(OP_PARAMS, "cpu")
