@@ -24,7 +24,8 @@ The pieces:
   one token per step through a KV cache (`fluid_ops.attention_kvcache`), the text K/V of every
   cross-attention computed once per generation;
 * heads: continuous -> MAR's DiffLoss (`fluid_ops.nn.DenoiserMLP`, IDDPM loss with
-  `diffusion_batch_mul` t-draws per token, sampled by `fluid_ops.diffusion_sample` with CFG on
+  `diffusion_batch_mul` t-draws per token through `fluid_ops.nn.diffusion_loss` (z embedded once
+  per token, not repeated), sampled by `fluid_ops.diffusion_sample` with CFG on
   [cond; uncond] rows and a temperature); discrete -> a linear map to codebook logits,
   cross-entropy, sampled by `fluid_ops.sample_categorical` with CFG on the logits.
 
@@ -53,7 +54,7 @@ import torch.nn.functional as F
 
 import fluid_ops
 from fluid_ops.models.mar import DiffLoss
-from fluid_ops.nn.diffusion_loss import diffusion_loss
+from fluid_ops.nn.diffusion import diffusion_loss
 from fluid_ops.nn.text import build_text_encoder
 from fluid_ops.nn.tokenizers import build_tokenizer
 from fluid_ops.nn.transformer import Transformer, check_attention_shape

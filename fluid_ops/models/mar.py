@@ -18,6 +18,10 @@ Differences from MAR's code, all on purpose (the results are MAR's):
   query from attending masked tokens; outputs at known positions equal MAR's, the decoder
   replaces the others by `mask_token` as MAR's scatter does. One shape for every step (CUDA-graph
   friendly) at the cost of computing the masked rows too.
+* The diffusion loss (`fluid_ops.nn.diffusion_loss`) runs the head on the masked tokens only
+  (MAR runs it on all B * L * diffusion_batch_mul rows and multiplies by the mask) and embeds each
+  token's z once for its diffusion_batch_mul t-draws instead of repeating z; t and noise are drawn
+  as MAR draws them, so the loss and its gradients equal MAR's up to summation order.
 * The tokens predicted at a sampling step are `orders[:, n_after:n_before]`; they reach the
   diffusion head in order-of-generation rather than MAR's row-major order, which only changes
   which noise draw goes to which token (same distribution).
@@ -55,7 +59,7 @@ from torch.utils.checkpoint import checkpoint
 import fluid_ops
 from fluid_ops.models import io as model_io
 from fluid_ops.nn.denoiser import DenoiserMLP
-from fluid_ops.nn.diffusion_loss import diffusion_loss
+from fluid_ops.nn.diffusion import diffusion_loss
 from fluid_ops.reference import diffusion as ref_diffusion
 from fluid_ops.reference import schedules
 
