@@ -209,7 +209,7 @@ def main():
     import torch
     meta = dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                 device=args.device, cpu=platform.processor() or platform.machine(), threads=args.threads,
-                torch=torch.__version__, mask_ratio=args.mask_ratio, diffusion_batch_mul=args.mul, reps=reps,
+                torch=torch.__version__, load_avg=os.getloadavg(), mask_ratio=args.mask_ratio, diffusion_batch_mul=args.mul, reps=reps,
                 quick=args.quick)
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"diffusion_loss_{args.device}{'_quick' if args.quick else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
