@@ -30,6 +30,9 @@ Implementations (each a row of the JSON, `impl`):
   prologue mode), sample / graph = the loop under `use_backend("cuda")` (CUDA head + CUDA
   ddpm_step). `ours` / `ours_graph` then run under `use_backend("triton")`, so they keep timing the
   Triton head (the sampler would otherwise pick the CUDA head).
+* `ours_lib_graph` (GPU, sample): `fluid_ops.diffusion_sample(cuda_graph=True)`, the library's
+  cached graph per row bucket (set-up inside the graph, z and noise copied into its buffers);
+  `ours` passes cuda_graph=False so it stays the eager loop.
 
 Timing: GPU `triton.testing.do_bench` medians (L2 flushed between runs; the sample is one call
 of the whole loop); CPU medians of interleaved rounds. Each case first checks ours against the
@@ -342,11 +345,15 @@ def bench_case(head: str, rows: int, what: str, args, device) -> list[dict]:
         gd = torch.bfloat16 if gpu else torch.float32
         # with the CUDA head available, `ours` keeps timing the Triton head (forced), `ours_cuda` that one
         tri = "triton" if cuda_head else None
-        impls["ours"] = _forced(tri)(lambda: fluid_ops.diffusion_sample(ours, z, gemm_dtype=gd, **kw))
+        impls["ours"] = _forced(tri)(lambda: fluid_ops.diffusion_sample(ours, z, gemm_dtype=gd, cuda_graph=False, **kw))
         if gpu:
             impls["ours_graph"] = _graph_sampler(ours, z, noise, steps, device, backend=tri)
+            # the library's own graph path: set-up (cond_embed) inside the graph, z / noise copied in
+            impls["ours_lib_graph"] = _forced(tri)(
+                lambda: fluid_ops.diffusion_sample(ours, z, gemm_dtype=gd, cuda_graph=True, **kw))
         if cuda_head:
-            impls["ours_cuda"] = _forced("cuda")(lambda: fluid_ops.diffusion_sample(ours, z, gemm_dtype=gd, **kw))
+            impls["ours_cuda"] = _forced("cuda")(
+                lambda: fluid_ops.diffusion_sample(ours, z, gemm_dtype=gd, cuda_graph=False, **kw))
             impls["ours_cuda_graph"] = _graph_sampler(ours, z, noise, steps, device, backend="cuda")
         # one model evaluation as the loop sees it (the samples themselves drift apart over 100
         # steps of bf16 rounding; test_diffusion checks them in distribution)

@@ -9,20 +9,40 @@ path (`DenoiserMLP.sampler`); any other net is called as `net(x, t, z)`.
 Numerical contract: exact (fp32) with gemm_dtype None / float32; rounding-level with
 gemm_dtype=torch.bfloat16 (the samples then match the fp32 ones in distribution, and per
 element to about 1e-2 over 100 steps at MAR-B size).
+
+CUDA graphs (`cuda_graph=`, default on for CUDA tensors): the whole S-step loop -- the sampler's
+per-AR-step set-up (`cond_embed(z)`), S head evaluations and S `ddpm_step`s -- is captured once
+per shape bucket as one CUDA graph and replayed: one launch instead of S * (3 + 2 * blocks)
+kernel launches from Python. The carried rows N are rounded up to a bucket (`graph_bucket`:
+powers of two from 16 to 1024, then multiples of 1024); the padding rows hold zeros and, every
+op being row-wise, never touch the real rows. A graph is cached per (net, bucket, num_steps,
+GEMM dtype, guided or not, dtypes, device) and dropped when any parameter or buffer of the net
+changes (its storage or version counter: an optimizer step, load_state_dict, a new Parameter).
+Temperature and cfg travel in a device tensor (`fluid_ops.ops.ddpm.ddpm_step_params`), so one
+graph serves every value (MAR's linear cfg schedule changes cfg at every AR step). Before a
+replay, z and the noise are copied into the graph's input buffers (device-to-device). On CUDA
+the eager loop runs the very same kernels (ddpm_step_params included), so replay and eager
+loop agree bit for bit on a bucket-sized batch. If capture fails (a host sync or a host-to-device
+copy inside the net, an op that cannot be captured), the eager loop runs and a RuntimeWarning
+says why (once per cache key).
 """
 from __future__ import annotations
 
+import collections
 import functools
+import itertools
+import os
 import sys
+import warnings
 
 import torch
 
-from fluid_ops.nn.denoiser import DenoiserMLP
+from fluid_ops.nn.denoiser import DenoiserMLP, auto_gemm_dtype
 from fluid_ops.ops._checks import FLOAT_DTYPES, check_finite_scalar, check_tensor
-from fluid_ops.ops.ddpm import ddpm_step
+from fluid_ops.ops.ddpm import ddpm_step, ddpm_step_params
 from fluid_ops.reference.diffusion import DiffusionSchedule, draw_sampling_noise
 
-__all__ = ["diffusion_sample"]
+__all__ = ["diffusion_sample", "graph_bucket"]
 
 OP = "diffusion_sample"
 
@@ -61,7 +81,8 @@ def _progress_bar(total):
 def diffusion_sample(net, z: torch.Tensor, *, num_steps: int = 100, temperature: float = 1.0,
                      cfg: float = 1.0, noise: torch.Tensor | None = None,
                      generator: torch.Generator | None = None, gemm_dtype: torch.dtype | None = None,
-                     progress: bool = False, clip_denoised: bool = False) -> torch.Tensor:
+                     progress: bool = False, cuda_graph: bool | None = None,
+                     clip_denoised: bool = False) -> torch.Tensor:
     """Sample N tokens from MAR's diffusion head; returns (N, C) float32, C = net.in_channels.
 
     net: a `fluid_ops.nn.DenoiserMLP` (fast path) or any module with `in_channels` called as
@@ -71,9 +92,14 @@ def diffusion_sample(net, z: torch.Tensor, *, num_steps: int = 100, temperature:
     gemm_dtype: torch.bfloat16 runs the fast path's GEMMs in bf16 (None: the weights' dtype;
     "auto": bf16 where the hardware has native bf16 GEMMs (CUDA, AVX512_BF16 / AMX CPUs), else
     fp32 -- on AVX2-only CPUs torch's bf16 GEMMs are emulated and slower than fp32).
-    progress: show a progress bar (tqdm when installed). clip_denoised: clamp each step's predicted
-    x_0 to [-1, 1] (see `fluid_ops.ddpm_step`; for tokens in [-1, 1] such as pixel patches; MAR's
-    latents are unbounded and MAR samples without it, the default)."""
+    progress: show a progress bar (tqdm when installed; with a CUDA graph it advances at the end).
+    cuda_graph: None (default) replays a CUDA graph of the loop on CUDA tensors when capture is
+    possible (an nn.Module net, not inside another capture; FLUID_OPS_CUDA_GRAPHS=0 turns the
+    default off) and runs the eager loop on CPU; True asks for it (an error on CPU tensors; a net
+    that is not an nn.Module or a failed capture falls back with a warning); False: eager.
+    clip_denoised: clamp each step's predicted x_0 to [-1, 1] (see `fluid_ops.ddpm_step`; for
+    tokens in [-1, 1] such as pixel patches; MAR's latents are unbounded and MAR samples without
+    it, the default)."""
     if not isinstance(net, torch.nn.Module) and not callable(net):
         raise TypeError(f"{OP}: net must be a callable module, got {type(net).__name__}")
     c = getattr(net, "in_channels", None)
@@ -112,33 +138,244 @@ def diffusion_sample(net, z: torch.Tensor, *, num_steps: int = 100, temperature:
             if p.device != z.device:
                 raise ValueError(f"{OP}: net's parameters are on {p.device} but z is on {z.device}")
             break
+    if cuda_graph is not None and not isinstance(cuda_graph, bool):
+        raise TypeError(f"{OP}: cuda_graph must be None, True or False, got {cuda_graph!r}")
+    if cuda_graph and z.device.type != "cuda":
+        raise ValueError(f"{OP}: cuda_graph=True needs CUDA tensors, but z is on {z.device}")
     if n == 0:
         return torch.empty(0, c, device=z.device)
 
     sched = _schedule(num_steps)
-    table = sched.table(z.device)                # built once per device, stays there
-    ts = sched.model_timesteps(z.device)         # (S,) original step indices, on the device
     if noise is None:
         noise = draw_sampling_noise(n, c, num_steps, device=z.device, generator=generator)
     noise = noise.float()
+    # The fast path keeps an fp32 residual stream; an fp64 module runs its own forward.
+    use_fast = isinstance(net, DenoiserMLP) and (gemm_dtype is not None or net.cond_embed.weight.dtype != torch.float64)
+    if use_fast and isinstance(gemm_dtype, str):
+        gemm_dtype = auto_gemm_dtype(z.device)  # resolved here: the graph cache keys on it
     bar = _progress_bar(num_steps) if progress else None
     with torch.no_grad():
-        # The fast path keeps an fp32 residual stream; an fp64 module runs its own forward.
-        use_fast = isinstance(net, DenoiserMLP) and (gemm_dtype is not None or net.cond_embed.weight.dtype != torch.float64)
-        fast = net.sampler(z, ts, gemm_dtype) if use_fast else None
-        x = noise[0].clone()
-        for i, step in enumerate(range(num_steps - 1, -1, -1)):
-            if fast is not None:
-                model_out = fast(x, step)
-            else:
-                xin = torch.cat([x, x]) if guided else x
-                model_out = net(xin, ts[step].expand(xin.shape[0]), z)
-            x = ddpm_step(x, model_out, noise[i + 1], table, step, temperature=temperature, cfg=cfg,
-                          clip_denoised=clip_denoised)
-            if bar is not None:
-                bar.update(1)
+        x = None
+        if _want_graph(net, z, cuda_graph):
+            x = _sample_with_graph(net, z, noise, sched, n, temperature, cfg, guided, use_fast, gemm_dtype,
+                                   clip_denoised)
+            if x is not None and bar is not None:
+                bar.update(num_steps)
+        if x is None:
+            table = sched.table(z.device)                # built once per device, stays there
+            ts = sched.model_timesteps(z.device)         # (S,) original step indices, on the device
+            params = _device_params(temperature, cfg, z.device)
+            x = _loop(net, z, noise, table, ts, num_steps, temperature, cfg, params, guided, use_fast,
+                      gemm_dtype, bar, clip_denoised=clip_denoised)
     if bar is not None:
         bar.close()
     return x
+
+
+def _device_params(temperature: float, cfg: float, device: torch.device):
+    """On CUDA: [temperature, cfg] as a float32 device tensor, written by two fill kernels (no
+    host-to-device copy), read by ddpm_step_params. On CPU: None (the plain ddpm_step)."""
+    if device.type != "cuda":
+        return None
+    params = torch.empty(2, dtype=torch.float32, device=device)
+    params[0].fill_(temperature)
+    params[1].fill_(cfg)
+    return params
+
+
+def _loop(net, z, noise, table, ts, num_steps, temperature, cfg, params, guided, use_fast, gemm_dtype,
+          bar=None, *, clip_denoised=False):
+    """The S-step loop (eager, or being captured): returns x_0 (N, C) float32, N = noise.shape[1].
+    With `params` (CUDA) the step reads temperature / cfg from it, so a captured loop replays
+    with any value and the eager loop runs the same kernels as the graph."""
+    fast = net.sampler(z, ts, gemm_dtype) if use_fast else None
+    x = noise[0].clone()
+    for i, step in enumerate(range(num_steps - 1, -1, -1)):
+        if fast is not None:
+            model_out = fast(x, step)
+        else:
+            xin = torch.cat([x, x]) if guided else x
+            model_out = net(xin, ts[step].expand(xin.shape[0]), z)
+        if params is None:
+            x = ddpm_step(x, model_out, noise[i + 1], table, step, temperature=temperature, cfg=cfg,
+                          clip_denoised=clip_denoised)
+        else:
+            x = ddpm_step_params(x, model_out, noise[i + 1], table, step, params, clip_denoised=clip_denoised)
+        if bar is not None:
+            bar.update(1)
+    return x
+
+
+# ---- CUDA graphs of the whole loop ----------------------------------------------------------
+GRAPH_CACHE_SIZE = 8  # graphs kept per net (LRU); each holds its bucket's workspaces
+
+
+def graph_bucket(n: int) -> int:
+    """The row count a graph is captured for when the loop carries n rows: powers of two from
+    16 to 1024, then multiples of 1024 (at most 2x the work for small n, < 1024 rows above)."""
+    if n <= 16:
+        return 16
+    if n <= 1024:
+        return 1 << (n - 1).bit_length()
+    return -(-n // 1024) * 1024
+
+
+def weights_stamp(net) -> tuple:
+    """What a captured graph depends on in `net`: identity, storage and version counter of every
+    parameter and buffer (an in-place update bumps the version, a new tensor changes the rest)."""
+    if not isinstance(net, torch.nn.Module):
+        return ()
+    return tuple((id(p), p.data_ptr(), p._version) for p in itertools.chain(net.parameters(), net.buffers()))
+
+
+class _Failed:
+    """A cache entry for a key whose capture failed: the eager loop runs, no retry."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+
+
+class GraphCache:
+    """Captured loops of one net, LRU, at most GRAPH_CACHE_SIZE. Kept in the net's __dict__;
+    copy.deepcopy and pickling of the net give an empty cache (graphs cannot be copied)."""
+
+    def __init__(self):
+        self.entries: collections.OrderedDict = collections.OrderedDict()
+
+    def __deepcopy__(self, memo):
+        return GraphCache()
+
+    def __reduce__(self):
+        return (GraphCache, ())
+
+    def get(self, key, stamp):
+        hit = self.entries.get(key)
+        if hit is None:
+            return None
+        if hit[0] != stamp:  # the weights changed since the capture
+            del self.entries[key]
+            return None
+        self.entries.move_to_end(key)
+        return hit[1]
+
+    def put(self, key, stamp, entry):
+        if len(self.entries) >= GRAPH_CACHE_SIZE and key not in self.entries:
+            self.entries.popitem(last=False)
+        self.entries[key] = (stamp, entry)
+
+    def clear(self):
+        self.entries.clear()
+
+
+def graph_cache(net) -> GraphCache:
+    """The net's cache of captured sampling loops (created on first use)."""
+    cache = net.__dict__.get("_fluid_graph_cache")
+    if cache is None:
+        cache = net.__dict__["_fluid_graph_cache"] = GraphCache()
+    return cache
+
+
+def graph_key(z: torch.Tensor, n: int, num_steps: int, gemm_dtype, guided: bool, use_fast: bool,
+              clip_denoised: bool = False) -> tuple:
+    """The cache key of the graph that serves this call (the net is the cache's owner)."""
+    return (graph_bucket(n), num_steps, gemm_dtype, guided, use_fast, z.dtype, z.shape[1], z.device, clip_denoised)
+
+
+def _want_graph(net, z: torch.Tensor, cuda_graph) -> bool:
+    if cuda_graph is False or z.device.type != "cuda":
+        return False
+    if not isinstance(net, torch.nn.Module):  # its weights cannot be tracked: a graph could go stale
+        if cuda_graph:
+            warnings.warn(f"{OP}: cuda_graph=True needs net to be a torch.nn.Module (whose parameters tell "
+                          f"when a captured graph is stale), got a {type(net).__name__}; running the eager loop",
+                          RuntimeWarning, stacklevel=3)
+        return False
+    if cuda_graph is None and os.environ.get("FLUID_OPS_CUDA_GRAPHS", "1").strip() == "0":
+        return False  # the default turned off for the process (e.g. to compare with the eager loop)
+    # inside someone else's capture (e.g. a benchmark graphing this call), run eagerly into it
+    return not torch.cuda.is_current_stream_capturing()
+
+
+class _CapturedLoop:
+    """One captured S-step loop for `bucket` carried rows: input buffers (z, noise, params), the
+    graph, and its output buffer. `capture=False` runs the same buffers through the eager loop
+    (for tests of the padding logic on CPU)."""
+
+    def __init__(self, net, z_dtype, z_channels, channels, bucket, sched, guided, use_fast, gemm_dtype, device,
+                 capture=True, clip_denoised=False):
+        self.bucket, self.guided, self.num_steps = bucket, guided, sched.num_steps
+        m = 2 * bucket if guided else bucket
+        self.z = torch.zeros(m, z_channels, dtype=z_dtype, device=device)
+        self.noise = torch.zeros(sched.num_steps + 1, bucket, channels, device=device)
+        self.params = torch.ones(2, dtype=torch.float32, device=device) if device.type == "cuda" else None
+        self.table = sched.table(device)          # kept alive here: the graph reads them by address
+        self.ts = sched.model_timesteps(device)
+        self.args = (net, sched.num_steps, guided, use_fast, gemm_dtype, clip_denoised)
+        self.graph = None
+        if capture:
+            self._capture(device)
+
+    def _run(self, temperature=1.0, cfg=1.0):
+        net, steps, guided, use_fast, gd, clip = self.args
+        return _loop(net, self.z, self.noise, self.table, self.ts, steps, temperature, cfg, self.params, guided,
+                     use_fast, gd, clip_denoised=clip)
+
+    def _capture(self, device):
+        with torch.cuda.device(device):
+            self._capture_on_current_device(device)
+
+    def _capture_on_current_device(self, device):
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            self._run()  # compiles / autotunes every kernel and fills the weight caches, outside the capture
+        torch.cuda.current_stream(device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):  # any host sync or pageable host-to-device copy in here fails the capture
+            self.out = self._run()
+        self.graph = graph
+
+    def fill(self, z, noise, n, temperature, cfg):
+        b = self.bucket
+        self.z.zero_()
+        if self.guided:
+            self.z[:n].copy_(z[:n])
+            self.z[b:b + n].copy_(z[n:])
+        else:
+            self.z[:n].copy_(z)
+        self.noise[:, n:].zero_()
+        self.noise[:, :n].copy_(noise)
+        if self.params is not None:
+            self.params[0].fill_(temperature)
+            self.params[1].fill_(cfg)
+
+    def __call__(self, z, noise, n, temperature, cfg):
+        self.fill(z, noise, n, temperature, cfg)
+        if self.graph is None:
+            return self._run(temperature, cfg)[:n].clone()
+        self.graph.replay()
+        return self.out[:n].clone()
+
+
+def _sample_with_graph(net, z, noise, sched, n, temperature, cfg, guided, use_fast, gemm_dtype, clip_denoised=False):
+    """The loop as a replayed CUDA graph, or None (after a warning) when it cannot be captured."""
+    cache = graph_cache(net)
+    key = graph_key(z, n, sched.num_steps, gemm_dtype, guided, use_fast, clip_denoised)
+    stamp = weights_stamp(net)
+    entry = cache.get(key, stamp)
+    if entry is None:
+        try:
+            entry = _CapturedLoop(net, z.dtype, z.shape[1], noise.shape[2], key[0], sched, guided, use_fast,
+                                  gemm_dtype, z.device, clip_denoised=clip_denoised)
+        except Exception as e:  # noqa: BLE001 - any failure to capture means: run eagerly
+            if z.device.type == "cuda":
+                torch.cuda.synchronize(z.device)  # let an invalidated capture settle before the eager loop
+            entry = _Failed(f"{type(e).__name__}: {e}")
+            warnings.warn(f"{OP}: CUDA graph capture failed, running the eager loop ({entry.reason})",
+                          RuntimeWarning, stacklevel=3)
+        cache.put(key, weights_stamp(net), entry)  # (capturing may have rebuilt cached weights)
+    if isinstance(entry, _Failed):
+        return None
+    return entry(z, noise, n, temperature, cfg)
 
 

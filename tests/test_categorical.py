@@ -1,4 +1,5 @@
-"""sample_categorical: the CPU kernel against the reference index for index, the reference
+"""sample_categorical: the CPU and CUDA kernels against the reference index for index (the CUDA
+ones skip without a GPU), the reference
 against SPEC §2.4 (frequencies of softmax(logits / T), argmax at T = 0, top-k / top-p never
 pick excluded tokens), bad inputs, and the torch.library contract."""
 import math
@@ -45,8 +46,11 @@ def _uniform(n, seed=1):
 
 
 def _run(backend, logits, u, **kw):
+    """The op on `backend`; the cuda backend gets the tensors on the GPU (strides kept) and its
+    indices come back to the CPU."""
+    dev = "cuda" if backend == "cuda" else "cpu"
     with fluid_ops.use_backend(backend):
-        return fluid_ops.sample_categorical(logits, uniform=u, **kw)
+        return fluid_ops.sample_categorical(logits.to(dev), uniform=u.to(dev), **kw).cpu()
 
 
 def _assert_same_indices(got, logits, u, **kw):
@@ -67,7 +71,7 @@ def _assert_same_indices(got, logits, u, **kw):
 GRID = [(1, 1), (7, 2), (300, 17), (7, 1024), (300, 1024), (1, 8192), (7, 8192)]
 
 
-@pytest.mark.parametrize("backend", backend_params("cpu"))
+@pytest.mark.parametrize("backend", backend_params("cpu", "cuda"))
 @pytest.mark.parametrize("n,v,dtype", [(n, v, d) for n, v in GRID for d in DTYPES])
 def test_backend_matches_reference_grid(backend, n, v, dtype):
     # every temperature x top_k x top_p setting of SPEC §2.4's grid; small V also with ties
@@ -83,7 +87,7 @@ def test_backend_matches_reference_grid(backend, n, v, dtype):
                     _assert_same_indices(got, logits, u, **kw)
 
 
-@pytest.mark.parametrize("backend", backend_params("cpu"))
+@pytest.mark.parametrize("backend", backend_params("cpu", "cuda"))
 def test_backend_matches_reference_neg_inf_and_extremes(backend):
     logits = _logits(64, 300, neg_inf=True, seed=3)
     u = _uniform(64, seed=4)
@@ -96,7 +100,7 @@ def test_backend_matches_reference_neg_inf_and_extremes(backend):
             assert bool(torch.isfinite(logits.gather(1, got[:, None])).all()), "a -inf logit was sampled"
 
 
-@pytest.mark.parametrize("backend", backend_params("cpu"))
+@pytest.mark.parametrize("backend", backend_params("cpu", "cuda"))
 def test_backend_matches_reference_large_nucleus(backend):
     # more than 2048 top-k survivors: the kernel radix sorts them for top-p. Flat logits, bf16
     # ties, and T near float32's max, where every s underflows to -0.0 or is +0.0 (one key).
@@ -110,7 +114,7 @@ def test_backend_matches_reference_large_nucleus(backend):
             _assert_same_indices(_run(backend, logits, u, **kw), logits, u, **kw)
 
 
-@pytest.mark.parametrize("backend", backend_params("cpu"))
+@pytest.mark.parametrize("backend", backend_params("cpu", "cuda"))
 def test_backend_threads_and_layout(backend):
     logits = _logits(17, 300, seed=5).t()  # (300, 17), column-major: not contiguous
     assert not logits.is_contiguous()

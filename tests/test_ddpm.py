@@ -217,3 +217,55 @@ def test_space_timesteps_matches_iddpm_respacing_for_every_count():
     for count in range(2, 1001):
         assert ref.space_timesteps(1000, count) == SpacedDiffusion(str(count)).timestep_map, count
     assert ref.space_timesteps(1000, 21)[:3] == [0, 50, 100] and ref.space_timesteps(1000, 21)[-1] == 999
+
+
+# ---- ddpm_step_params: temperature and cfg read from a device tensor (graph-replayable) -----
+def _params(temperature, cfg, device="cpu"):
+    return torch.tensor([temperature, cfg], dtype=torch.float32, device=device)
+
+
+@pytest.mark.parametrize("backend", backend_params("reference", "cpu"))
+@pytest.mark.parametrize("guided", [False, True])
+@pytest.mark.parametrize("step", [0, 7])
+def test_ddpm_step_params_equals_ddpm_step(backend, guided, step):
+    from fluid_ops.ops.ddpm import ddpm_step_params
+    table = ref.DiffusionSchedule(10).table()
+    x, mo, noise = _inputs(33, 5, guided, seed=3)
+    for temperature, cfg in ((1.0, 3.0), (0.0, 1.5), (0.75, -0.5)):
+        with fluid_ops.use_backend(backend):
+            want = fluid_ops.ddpm_step(x, mo, noise, table, step, temperature=temperature, cfg=cfg)
+            got = ddpm_step_params(x, mo, noise, table, step, _params(temperature, cfg))
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_ddpm_step_params_bad_inputs():
+    from fluid_ops.ops.ddpm import ddpm_step_params
+    table = ref.DiffusionSchedule(10).table()
+    x, mo, noise = _inputs(4, 8, True)
+    with pytest.raises(ValueError, match="params must have shape"):
+        ddpm_step_params(x, mo, noise, table, 3, torch.zeros(3))
+    with pytest.raises(TypeError, match="params must have dtype"):
+        ddpm_step_params(x, mo, noise, table, 3, torch.zeros(2, dtype=torch.float64))
+    with pytest.raises(ValueError, match="step must be"):
+        ddpm_step_params(x, mo, noise, table, 10, _params(1.0, 1.0))
+    assert ddpm_step_params(x[:0], mo[:0], noise[:0], table, 3, _params(1.0, 1.0)).shape == (0, 8)
+
+
+@requires_cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("guided", [False, True])
+def test_cuda_ddpm_step_params_equals_ddpm_step(backend, dtype, guided):
+    """Same kernel with the two scalars from memory: bit-identical to the scalar-argument launch,
+    and the device tensor's value (not a captured constant) is what counts."""
+    from fluid_ops.ops.ddpm import ddpm_step_params
+    table = ref.DiffusionSchedule(100).table("cuda")
+    x, mo, noise = _inputs(300, 16, guided, dtype=dtype, device="cuda")
+    params = _params(1.0, 1.0, "cuda")
+    for step in (0, 42):
+        for temperature, cfg in ((0.95, 4.0), (0.0, 2.0), (1.0, 1.0)):
+            params[0].fill_(temperature), params[1].fill_(cfg)
+            with fluid_ops.use_backend(backend):
+                want = fluid_ops.ddpm_step(x, mo, noise, table, step, temperature=temperature, cfg=cfg)
+                got = ddpm_step_params(x, mo, noise, table, step, params)
+            torch.testing.assert_close(got, want, rtol=0, atol=0)

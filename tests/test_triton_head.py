@@ -126,6 +126,12 @@ def test_ddpm_step_matches_reference(device, n, c, guided):
             step_t = torch.tensor([step], device=device, dtype=torch.int32)
             got_t = _ks().ddpm_step(x, mo, noise, table, step_t, temperature, cfg)
             torch.testing.assert_close(got_t, got, rtol=0, atol=0)
+            # temperature and cfg read from a device tensor (one graph for every value): the same
+            from fluid_ops.ops.ddpm import ddpm_step_params
+            params = torch.tensor([temperature, cfg], dtype=torch.float32, device=device)
+            with fluid_ops.use_backend("triton"):
+                got_p = ddpm_step_params(x, mo, noise, table, step, params)
+            torch.testing.assert_close(got_p, got, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("device", DEVICES)

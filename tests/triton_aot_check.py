@@ -71,11 +71,12 @@ def cases():
     f32, bf16, f64 = _ptr(torch.float32), _ptr(torch.bfloat16), _ptr(torch.float64)
     d = 1024
     out = []
-    for guided, from_ptr, dt in ((True, False, torch.float32), (False, True, torch.bfloat16)):
+    for guided, from_ptr, params, dt in ((True, False, False, torch.float32), (False, True, False, torch.bfloat16),
+                                         (True, False, True, torch.float32)):
         x = _ptr(dt)
-        out.append((f"ddpm_step guided={guided} step_from_ptr={from_ptr} {dt}", ts._ddpm_step_kernel,
-                    (x, bf16, x, f32, _ptr(torch.int32), x, 256, 16, 3, 0.9, 2.0),
-                    dict(GUIDED=guided, STEP_FROM_PTR=from_ptr, BLOCK=1024), 4, 3))
+        out.append((f"ddpm_step guided={guided} step_from_ptr={from_ptr} params_from_ptr={params} {dt}",
+                    ts._ddpm_step_kernel, (x, bf16, x, f32, _ptr(torch.int32), f32, x, 256, 16, 3, 0.9, 2.0),
+                    dict(GUIDED=guided, STEP_FROM_PTR=from_ptr, PARAMS_FROM_PTR=params, BLOCK=1024), 4, 3))
     for v in (17, 1024, 16384):
         block = min(2048, max(16, triton.next_power_of_2(v)))
         rows = max(1, min(2048 // block, 64))

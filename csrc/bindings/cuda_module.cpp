@@ -11,6 +11,7 @@
 namespace py = pybind11;
 namespace fluid { void register_cuda_attention(pybind11::module_& m); }  // cuda_attention.cpp
 using fluid::TensorView;
+void register_sampling(py::module& m);  // cuda_sampling.cpp
 
 void register_denoiser(py::module& m);  // cuda_denoiser.cpp: the fused head GEMMs
 
@@ -57,4 +58,5 @@ PYBIND11_MODULE(_C_cuda, m) {
   m.def("gated_residual", &fluid::cuda::gated_residual, fluid::nogil(), py::arg("h"),
         py::arg("gate"), py::arg("y"), py::arg("out"), py::arg("stream"));
   register_denoiser(m);
+  register_sampling(m);
 }

@@ -1,5 +1,6 @@
 #include "common.cuh"
 #include "ops.h"
+#include "sampling_ops.h"
 
 namespace fluid {
 namespace cuda {
@@ -9,9 +10,13 @@ __global__ void ddpm_step_kernel(const void* __restrict__ x, const void* __restr
                                  const void* __restrict__ noise, const float* __restrict__ coef,
                                  void* __restrict__ out, DType xt, DType mt, int64_t n, int64_t c,
                                  bool guided, bool add_noise, bool clip_denoised, float temperature,
-                                 float cfg) {
+                                 float cfg, const float* __restrict__ params) {
   const int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
   if (i >= n * c) return;
+  if (params != nullptr) {  // [temperature, cfg] from the device (graph replays with any value)
+    temperature = params[0];
+    cfg = params[1];
+  }
   const int64_t r = i / c, j = i - r * c;
   const float c1 = coef[0], c2 = coef[1], a = coef[2], b = coef[3], min_log = coef[4],
               max_log = coef[5];
@@ -30,11 +35,10 @@ __global__ void ddpm_step_kernel(const void* __restrict__ x, const void* __restr
   store_from_f32(out, xt, i, v);
 }
 
-}  // namespace
-
-void ddpm_step(const TensorView& x, const TensorView& model_out, const TensorView& noise,
-               const TensorView& table, int64_t step, float temperature, float cfg,
-               bool clip_denoised, const TensorView& out, uintptr_t stream) {
+void launch_ddpm_step(const TensorView& x, const TensorView& model_out, const TensorView& noise,
+                      const TensorView& table, int64_t step, float temperature, float cfg,
+                      const float* params, bool clip_denoised, const TensorView& out,
+                      uintptr_t stream) {
   FLUID_CHECK(x.ndim == 2 && model_out.ndim == 2 && table.ndim == 2 && table.size(1) == 6,
               "bad ranks");
   FLUID_CHECK(step >= 0 && step < table.size(0), "step out of range of the table");
@@ -46,8 +50,26 @@ void ddpm_step(const TensorView& x, const TensorView& model_out, const TensorVie
   ddpm_step_kernel<<<static_cast<unsigned>(blocks), threads, 0,
                      reinterpret_cast<cudaStream_t>(stream)>>>(
       x.data, model_out.data, noise.data, table.ptr<float>() + step * 6, out.data, x.dtype,
-      model_out.dtype, n, c, guided, step > 0, clip_denoised, temperature, cfg);
+      model_out.dtype, n, c, guided, step > 0, clip_denoised, temperature, cfg, params);
   check_launch("ddpm_step");
+}
+
+}  // namespace
+
+void ddpm_step(const TensorView& x, const TensorView& model_out, const TensorView& noise,
+               const TensorView& table, int64_t step, float temperature, float cfg,
+               bool clip_denoised, const TensorView& out, uintptr_t stream) {
+  launch_ddpm_step(x, model_out, noise, table, step, temperature, cfg, nullptr, clip_denoised, out,
+                   stream);
+}
+
+void ddpm_step_params(const TensorView& x, const TensorView& model_out, const TensorView& noise,
+                      const TensorView& table, int64_t step, const TensorView& params,
+                      bool clip_denoised, const TensorView& out, uintptr_t stream) {
+  FLUID_CHECK(params.ndim == 1 && params.size(0) == 2 && params.dtype == DType::F32,
+              "params must be a (2,) float32 tensor [temperature, cfg]");
+  launch_ddpm_step(x, model_out, noise, table, step, 1.0f, 1.0f, params.ptr<float>(), clip_denoised,
+                   out, stream);
 }
 
 }  // namespace cuda

@@ -24,7 +24,8 @@ The pieces:
   one token per step through a KV cache (`fluid_ops.attention_kvcache`), the text K/V of every
   cross-attention computed once per generation;
 * heads: continuous -> MAR's DiffLoss (`fluid_ops.nn.DenoiserMLP`, IDDPM loss with
-  `diffusion_batch_mul` t-draws per token, sampled by `fluid_ops.diffusion_sample` with CFG on
+  `diffusion_batch_mul` t-draws per token through `fluid_ops.nn.diffusion_loss` (z embedded once
+  per token, not repeated), sampled by `fluid_ops.diffusion_sample` with CFG on
   [cond; uncond] rows and a temperature); discrete -> a linear map to codebook logits,
   cross-entropy, sampled by `fluid_ops.sample_categorical` with CFG on the logits.
 
@@ -50,14 +51,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 import fluid_ops
 from fluid_ops.models.mar import DiffLoss
+from fluid_ops.nn.diffusion import diffusion_loss
 from fluid_ops.nn.text import build_text_encoder
 from fluid_ops.nn.tokenizers import build_tokenizer
 from fluid_ops.nn.transformer import Transformer, check_attention_shape
-from fluid_ops.reference import diffusion as ref_diffusion
 from fluid_ops.reference import schedules
 
 __all__ = ["Fluid", "FluidConfig", "CONFIGS", "PAPER_SAMPLING"]
@@ -485,14 +485,12 @@ class Fluid(nn.Module):
             return ce.mean() if mask is None else (ce * mask).sum() / mask.sum()
         if t is None:
             t, noise = self.draw_head_inputs(z.shape[0], generator)
-        net = self.head.net
-        if self.config.grad_checkpointing and self.training and torch.is_grad_enabled():
-            def net(x, tt, cc):  # noqa: E306 - the head's activations are the largest: recompute them
-                return checkpoint(self.head.net, x, tt, cc, use_reentrant=False)
-            net.in_channels = self.token_dim
-        return ref_diffusion.diffusion_loss(net, target.to(z.dtype), z, mask,
-                                            diffusion_batch_mul=self.config.diffusion_batch_mul, t=t,
-                                            noise=noise.to(z.dtype), schedule=self.head.train_schedule)
+        # fluid_ops.nn.diffusion_loss: z embedded once per token and broadcast to the t-draws;
+        # with grad checkpointing the head's activations (the largest) are recomputed
+        return diffusion_loss(self.head.net, target.to(z.dtype), z, mask,
+                              diffusion_batch_mul=self.config.diffusion_batch_mul, t=t,
+                              noise=noise.to(z.dtype), schedule=self.head.train_schedule,
+                              checkpoint=self.config.grad_checkpointing and self.training)
 
     def forward(self, images: torch.Tensor, captions: list[str], *,
                 generator: torch.Generator | None = None) -> torch.Tensor:

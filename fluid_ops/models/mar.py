@@ -18,6 +18,10 @@ Differences from MAR's code, all on purpose (the results are MAR's):
   query from attending masked tokens; outputs at known positions equal MAR's, the decoder
   replaces the others by `mask_token` as MAR's scatter does. One shape for every step (CUDA-graph
   friendly) at the cost of computing the masked rows too.
+* The diffusion loss (`fluid_ops.nn.diffusion_loss`) runs the head on the masked tokens only
+  (MAR runs it on all B * L * diffusion_batch_mul rows and multiplies by the mask) and embeds each
+  token's z once for its diffusion_batch_mul t-draws instead of repeating z; t and noise are drawn
+  as MAR draws them, so the loss and its gradients equal MAR's up to summation order.
 * The tokens predicted at a sampling step are `orders[:, n_after:n_before]`; they reach the
   diffusion head in order-of-generation rather than MAR's row-major order, which only changes
   which noise draw goes to which token (same distribution).
@@ -55,6 +59,7 @@ from torch.utils.checkpoint import checkpoint
 import fluid_ops
 from fluid_ops.models import io as model_io
 from fluid_ops.nn.denoiser import DenoiserMLP
+from fluid_ops.nn.diffusion import diffusion_loss
 from fluid_ops.reference import diffusion as ref_diffusion
 from fluid_ops.reference import schedules
 
@@ -134,15 +139,14 @@ class DiffLoss(nn.Module):
         self.net = DenoiserMLP(target_channels, width, 2 * target_channels, z_channels, depth)
         self.train_schedule = ref_diffusion.DiffusionSchedule(None)
 
-    def forward(self, target, z, mask=None, *, diffusion_batch_mul: int = 1, generator=None):
-        """Mean diffusion loss over rows with mask 1; each row repeated diffusion_batch_mul times."""
-        net = self.net
-        if self.grad_checkpointing and self.training:
-            def net(x, t, c):  # noqa: E306 - checkpoint the head's activations too, as MAR does
-                return checkpoint(self.net, x, t, c, use_reentrant=False)
-            net.in_channels = self.in_channels
-        return ref_diffusion.diffusion_loss(net, target, z, mask, diffusion_batch_mul=diffusion_batch_mul,
-                                            generator=generator, schedule=self.train_schedule)
+    def forward(self, target, z, mask=None, *, diffusion_batch_mul: int = 1, generator=None, index=None):
+        """Mean diffusion loss over rows with mask 1, each row with diffusion_batch_mul t-draws
+        (`fluid_ops.nn.diffusion_loss`: the same value and draws as MAR's loss, the head run on
+        the masked rows only, z not repeated). index: the rows with mask 1, if known (no sync)."""
+        # grad checkpointing: the head's activations are recomputed too, as MAR does
+        return diffusion_loss(self.net, target, z, mask, index=index, diffusion_batch_mul=diffusion_batch_mul,
+                              generator=generator, schedule=self.train_schedule,
+                              checkpoint=self.grad_checkpointing and self.training)
 
     def sample(self, z, temperature=1.0, cfg=1.0, generator=None):
         return fluid_ops.diffusion_sample(self.net, z, num_steps=self.num_sampling_steps,
@@ -505,8 +509,11 @@ class MAR(nn.Module):
         return x[:, self.buffer_size:] + self.diffusion_pos_embed_learned
 
     def forward_loss(self, z: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
-        """Diffusion loss of the masked tokens: z (B, L, Dz), target (B, L, C), mask (B, L)."""
+                     generator: torch.Generator | None = None, *,
+                     masked_index: torch.Tensor | None = None) -> torch.Tensor:
+        """Diffusion loss of the masked tokens: z (B, L, Dz), target (B, L, C), mask (B, L).
+        The head runs on the masked tokens only; masked_index (B, K), the positions with mask 1
+        in each row (e.g. orders[:, :num_masked]), finds them without a host sync."""
         if not isinstance(target, torch.Tensor) or target.dim() != 3:
             raise ValueError(f"MAR.forward_loss: target must have shape (B, L, C), got "
                              f"{_shape_of(target)}")
@@ -517,8 +524,14 @@ class MAR(nn.Module):
         if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (b, l):
             raise ValueError(f"MAR.forward_loss: mask must have shape ({b}, {l}), got "
                              f"{_shape_of(mask)}")
+        index = None
+        if masked_index is not None:
+            if not isinstance(masked_index, torch.Tensor) or masked_index.dim() != 2 or masked_index.shape[0] != b:
+                raise ValueError(f"MAR.forward_loss: masked_index must have shape ({b}, K), got {_shape_of(masked_index)}")
+            # row of token (i, masked_index[i, j]) in the flattened (B * L) rows
+            index = (torch.arange(b, device=masked_index.device)[:, None] * l + masked_index).reshape(-1)
         return self.diffloss(target.reshape(b * l, c), z.reshape(b * l, -1), mask.reshape(b * l),
-                             diffusion_batch_mul=self.diffusion_batch_mul, generator=generator)
+                             diffusion_batch_mul=self.diffusion_batch_mul, generator=generator, index=index)
 
     def forward(self, imgs: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None = None):
         """Training loss. imgs: VAE latents (B, vae_embed_dim, h, w) (already scaled, as MAR's
@@ -533,7 +546,7 @@ class MAR(nn.Module):
         known = orders[:, num_masked:] if self.compact_encoder else None
         h = self.forward_mae_encoder(x, mask, class_embedding, generator, known_index=known)
         z = self.forward_mae_decoder(h, mask, known_index=known)
-        return self.forward_loss(z, gt, mask, generator)
+        return self.forward_loss(z, gt, mask, generator, masked_index=orders[:, :num_masked])
 
     def _check_labels(self, op, labels, bsz):
         if not isinstance(labels, torch.Tensor) or labels.dtype not in (torch.int64, torch.int32) \

@@ -168,13 +168,38 @@ class DenoiserMLP(ref.DenoiserMLP):
     """MAR's SimpleMLPAdaLN on fluid_ops' fused ops: x (N, in), t (N,), c (N, z) -> (N, out).
     See the module docstring for the forward and the sampling fast path."""
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, c: torch.Tensor, *, c_repeats: int = 1,
+                num_timesteps: int | None = None) -> torch.Tensor:
+        """x (N, in), t (N,), c (N / c_repeats, z) -> (N, out).
+
+        c_repeats R > 1 (the diffusion loss's `diffusion_batch_mul` t-draws per token): row
+        j * (N / R) + i of x and t uses condition c[i]; `cond_embed` runs once on the N / R
+        distinct rows and is broadcast into the N rows (its backward sums over the repeats), so
+        the repeated condition is never materialised. num_timesteps T (integer t in [0, T)):
+        when N > T the time embedding runs once on the T possible timesteps and is gathered
+        (index_select; its backward sums), instead of on all N rows. Both are exact
+        re-arrangements (equal to the plain forward up to summation order)."""
         name = "DenoiserMLP.forward"
         check_tensor(name, "x", x, ndim=2, dtypes=FLOAT_DTYPES + (torch.float64,), shape=(None, self.in_channels))
         n = x.shape[0]
         check_tensor(name, "t", t, ndim=1, shape=(n,))
-        check_tensor(name, "c", c, ndim=2, dtypes=FLOAT_DTYPES + (torch.float64,), shape=(n, self.z_channels))
-        y = self.time_embed(t) + self.cond_embed(c)
+        if isinstance(c_repeats, bool) or not isinstance(c_repeats, int) or c_repeats < 1 or n % c_repeats:
+            raise ValueError(f"{name}: c_repeats must be an int >= 1 dividing x's {n} rows, got {c_repeats!r}")
+        check_tensor(name, "c", c, ndim=2, dtypes=FLOAT_DTYPES + (torch.float64,),
+                     shape=(n // c_repeats, self.z_channels))
+        if num_timesteps is not None and (isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int)
+                                          or num_timesteps < 1):
+            raise ValueError(f"{name}: num_timesteps must be None or an int >= 1, got {num_timesteps!r}")
+        if num_timesteps is not None and n > num_timesteps and not t.is_floating_point():
+            temb = self.time_embed(torch.arange(num_timesteps, device=t.device)).index_select(0, t)
+        else:
+            temb = self.time_embed(t)
+        cemb = self.cond_embed(c)
+        if c_repeats == 1:
+            y = temb + cemb
+        else:
+            d = self.model_channels
+            y = (temb.view(c_repeats, n // c_repeats, d) + cemb).view(n, d)
         sy = F.silu(y)
         h = self.input_proj(x)
         d = self.model_channels

@@ -42,6 +42,27 @@ def _sample_categorical_cpu(logits, uniform, temperature, top_k, top_p):
     return out
 
 
+def _cuda_has_categorical(*args):
+    if not hasattr(_compiled.cuda, "sample_categorical"):
+        return "fluid_ops._C_cuda has no sample_categorical (an older build)"
+    return None
+
+
+@backend.register(OP, "cuda", supports=_cuda_has_categorical)
+def _sample_categorical_cuda(logits, uniform, temperature, top_k, top_p):
+    # csrc/cuda/categorical.cu: one block per row, thresholds by bisection on the bits of |s|
+    if logits.shape[1] > 1 and logits.stride(1) != 1:
+        logits = logits.contiguous()
+    uniform = uniform.to(torch.float64).contiguous()
+    out = torch.empty(logits.shape[0], dtype=torch.int64, device=logits.device)
+    v = _compiled.view
+    _compiled.cuda.sample_categorical(v(logits), v(uniform), float(temperature),
+                                      0 if top_k is None else int(top_k),
+                                      1.0 if top_p is None else float(top_p), v(out),
+                                      _compiled.cuda_stream(logits.device))
+    return out
+
+
 @backend.register(OP, "triton", supports=lambda logits, *args: cpu_rule(logits))
 def _sample_categorical_triton(logits, uniform, temperature, top_k, top_p):
     from fluid_ops.triton import sampling  # imports triton: only when a Triton kernel runs

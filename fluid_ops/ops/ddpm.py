@@ -13,6 +13,7 @@ from fluid_ops.reference import diffusion as ref
 from fluid_ops.triton._util import cpu_rule
 
 OP = "ddpm_step"
+OP_PARAMS = "ddpm_step_params"
 
 
 # ---- backends ---------------------------------------------------------------------------
@@ -146,3 +147,64 @@ def ddpm_step(x: torch.Tensor, model_out: torch.Tensor, noise: torch.Tensor, tab
         raise TypeError(f"{OP}: clip_denoised must be a bool, got {type(clip_denoised).__name__}")
     check_same_device(OP, x=x, model_out=model_out, noise=noise, table=table)
     return torch.ops.fluid_ops.ddpm_step(x, model_out, noise, table, step, temperature, cfg, clip_denoised)
+
+
+# ---- the same step with temperature and cfg read from the device --------------------------
+# For loops captured as a CUDA graph (fluid_ops.diffusion_sample): the graph replays with any
+# temperature / cfg written into `params` before the replay, so one capture serves every value.
+@backend.register(OP_PARAMS, "reference")
+def _ddpm_step_params_reference(x, model_out, noise, table, step, params, clip_denoised):
+    # 0-dim tensors in the formula: no read back to the host (capturable on CUDA)
+    return ref.ddpm_step(x, model_out, noise, table, step, temperature=params[0], cfg=params[1],
+                         clip_denoised=clip_denoised)
+
+
+@backend.register(OP_PARAMS, "cpu")
+def _ddpm_step_params_cpu(x, model_out, noise, table, step, params, clip_denoised):
+    temperature, cfg = params.tolist()  # a CPU tensor: no device sync
+    return _ddpm_step_cpu(x, model_out, noise, table, step, temperature, cfg, clip_denoised)
+
+
+@backend.register(OP_PARAMS, "cuda", supports=lambda *a: None if hasattr(_compiled.cuda, "ddpm_step_params")
+                  else "fluid_ops._C_cuda has no ddpm_step_params (an older build)")
+def _ddpm_step_params_cuda(x, model_out, noise, table, step, params, clip_denoised):
+    x, model_out, noise, table, params = _contig(x, model_out, noise, table, params)
+    out = torch.empty_like(x)
+    v = _compiled.view
+    _compiled.cuda.ddpm_step_params(v(x), v(model_out), v(noise), v(table), step, v(params), clip_denoised,
+                                    v(out), _compiled.cuda_stream(x.device))
+    return out
+
+
+@backend.register(OP_PARAMS, "triton", supports=lambda x, *args: cpu_rule(x))
+def _ddpm_step_params_triton(x, model_out, noise, table, step, params, clip_denoised):
+    from fluid_ops.triton import sampling
+    return sampling.ddpm_step(x, model_out, noise, table, step, 1.0, 1.0, params=params, clip_denoised=clip_denoised)
+
+
+def ddpm_step_params(x: torch.Tensor, model_out: torch.Tensor, noise: torch.Tensor, table: torch.Tensor,
+                     step: int, params: torch.Tensor, *, clip_denoised: bool = False) -> torch.Tensor:
+    """`ddpm_step` with temperature and cfg in `params`, a (2,) float32 tensor on x's device
+    ([temperature, cfg]; the caller keeps them finite, temperature >= 0), read by the kernel:
+    nothing in the call depends on their values on the host, so a CUDA graph captured once
+    replays with any. clip_denoised as in ddpm_step. No autograd (sampling only). Contract:
+    exact, as ddpm_step."""
+    check_tensor(OP_PARAMS, "x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    n, c = x.shape
+    check_tensor(OP_PARAMS, "model_out", model_out, ndim=2, dtypes=FLOAT_DTYPES)
+    if model_out.shape[1] != 2 * c or model_out.shape[0] not in (n, 2 * n):
+        raise ValueError(f"{OP_PARAMS}: model_out must have shape ({n}, {2 * c}) or ({2 * n}, {2 * c}), "
+                         f"got {tuple(model_out.shape)}")
+    check_tensor(OP_PARAMS, "noise", noise, shape=(n, c), dtypes=(x.dtype,))
+    check_tensor(OP_PARAMS, "table", table, ndim=2, dtypes=(torch.float32,))
+    if table.shape[1] != 6:
+        raise ValueError(f"{OP_PARAMS}: table must have shape (S, 6), got {tuple(table.shape)}")
+    if isinstance(step, torch.Tensor) or not isinstance(step, int) or not 0 <= step < table.shape[0]:
+        raise ValueError(f"{OP_PARAMS}: step must be a Python int in [0, {table.shape[0]}), got {step!r}")
+    check_tensor(OP_PARAMS, "params", params, shape=(2,), dtypes=(torch.float32,))
+    if not isinstance(clip_denoised, bool):
+        raise TypeError(f"{OP_PARAMS}: clip_denoised must be a bool, got {type(clip_denoised).__name__}")
+    check_same_device(OP_PARAMS, x=x, model_out=model_out, noise=noise, table=table, params=params)
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    return backend.dispatch(OP_PARAMS, x.device, x, model_out, noise, table, step, params, clip_denoised)

@@ -37,8 +37,9 @@ __all__ = ["ddpm_step", "sample_categorical"]
 
 # ---- ddpm_step --------------------------------------------------------------------------------
 @triton.jit
-def _ddpm_step_kernel(x_ptr, mo_ptr, noise_ptr, table_ptr, step_ptr, out_ptr, n, c, step, temperature, cfg,
-                      GUIDED: tl.constexpr, STEP_FROM_PTR: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr):
+def _ddpm_step_kernel(x_ptr, mo_ptr, noise_ptr, table_ptr, step_ptr, params_ptr, out_ptr, n, c, step,
+                      temperature, cfg, GUIDED: tl.constexpr, STEP_FROM_PTR: tl.constexpr,
+                      PARAMS_FROM_PTR: tl.constexpr, CLIP: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n * c
     row = offs // c
@@ -47,6 +48,9 @@ def _ddpm_step_kernel(x_ptr, mo_ptr, noise_ptr, table_ptr, step_ptr, out_ptr, n,
         cur = tl.load(step_ptr).to(tl.int32)
     else:
         cur = step
+    if PARAMS_FROM_PTR:  # [temperature, cfg] in a float32 device tensor (a graph replays any value)
+        temperature = tl.load(params_ptr)
+        cfg = tl.load(params_ptr + 1)
     coef = table_ptr + cur * 6
     c1 = tl.load(coef)
     c2 = tl.load(coef + 1)
@@ -74,10 +78,12 @@ def _ddpm_step_kernel(x_ptr, mo_ptr, noise_ptr, table_ptr, step_ptr, out_ptr, n,
 
 def ddpm_step(x: torch.Tensor, model_out: torch.Tensor, noise: torch.Tensor, table: torch.Tensor,
               step, temperature: float, cfg: float, out: torch.Tensor | None = None,
-              clip_denoised: bool = False) -> torch.Tensor:
+              params: torch.Tensor | None = None, clip_denoised: bool = False) -> torch.Tensor:
     """x_{t-1} for checked arguments (see fluid_ops.ddpm_step). `step` is a Python int or a
     one-element integer tensor on x's device (read by the kernel: no host sync, graph-capturable).
-    `out` (N, C) in x's dtype may be given (e.g. a buffer a CUDA graph reuses)."""
+    `out` (N, C) in x's dtype may be given (e.g. a buffer a CUDA graph reuses). `params`: a
+    (2,) float32 tensor on x's device holding [temperature, cfg], read by the kernel instead of
+    the two scalar arguments."""
     x, model_out, noise, table = (t.contiguous() for t in (x, model_out, noise, table))
     n, c = x.shape
     if out is None:
@@ -88,9 +94,10 @@ def ddpm_step(x: torch.Tensor, model_out: torch.Tensor, noise: torch.Tensor, tab
     step_t = step if from_ptr else table  # any pointer when unused
     block = 1024
     grid = (triton.cdiv(n * c, block),)
-    _ddpm_step_kernel[grid](x, model_out, noise, table, step_t, out, n, c, 0 if from_ptr else int(step),
-                            float(temperature), float(cfg), GUIDED=model_out.shape[0] == 2 * n,
-                            STEP_FROM_PTR=from_ptr, CLIP=bool(clip_denoised), BLOCK=block)
+    _ddpm_step_kernel[grid](x, model_out, noise, table, step_t, table if params is None else params, out, n, c,
+                            0 if from_ptr else int(step), float(temperature), float(cfg),
+                            GUIDED=model_out.shape[0] == 2 * n, STEP_FROM_PTR=from_ptr,
+                            PARAMS_FROM_PTR=params is not None, CLIP=bool(clip_denoised), BLOCK=block)
     return out
 
 
