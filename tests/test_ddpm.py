@@ -232,10 +232,12 @@ def test_ddpm_step_params_equals_ddpm_step(backend, guided, step):
     table = ref.DiffusionSchedule(10).table()
     x, mo, noise = _inputs(33, 5, guided, seed=3)
     for temperature, cfg in ((1.0, 3.0), (0.0, 1.5), (0.75, -0.5)):
-        with fluid_ops.use_backend(backend):
-            want = fluid_ops.ddpm_step(x, mo, noise, table, step, temperature=temperature, cfg=cfg)
-            got = ddpm_step_params(x, mo, noise, table, step, _params(temperature, cfg))
-        torch.testing.assert_close(got, want, rtol=0, atol=0)
+        for clip in (False, True):
+            with fluid_ops.use_backend(backend):
+                want = fluid_ops.ddpm_step(x * 3, mo, noise, table, step, temperature=temperature, cfg=cfg,
+                                           clip_denoised=clip)
+                got = ddpm_step_params(x * 3, mo, noise, table, step, _params(temperature, cfg), clip_denoised=clip)
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def test_ddpm_step_params_bad_inputs():
