@@ -1,8 +1,9 @@
 """Training past one process: torchrun + DDP / FSDP2 on CPU with gloo (2 processes), WebDataset
 shards, `prepare`d caches, exact resume after SIGKILL on the same or another number of ranks.
 
-Each torchrun launch costs ~10 s on a busy 2-core machine (two interpreters importing torch),
-so the launches are few and each checks several things. Tiny Fluid (hash text encoder, 2
+Each launch of 2 ranks costs ~10 s on a busy 2-core machine (interpreters importing torch), so
+the launches are few and each checks several things: the worker runs are started directly
+with torchrun's environment variables, the command-line resume with torchrun itself. Tiny Fluid (hash text encoder, 2
 blocks); the one-process references run in this process with `tests/dist_worker.build`."""
 from __future__ import annotations
 
@@ -54,38 +55,40 @@ def _torchrun(nproc: int, args: list[str]) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *args]
 
 
-def _launch(nproc: int, args: list[str], timeout=240):
+def _launch(nproc: int, args: list[str], timeout=900):
     p = subprocess.run(_torchrun(nproc, args), cwd=REPO, env=_env(), capture_output=True, text=True,
                        timeout=timeout)
     assert p.returncode == 0, f"torchrun failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-5000:]}"
     return p
 
 
-def _worker(nproc: int, spec: dict, timeout=240):
-    return _launch(nproc, [str(REPO / "tests" / "dist_worker.py"), json.dumps(spec)], timeout)
+def _spawn(nproc: int, spec: dict, **popen) -> list[subprocess.Popen]:
+    """The ranks of a worker run, started directly with torchrun's environment (RANK, WORLD_SIZE,
+    MASTER_ADDR/PORT): one interpreter less per launch than torchrun itself."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = []
+    for r in range(nproc):
+        env = {**_env(), "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE":
+               str(nproc), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, str(REPO / "tests" / "dist_worker.py"), json.dumps(spec)],
+                                      cwd=REPO, env=env, **popen))
+    return procs
 
 
-def _descendants(pid: int) -> list[int]:
-    """pid and every process below it (torchrun starts its workers in their own sessions, so
-    killing its process group does not reach them)."""
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        for task in Path(f"/proc/{p}/task").glob("*"):
-            try:
-                todo += [int(c) for c in (task / "children").read_text().split()]
-            except OSError:
-                pass
-    return out
-
-
-def _sigkill_tree(pid: int) -> None:
-    for p in _descendants(pid):
-        try:
-            os.kill(p, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+def _worker(nproc: int, spec: dict, timeout=900):
+    procs = _spawn(nproc, spec, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for r, (p, (o, e)) in enumerate(zip(procs, outs)):
+        assert p.returncode == 0, f"rank {r} failed ({p.returncode}):\n{o[-2000:]}\n{e[-5000:]}"
 
 
 def _close(a: dict, b: dict, atol=2e-6, what="parameters"):
@@ -152,32 +155,30 @@ _KILLED = dict(steps=40, batch_size=8, lr=2e-3, warmup_steps=2, ema_decay=0.9, c
 
 
 def test_sigkill_then_resume_on_two_and_on_one_rank_is_exact(tmp_path):
-    """A 2-rank DDP run SIGKILLed (all its processes) at some point after its first checkpoint,
+    """A 2-rank DDP run SIGKILLed (both ranks) at some point after its first checkpoint,
     resumed (a) on 2 ranks and (b) in one process, ends with the parameters of an uninterrupted
     one-process run."""
     out = tmp_path / "run"
     spec = {"train": _KILLED, "out": str(out), "sleep": 0.15}
-    child = subprocess.Popen(_torchrun(2, [str(REPO / "tests" / "dist_worker.py"), json.dumps(spec)]), cwd=REPO,
-                             env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    procs = _spawn(2, spec, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 120
         while not (out / "checkpoint.pt").exists():
-            assert child.poll() is None, f"run exited early: {child.communicate()[1].decode()[-3000:]}"
+            for p in procs:
+                assert p.poll() is None, f"a rank exited early: {p.communicate()[1].decode()[-3000:]}"
             assert time.monotonic() < deadline, "no checkpoint within 120 s"
             time.sleep(0.01)
         time.sleep(0.6)  # some steps into the run, perhaps inside the next checkpoint write
-        assert child.poll() is None, "the run finished before it could be killed"
-        tree = _descendants(child.pid)
-        assert len(tree) >= 3, f"expected torchrun and 2 workers, found processes {tree}"
-        _sigkill_tree(child.pid)
-        child.wait(10)
-        time.sleep(0.2)
-        assert not any(Path(f"/proc/{p}").exists() and "zombie" not in Path(f"/proc/{p}/status").read_text()
-                       for p in tree[1:]), "a worker survived SIGKILL"
+        assert all(p.poll() is None for p in procs), "the run finished before it could be killed"
+        for p in procs:
+            os.kill(p.pid, signal.SIGKILL)
+        for p in procs:
+            assert p.wait(10) == -signal.SIGKILL
     finally:
-        if child.poll() is None:
-            _sigkill_tree(child.pid)
-            child.wait()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     killed_at = load_checkpoint(out / "checkpoint.pt")["step"]
     assert 3 <= killed_at < 12 and killed_at % 3 == 0
     steps = 12
