@@ -7,7 +7,8 @@ same step encoding images (tokenizer / VAE) and captions (text encoder) itself.
     python benchmarks/train_scaling.py --ranks 1,8 --configs fluid-166m,fluid-369m --batch-per-rank 32
     python benchmarks/train_scaling.py --cache-only --configs fluid-166m   # prepared vs encode each step
 
-Every point is a real `fluid_ops.train` run launched with torchrun (`--standalone`), data
+Every point is a real `fluid_ops.train` run, one process per rank started with the environment
+torchrun gives its workers (so `train` joins the group exactly as under torchrun), data
 synthetic (random images, unique captions) and held in memory; the first `--warmup` steps are
 not timed; time is wall clock between the loss flushes after step `warmup` and the last step
 (log_every=1: one host sync per step, which every point pays alike). Peak memory: CUDA
@@ -107,15 +108,30 @@ def worker(spec: dict) -> None:
         dist.destroy_process_group()
 
 
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def run_point(spec: dict, nproc: int, threads: int) -> dict:
+    """One process per rank with the environment torchrun gives its workers (RANK, WORLD_SIZE,
+    MASTER_ADDR/PORT, LOCAL_RANK): the same processes as torchrun's, without its agent."""
     with tempfile.TemporaryDirectory() as tmp:
         spec = {**spec, "out": str(Path(tmp) / "r.json")}
-        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               __file__, "--worker", json.dumps(spec)]
-        p = subprocess.run(cmd, env=env, capture_output=True, text=True)
-        if p.returncode != 0:
-            return {"error": (p.stderr or p.stdout)[-1500:]}
+        port = _free_port()
+        procs = []
+        for r in range(nproc):
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore", "RANK": str(r),
+                   "LOCAL_RANK": str(r), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+            procs.append(subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)], env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        outs = [p.communicate() for p in procs]
+        bad = [(p.returncode, e or o) for p, (o, e) in zip(procs, outs) if p.returncode != 0]
+        if bad:
+            return {"error": bad[0][1][-1500:]}
         ranks = [json.loads(Path(tmp, f"r.rank{r}.json").read_text()) for r in range(nproc)]
     return {"samples_per_s": min(r["samples_per_s"] for r in ranks),  # the slowest rank sets the pace
             "step_s": max(r["step_s"] for r in ranks),
@@ -123,13 +139,14 @@ def run_point(spec: dict, nproc: int, threads: int) -> dict:
 
 
 # ---- prepared caches vs encoding each step (one process) ----------------------------------------
-def cache_compare(config: str, *, batch: int, steps: int, warmup: int, amp: str, vae: bool) -> dict:
+def cache_compare(config: str, *, batch: int, steps: int, warmup: int, amp: str, vae: bool,
+                  text_encoder: str | None = None) -> dict:
     from fluid_ops.data import ShardDataset
     from fluid_ops.models import Fluid
     from fluid_ops.prepare import prepare
     out = {"config": config, "batch": batch, "steps": steps}
     with tempfile.TemporaryDirectory() as tmp:
-        over = {}
+        over = {} if text_encoder is None else {"text_encoder": text_encoder}
         if vae:
             over = dict(tokenizer="vae", vae_path=str(kl16_like_vae(Path(tmp) / "vae")), patch_size=1)
         out["tokenizer"] = "vae (random-init KL-16 layout)" if vae else "patch"
@@ -163,9 +180,13 @@ def main():
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--amp", default="auto", choices=("auto", "bf16", "none"))
-    ap.add_argument("--threads", type=int, default=None, help="CPU threads per rank (default: cores / ranks)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="CPU threads per rank (default 1: a second thread only adds spin-wait contention on a "
+                         "busy small machine, and every point gets the same per-rank resources)")
     ap.add_argument("--cache-only", action="store_true", help="only the prepared-vs-encode comparison")
     ap.add_argument("--no-cache", action="store_true", help="skip the prepared-vs-encode comparison")
+    ap.add_argument("--exclude", default="", help="points to skip, CONFIG:RANKS:MODE comma-separated "
+                    "(e.g. fluid-369m:2:ddp where two full replicas do not fit in memory)")
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None, help="PNG path (default: next to --out)")
     ap.add_argument("--note", default=None, help="free text stored in the JSON (e.g. machine load)")
@@ -181,7 +202,7 @@ def main():
     ranks = sorted(set(ranks))
     bpr = args.batch_per_rank or (8 if args.quick else (32 if gpus else 2))
     steps = args.steps or (3 if args.quick else (20 if gpus else 3))
-    cores = os.cpu_count() or 1
+    torch.set_num_threads(args.threads)
     results = {"machine": machine_info(), "note": args.note, "batch_per_rank": bpr, "steps": steps,
                "warmup": args.warmup, "amp": args.amp, "scaling": [], "cache": []}
     if not args.cache_only:
@@ -191,9 +212,12 @@ def main():
                 if gpus and n > gpus:
                     continue
                 for mode in args.modes.split(","):
+                    if f"{cfg}:{n}:{mode}" in args.exclude.split(","):
+                        print(f"{cfg:<12}{n:>6}{mode:>6}  skipped (--exclude)")
+                        continue
                     spec = {"config": cfg, "batch_per_rank": bpr, "steps": steps, "warmup": args.warmup,
                             "mode": mode, "amp": args.amp}
-                    threads = args.threads or max(1, cores // n)
+                    threads = args.threads
                     r = run_point(spec, n, threads)
                     row = {"config": cfg, "ranks": n, "mode": mode, "threads_per_rank": threads,
                            "global_batch": bpr * n, **r}
@@ -204,13 +228,16 @@ def main():
                         print(f"{cfg:<12}{n:>6}{mode:>6}{r['samples_per_s']:>11.2f}{r['step_s']:>9.3f}  "
                               f"{r['peak_mib_per_rank']}")
     if not args.no_cache:
-        for cfg in configs[:1] if args.quick else configs[:1]:
+        for cfg in configs[:1]:
             vae = not args.quick and cfg != "tiny"
             try:
                 import diffusers  # noqa: F401
             except ImportError:
                 vae = False
-            c = cache_compare(cfg, batch=bpr, steps=steps, warmup=args.warmup, amp=args.amp, vae=vae)
+            # quick: the hash text encoder (no model to load) and pixel patches: little to cache, and
+            # the comparison shows what the cache path itself costs
+            c = cache_compare(cfg, batch=bpr, steps=steps, warmup=args.warmup, amp=args.amp, vae=vae,
+                              text_encoder="hash" if args.quick else None)
             results["cache"].append(c)
             print(f"\n{cfg} ({c['tokenizer']}, text {c['text_encoder']}), batch {bpr}: encode each step "
                   f"{c['encode_each_step']['step_s']:.3f} s/step, prepared {c['prepared']['step_s']:.3f} s/step: "

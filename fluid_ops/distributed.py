@@ -181,8 +181,11 @@ def wrap_model(model: nn.Module, ctx: DistContext, device: torch.device, *, fsdp
     if not ctx.enabled:
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
+    # a model whose forward leaves some trainable parameter out of the loss (Fluid without text
+    # dropout never uses its null embedding) says so: DDP then looks for unused ones every step
+    unused = bool(getattr(model, "ddp_find_unused_parameters", False))
     return DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-               find_unused_parameters=False)
+               find_unused_parameters=unused)
 
 
 def local_tensor(t: torch.Tensor) -> torch.Tensor:

@@ -486,6 +486,8 @@ def train(model: nn.Module, dataset, *, out_dir, steps: int | None = None, minut
             if not callable(fit):
                 raise TypeError("model.needs_tokenizer_fit is True but the model has no fit_tokenizer(images)")
             fit(_tokenizer_fit_images(dataset, tokenizer_fit_images, seed, collate_fn, device))
+        if ctx.rank > 0:  # the same fit on every rank, then distinct global RNGs (e.g. dropout)
+            _seed_everything(_derive_seed(seed, f"rank{ctx.rank}", 0))
     else:
         if state.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(f"{ckpt_path}: checkpoint format {state.get('format')!r}, this version reads "
@@ -531,7 +533,7 @@ def train(model: nn.Module, dataset, *, out_dir, steps: int | None = None, minut
         if ctx.rank < len(per_rank):
             _set_rng_state(per_rank[ctx.rank])
         else:  # more ranks than the run had: a fresh, distinct global RNG for this one
-            _seed_everything(_derive_seed(seed, f"rank{ctx.rank}", step) % (1 << 63))
+            _seed_everything(_derive_seed(seed, f"rank{ctx.rank}", step))
     ema_names = [name for name, _ in trainable]
     ema_list = [ema[name] for name in ema_names]
     del state

@@ -255,6 +255,12 @@ class Fluid(nn.Module):
 
     supports_batch_slice = True
 
+    @property
+    def ddp_find_unused_parameters(self) -> bool:
+        """True when a training step leaves a trainable parameter unused (no text dropout: the
+        null embedding), so DDP must look for unused parameters (fluid_ops.distributed)."""
+        return not self.config.text_drop_prob > 0
+
     def __init__(self, config: FluidConfig | str = "tiny", **overrides):
         super().__init__()
         cfg = self.config = resolve_config(config, **overrides)
