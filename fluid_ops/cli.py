@@ -57,8 +57,8 @@ def _dataset(spec: str, *, image_size: int, seed: int, kinds=None):
     if spec.endswith(".tar") and os.path.isfile(spec):
         return data.ShardDataset(spec, size=image_size)
     if not os.path.isdir(spec):
-        raise SystemExit(f"--data: {spec!r} is neither 'shapes', a .tar shard, nor an existing folder (of "
-                         "img.png + img.txt pairs, of WebDataset .tar shards, or prepared by fluid-ops prepare)")
+        raise SystemExit(f"--data: {spec!r} is neither 'shapes' nor an existing folder (of img.png + img.txt "
+                         "pairs, of WebDataset .tar shards, or prepared by fluid-ops prepare) nor a .tar shard")
     if any(Path(spec).glob("*.tar")):  # WebDataset shards: image-caption pairs or a prepared cache
         return data.ShardDataset(spec, size=image_size)
     return data.ImageCaptionFolder(spec, size=image_size)
