@@ -5,6 +5,8 @@
     fluid-ops generate --ckpt runs/a --prompt "a red circle at the top left" --out grid.png
     fluid-ops evaluate --ckpt runs/a --out runs/a/eval.json
     fluid-ops bench                                   # our kernels vs PyTorch on this machine
+    fluid-ops prepare --config tiny --data shapes --out cache/ --limit 10000   # cached tokens + text
+    torchrun --nproc_per_node 8 -m fluid_ops train ... [--fsdp]               # data-parallel
 
 Every command is a thin layer over the Python API (`fluid_ops.train`, `fluid_ops.generate`,
 `fluid_ops.eval.evaluate`); the scripts in `python/` show the same calls in a few lines each.
@@ -52,8 +54,13 @@ def _dataset(spec: str, *, image_size: int, seed: int, kinds=None):
     from fluid_ops import data
     if spec == "shapes":
         return data.ShapesDataset(size=image_size, seed=seed, **({"kinds": kinds} if kinds else {}))
+    if spec.endswith(".tar") and os.path.isfile(spec):
+        return data.ShardDataset(spec, size=image_size)
     if not os.path.isdir(spec):
-        raise SystemExit(f"--data: {spec!r} is neither 'shapes' nor an existing folder of img.png + img.txt pairs")
+        raise SystemExit(f"--data: {spec!r} is neither 'shapes' nor an existing folder (of img.png + img.txt "
+                         "pairs, of WebDataset .tar shards, or prepared by fluid-ops prepare) nor a .tar shard")
+    if any(Path(spec).glob("*.tar")):  # WebDataset shards: image-caption pairs or a prepared cache
+        return data.ShardDataset(spec, size=image_size)
     return data.ImageCaptionFolder(spec, size=image_size)
 
 
@@ -120,11 +127,52 @@ def cmd_train(args) -> int:
     torch.manual_seed(args.seed)
     model = Fluid(args.config, **_parse_overrides(args.set))
     ds = _dataset(args.data, image_size=model.config.image_size, seed=args.seed)
-    result = train(model, ds, out_dir=args.out, steps=args.steps, minutes=args.minutes, batch_size=args.batch_size,
-                   lr=args.lr, warmup_steps=args.warmup, ema_decay=args.ema_decay, ckpt_every=args.ckpt_every,
-                   seed=args.seed, device=_device(args.device), num_workers=args.workers,
-                   progress=not args.no_progress)
-    print(f"trained to step {result.step}; checkpoint, history.json and loss.png in {args.out}")
+    if getattr(ds, "prepared", False):
+        ds.check_model_config(model.config)
+    device = None if args.device == "auto" else _device(args.device)  # None: one device per torchrun rank
+    try:
+        result = train(model, ds, out_dir=args.out, steps=args.steps, minutes=args.minutes,
+                       batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup, ema_decay=args.ema_decay,
+                       ckpt_every=args.ckpt_every, seed=args.seed, device=device, num_workers=args.workers,
+                       progress=not args.no_progress, grad_clip=args.grad_clip or None, amp=args.amp,
+                       fsdp=args.fsdp, collate_fn=getattr(ds, "collate", None))
+    finally:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"trained to step {result.step}; checkpoint, history.json and loss.png in {args.out}")
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    from fluid_ops.models.fluid import resolve_config
+    from fluid_ops.prepare import prepare
+    cfg = resolve_config(args.config, **_parse_overrides(args.set))
+    ds = _dataset(args.data, image_size=cfg.image_size, seed=args.seed)
+    if getattr(ds, "prepared", False):
+        raise SystemExit(f"--data: {args.data!r} is already a prepared cache")
+    flip = args.data != "shapes" if args.flip is None else args.flip  # shapes captions name left / right
+    device = None if args.device == "auto" else _device(args.device)
+    try:
+        out = prepare(ds, args.out, cfg, flip=flip, batch_size=args.batch_size, samples_per_shard=args.shard_size,
+                      limit=args.limit, device=device, progress=not args.no_progress, num_workers=args.workers,
+                      collate_fn=getattr(ds, "collate", None))
+    finally:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if int(os.environ.get("RANK", "0")) == 0:
+        meta = json.loads((Path(out) / "prepared.json").read_text())
+        print(f"prepared {meta['n']} samples ({meta['views']} view(s), tokens {meta['token_shape']}, text dim "
+              f"{meta['text_dim']}) in {len(meta['shards'])} shards in {out} ({meta['seconds']} s)")
+    return 0
+
+
+def cmd_consolidate(args) -> int:
+    from fluid_ops.distributed import consolidate
+    out = consolidate(args.ckpt, args.out)
+    print(f"wrote {out}")
     return 0
 
 
@@ -239,8 +287,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="shapes", help="'shapes' (synthetic) or a folder of img.png + img.txt")
     p.add_argument("--out", required=True, help="run folder: checkpoint.pt, history.json, loss.png")
     p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard parameters, gradients and AdamW state with FSDP2 (default: DDP)")
+    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "none"),
+                   help="bf16 autocast (auto: on CUDA only)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0: no clipping)")
     _add_common(p)
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("prepare", help="encode a data set once: shards of cached tokens and text-encoder outputs")
+    p.add_argument("--config", default="tiny", help="the model config the cache is for (tokenizer, text encoder)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
+    p.add_argument("--data", default="shapes", help="'shapes', a folder of img.png + img.txt, or .tar shards")
+    p.add_argument("--out", required=True, help="folder for shard-*.tar + prepared.json")
+    p.add_argument("--limit", type=int, default=None, help="encode the first N samples only")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--flip", dest="flip", action="store_true", default=None,
+                   help="also cache the left-right flipped image (default: on, off for 'shapes')")
+    p.add_argument("--no-flip", dest="flip", action="store_false")
+    _add_common(p)
+    p.set_defaults(fn=cmd_prepare)
+
+    p = sub.add_parser("consolidate", help="an FSDP run folder -> one checkpoint.pt for generate / evaluate")
+    p.add_argument("--ckpt", required=True, help="FSDP training run folder")
+    p.add_argument("--out", default=None, help="default: RUN/checkpoint.pt")
+    p.set_defaults(fn=cmd_consolidate)
 
     p = sub.add_parser("generate", help="prompts -> PNG grid")
     p.add_argument("--ckpt", required=True, help="training run folder or checkpoint file")

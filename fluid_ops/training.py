@@ -19,6 +19,10 @@ Why a resumed run is bit-identical to an uninterrupted one (fp32, deterministic 
   for any module that still uses them, e.g. dropout) are restored as they were at that step;
 * the DataLoader gets its own generator, so creating one does not advance the global RNG.
 A run killed at any moment resumes from its last checkpoint: at most `ckpt_every` steps lost.
+
+Under `torchrun` the same loop runs data-parallel (DDP, or FSDP2 with `fsdp=True`): `batch_size`
+is then the global batch, split evenly over the ranks; see `fluid_ops.distributed` for why N
+ranks give the one-process run and how checkpoints are written there.
 """
 from __future__ import annotations
 
@@ -41,6 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fluid_ops import distributed as D
 from fluid_ops.checkpoint import (CheckpointError, _check_payload, load_checkpoint, previous_path,
                                   remove_stale_temporaries, save_checkpoint)
 
@@ -381,7 +386,8 @@ def train(model: nn.Module, dataset, *, out_dir, steps: int | None = None, minut
           betas=(0.9, 0.95), grad_clip: float | None = 1.0, ema_decay: float = 0.999, ckpt_every: int = 500,
           seed: int = 0, device=None, amp: str = "auto", num_workers: int = 0, progress: bool = True,
           resume: bool = True, log_every: int = 10, callback: Callable[[StepInfo], Any] | None = None,
-          collate_fn: Callable | None = None, tokenizer_fit_images: int = TOKENIZER_FIT_IMAGES) -> TrainResult:
+          collate_fn: Callable | None = None, tokenizer_fit_images: int = TOKENIZER_FIT_IMAGES,
+          fsdp: bool = False) -> TrainResult:
     """Train `model` on `dataset` (items `(image (3,H,W), caption)`), writing to `out_dir`:
     `checkpoint.pt` (+ `checkpoint.prev.pt`) every `ckpt_every` steps and at the end,
     `history.json` and `loss.png`.
@@ -402,6 +408,11 @@ def train(model: nn.Module, dataset, *, out_dir, steps: int | None = None, minut
     callback: called with a `StepInfo` every `log_every` steps; returning True stops training.
     collate_fn: batches list of items -> (images, captions); default `default_collate`.
     tokenizer_fit_images: how many training images `model.fit_tokenizer` sees (discrete variant).
+    fsdp: shard parameters, gradients and optimizer state with FSDP2 (needs a process group:
+        launch with torchrun); checkpoints are then torch.distributed.checkpoint folders.
+
+    Under torchrun (or any initialised process group) `batch_size` is the global batch: it must
+    divide by the number of ranks, each rank trains on its slice, rank 0 writes the files.
 
     Non-finite loss or gradient norm: training stops with FloatingPointError naming the step
     (checked every `log_every` steps and before each checkpoint, so no checkpoint holds a
@@ -413,17 +424,44 @@ def train(model: nn.Module, dataset, *, out_dir, steps: int | None = None, minut
               log_every=log_every, callback=callback)
     t_call = time.monotonic()
     deadline = t_call + 60.0 * minutes if minutes is not None else None
+    ctx, device = D.setup(device, fsdp=fsdp)
     device = _resolve_device(device)
+    if fsdp and not ctx.enabled:
+        raise ValueError("fsdp=True needs a process group: launch with torchrun (torchrun --nproc_per_node N "
+                         "-m fluid_ops train ... --fsdp; --nproc_per_node 1 works too)")
+    if batch_size % ctx.world_size:
+        raise ValueError(f"batch_size: the global batch {batch_size} must be divisible by the number of ranks "
+                         f"({ctx.world_size})")
+    local_batch = batch_size // ctx.world_size
+    split = ctx.world_size > 1
+    if split and not getattr(model, "supports_batch_slice", False) and ctx.is_main:
+        warnings.warn(f"{type(model).__name__} does not draw its randomness per global batch (no "
+                      "supports_batch_slice): each rank draws its own, so this run is statistically, not "
+                      "exactly, the one-process run", stacklevel=2)
     amp_dtype = torch.bfloat16 if amp == "bf16" or (amp == "auto" and device.type == "cuda") else None
     collate_fn = collate_fn or default_collate
     n_data = len(dataset)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / CHECKPOINT_NAME
+    dcp_dir = D.latest_dcp_dir(out_dir)
 
     # -- where do we start? --
     state = None
-    if ckpt_path.exists():
+    if fsdp and ckpt_path.exists() and dcp_dir is None:
+        raise CheckpointError(f"{ckpt_path} is a single-file checkpoint of a run without --fsdp; resume it "
+                              "without fsdp, or train with fsdp in another out_dir")
+    if not fsdp and dcp_dir is not None:
+        raise CheckpointError(f"{out_dir} holds an FSDP checkpoint ({dcp_dir.name}): resume it with fsdp=True "
+                              "(--fsdp), or write a single file with fluid_ops.distributed.consolidate "
+                              "(fluid-ops consolidate) for generate / evaluate")
+    if fsdp:
+        if dcp_dir is not None:
+            if not resume:
+                raise FileExistsError(f"{dcp_dir} exists and resume=False: pass resume=True to continue that "
+                                      "run, or choose another out_dir (nothing was overwritten)")
+            state = D.load_dcp_meta(dcp_dir)
+    elif ckpt_path.exists():
         if not resume:
             raise FileExistsError(f"{ckpt_path} exists and resume=False: pass resume=True to continue that run, "
                                   "or choose another out_dir (nothing was overwritten)")
@@ -432,9 +470,10 @@ def train(model: nn.Module, dataset, *, out_dir, steps: int | None = None, minut
         raise CheckpointError(f"{ckpt_path} is missing but {previous_path(ckpt_path)} exists: the run's "
                               f"latest checkpoint was removed. To resume from the previous one, copy it to "
                               f"{ckpt_path}; to start over, use another out_dir")
-    remove_stale_temporaries(ckpt_path)
-    for leftover in (*out_dir.glob(".history.json.*.tmp"), *out_dir.glob(".loss.png.*.tmp.png")):
-        leftover.unlink(missing_ok=True)  # from a killed run
+    if ctx.is_main:
+        remove_stale_temporaries(ckpt_path)
+        for leftover in (*out_dir.glob(".history.json.*.tmp"), *out_dir.glob(".loss.png.*.tmp.png")):
+            leftover.unlink(missing_ok=True)  # from a killed run
     config = _config_dict(model)
     _check_payload(config, "model.config")  # fail now, not at the first checkpoint
     was_training = model.training
@@ -447,12 +486,17 @@ def train(model: nn.Module, dataset, *, out_dir, steps: int | None = None, minut
             if not callable(fit):
                 raise TypeError("model.needs_tokenizer_fit is True but the model has no fit_tokenizer(images)")
             fit(_tokenizer_fit_images(dataset, tokenizer_fit_images, seed, collate_fn, device))
+        if ctx.rank > 0:  # the same fit on every rank, then distinct global RNGs (e.g. dropout)
+            _seed_everything(_derive_seed(seed, f"rank{ctx.rank}", 0))
     else:
         if state.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(f"{ckpt_path}: checkpoint format {state.get('format')!r}, this version reads "
                                   f"{CHECKPOINT_FORMAT}")
         _check_config(state["config"], config, ckpt_path)
-        model.load_state_dict(state["model"], strict=True)
+        if not fsdp:
+            model.load_state_dict(state["model"], strict=True)
+    # DDP (any process group) or FSDP2; `fwd` is what the loop calls, `model` the plain module
+    fwd = D.wrap_model(model, ctx, device, fsdp=fsdp) if ctx.enabled else model
 
     trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     params = [p for _, p in trainable]
@@ -466,10 +510,14 @@ def train(model: nn.Module, dataset, *, out_dir, steps: int | None = None, minut
         step, epoch, index, elapsed_before = 0, 0, 0, 0.0
         history = {k: [] for k in _HISTORY_KEYS}
     else:
-        opt.load_state_dict(state["optimizer"])
+        if fsdp:  # every rank reads its (resharded) part of model, AdamW state and EMA
+            ema = {name: p.detach().float().clone() for name, p in trainable}
+            D.load_dcp_checkpoint(dcp_dir, model, opt, ema)
+        else:
+            opt.load_state_dict(state["optimizer"])
+            ema = {name: state["ema"][name].to(device=device, dtype=torch.float32).clone() for name, _ in trainable}
         for g, wd in zip(opt.param_groups, (weight_decay, 0.0)):  # this call's hyperparameters win
             g["weight_decay"], g["betas"] = wd, tuple(betas)
-        ema = {name: state["ema"][name].to(device=device, dtype=torch.float32).clone() for name, _ in trainable}
         step = int(state["step"])
         epoch, index = int(state["data"]["epoch"]), int(state["data"]["index"])
         if int(state["data"]["seed"]) != seed:
@@ -481,20 +529,23 @@ def train(model: nn.Module, dataset, *, out_dir, steps: int | None = None, minut
             epoch, index = (epoch + 1, 0) if index >= n_data else (epoch, index)
         elapsed_before = float(state["elapsed_s"])
         history = {k: list(state["history"][k]) for k in _HISTORY_KEYS}
-        _set_rng_state(state["rng"])
+        per_rank = state.get("rng_per_rank") or [state["rng"]]
+        if ctx.rank < len(per_rank):
+            _set_rng_state(per_rank[ctx.rank])
+        else:  # more ranks than the run had: a fresh, distinct global RNG for this one
+            _seed_everything(_derive_seed(seed, f"rank{ctx.rank}", step))
     ema_names = [name for name, _ in trainable]
     ema_list = [ema[name] for name in ema_names]
     del state
 
     def save():
-        bad = [name for name, p in trainable if not bool(torch.isfinite(p).all())]
-        if bad:
+        bad = [name for name, p in trainable if not bool(torch.isfinite(D.local_tensor(p)).all())]
+        if D.any_rank(ctx, bool(bad)):
             raise FloatingPointError(f"parameters {bad[:5]} are not finite at step {step}; checkpoint not written, "
                                      f"the last good one ({ckpt_path}) is kept")
-        ema_full = _ema_state_dict(model, ema)  # frozen parameters and buffers share storage with "model"
+        rng_all = D.all_gather_object(ctx, _rng_state()) if ctx.enabled else None
         payload = {"format": CHECKPOINT_FORMAT, "step": step,
                    "data": {"epoch": epoch, "index": index, "dataset_len": n_data, "seed": seed},
-                   "model": model.state_dict(), "ema": ema_full, "optimizer": opt.state_dict(),
                    "lr_schedule": {"kind": "linear_warmup_constant", "base_lr": float(lr),
                                    "warmup_steps": int(warmup_steps), "step": step},
                    "rng": _rng_state(), "config": config,
@@ -504,8 +555,19 @@ def train(model: nn.Module, dataset, *, out_dir, steps: int | None = None, minut
                                   "weight_decay": float(weight_decay), "betas": [float(b) for b in betas],
                                   "grad_clip": None if grad_clip is None else float(grad_clip),
                                   "ema_decay": float(ema_decay), "seed": seed, "amp": amp}}
-        save_checkpoint(payload, ckpt_path)
-        _write_history(history, out_dir)
+        if ctx.enabled:
+            payload["world_size"] = ctx.world_size
+            payload["rng_per_rank"] = rng_all
+        if fsdp:
+            D.save_dcp_checkpoint(ctx, out_dir, step, model, opt, ema, payload)
+        elif ctx.is_main:
+            # frozen parameters and buffers of the EMA state dict share storage with "model"
+            payload.update({"model": model.state_dict(), "ema": _ema_state_dict(model, ema),
+                            "optimizer": opt.state_dict()})
+            save_checkpoint(payload, ckpt_path)
+        if ctx.is_main:
+            _write_history(history, out_dir)
+        ctx.barrier()
         return step
 
     t_start = time.monotonic()
@@ -521,14 +583,15 @@ def train(model: nn.Module, dataset, *, out_dir, steps: int | None = None, minut
 
     # -- data: a resumable, deterministic stream of full batches --
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=_BatchStream(n_data, batch_size, seed, epoch, index), collate_fn=collate_fn,
+        dataset, batch_sampler=D.RankSlicedBatches(_BatchStream(n_data, batch_size, seed, epoch, index), ctx),
+        collate_fn=collate_fn,
         num_workers=num_workers, pin_memory=device.type == "cuda",
         generator=torch.Generator().manual_seed(_derive_seed(seed, "loader", step)))
     batches = iter(loader)
 
     from tqdm.auto import tqdm
     bar = tqdm(total=steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr,
-               disable=True if not progress else None, desc="train")
+               disable=True if not progress or not ctx.is_main else None, desc="train")
     step_generator = torch.Generator(device=device)
     autocast = (torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None
                 else contextlib.nullcontext())
@@ -551,7 +614,7 @@ def train(model: nn.Module, dataset, *, out_dir, steps: int | None = None, minut
         if not pending:
             return False
         k = len(pending)
-        losses = torch.stack(pending_loss).tolist()
+        losses = D.all_reduce_mean(ctx, torch.stack(pending_loss)).tolist()  # the global batch's mean
         gnorms = torch.stack(pending_gnorm).tolist() if pending_gnorm else [None] * k
         pending_loss.clear()
         pending_gnorm.clear()
@@ -572,7 +635,7 @@ def train(model: nn.Module, dataset, *, out_dir, steps: int | None = None, minut
         if callback is not None:
             info = StepInfo(step=history["step"][-1], loss=sum(losses) / k, lr=history["lr"][-1],
                             elapsed_s=history["time"][-1], model=model)
-            return bool(callback(info))
+            return D.any_rank(ctx, bool(callback(info)))
         return False
 
     try:
@@ -583,8 +646,13 @@ def train(model: nn.Module, dataset, *, out_dir, steps: int | None = None, minut
             for g in opt.param_groups:
                 g["lr"] = cur_lr
             step_generator.manual_seed(_derive_seed(seed, "step", step))
+            kw = {}
+            if split and getattr(model, "supports_batch_slice", False):
+                kw["batch_slice"] = (ctx.rank * local_batch, batch_size)  # draw for the global batch
+            elif split:
+                step_generator.manual_seed(_derive_seed(seed, f"step/rank{ctx.rank}", step))
             with autocast:
-                loss = model(images, captions, generator=step_generator)
+                loss = fwd(images, captions, generator=step_generator, **kw)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.is_floating_point():
                 got = (f"a {loss.dtype} tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor)
                        else type(loss).__name__)
@@ -596,7 +664,8 @@ def train(model: nn.Module, dataset, *, out_dir, steps: int | None = None, minut
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip is not None:
-                pending_gnorm.append(nn.utils.clip_grad_norm_(params, grad_clip))
+                gnorm = nn.utils.clip_grad_norm_(params, grad_clip)  # a DTensor under FSDP2
+                pending_gnorm.append(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
             opt.step()
             with torch.no_grad():
                 torch._foreach_lerp_(ema_list, ema_sources if ema_sources_fp32 else [p.float() for p in ema_sources],
@@ -609,7 +678,7 @@ def train(model: nn.Module, dataset, *, out_dir, steps: int | None = None, minut
 
             if steps is not None and step >= steps:
                 stopped_by = "steps"
-            elif deadline is not None and time.monotonic() >= deadline:
+            elif deadline is not None and D.any_rank(ctx, time.monotonic() >= deadline):
                 stopped_by = "minutes"
             checkpoint_due = stopped_by is not None or step % ckpt_every == 0
             if len(pending) == log_every or checkpoint_due:

@@ -19,6 +19,22 @@ def _pil():
     return Image
 
 
+def _to_tensor(im, size: int | None) -> torch.Tensor:
+    """A PIL image -> float32 (3, H, W) in [0, 1], RGB; with `size`, centre-cropped to a square
+    and resized to size x size (Lanczos)."""
+    Image = _pil()
+    im = im.convert("RGB")
+    if size is not None:
+        w, h = im.size
+        s = min(w, h)
+        left, top = (w - s) // 2, (h - s) // 2
+        im = im.crop((left, top, left + s, top + s))
+        if s != size:
+            im = im.resize((size, size), Image.LANCZOS)
+    arr = np.asarray(im, dtype=np.float32) / 255.0
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
 class ImageCaptionFolder(torch.utils.data.Dataset):
     """`ds[i] -> (image, caption)` from the image files of `root` (sorted by name; suffixes
     IMAGE_SUFFIXES) and, for each, the caption file with the same stem and `.txt`.
@@ -54,19 +70,9 @@ class ImageCaptionFolder(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, index) -> tuple[torch.Tensor, str]:
-        Image = _pil()
-        path = self.images[index]
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            if self.size is not None:
-                w, h = im.size
-                s = min(w, h)
-                left, top = (w - s) // 2, (h - s) // 2
-                im = im.crop((left, top, left + s, top + s))
-                if s != self.size:
-                    im = im.resize((self.size, self.size), Image.LANCZOS)
-            arr = np.asarray(im, dtype=np.float32) / 255.0
-        return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1))), self.captions[index]
+        with _pil().open(self.images[index]) as im:
+            image = _to_tensor(im, self.size)
+        return image, self.captions[index]
 
     def __repr__(self) -> str:
         return f"ImageCaptionFolder({str(self.root)!r}, size={self.size}, n={len(self)})"

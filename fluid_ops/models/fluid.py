@@ -55,6 +55,7 @@ import torch.nn.functional as F
 import fluid_ops
 from fluid_ops.models.mar import DiffLoss
 from fluid_ops.nn.diffusion import diffusion_loss
+from fluid_ops.nn.prepared import PreparedText, PreparedTokens
 from fluid_ops.nn.text import build_text_encoder
 from fluid_ops.nn.tokenizers import build_tokenizer
 from fluid_ops.nn.transformer import Transformer, check_attention_shape
@@ -250,7 +251,21 @@ def _progress(iterable, enabled: bool, desc: str):
 
 class Fluid(nn.Module):
     """Text-to-image autoregressive model (see the module docstring). `Fluid(config, **overrides)`:
-    a name from CONFIGS (default "tiny") or a FluidConfig, with any field overridden by keyword."""
+    a name from CONFIGS (default "tiny") or a FluidConfig, with any field overridden by keyword.
+
+    Data-parallel training (`fluid_ops.distributed`): `forward(..., batch_slice=(start, total))`
+    draws every random number for a batch of `total` rows and uses rows [start, start + B), so
+    ranks holding the slices of a global batch see exactly the draws of one process holding all
+    of it. Pre-encoded inputs (`fluid-ops prepare`): `forward(PreparedTokens, PreparedText)`;
+    with two cached views per image, the view is drawn first, one per row."""
+
+    supports_batch_slice = True
+
+    @property
+    def ddp_find_unused_parameters(self) -> bool:
+        """True when a training step leaves a trainable parameter unused (no text dropout: the
+        null embedding), so DDP must look for unused parameters (fluid_ops.distributed)."""
+        return not self.config.text_drop_prob > 0
 
     def __init__(self, config: FluidConfig | str = "tiny", **overrides):
         super().__init__()
@@ -376,10 +391,14 @@ class Fluid(nn.Module):
         return list(captions)
 
     # ---- text ------------------------------------------------------------------------------
-    def encode_text(self, captions: list[str], drop: torch.Tensor | None = None):
+    def encode_text(self, captions: list[str] | PreparedText, drop: torch.Tensor | None = None):
         """(context (B, Nt, W), mask (B, Nt) bool, pooled (B, W) or None). Rows where `drop` is
-        True get the null text: the learned vector as a one-token text."""
-        emb, mask = self.text_encoder.encode(captions, device=self.device)
+        True get the null text: the learned vector as a one-token text. `captions` may be the
+        frozen encoder's cached output (PreparedText)."""
+        if isinstance(captions, PreparedText):
+            emb, mask = captions.emb.to(self.device), captions.mask.to(self.device)
+        else:
+            emb, mask = self.text_encoder.encode(captions, device=self.device)
         x = self.text_aligner(self.text_proj(emb.to(self.text_proj.weight.dtype)), key_padding_mask=mask)
         if drop is not None:
             null_ctx, null_mask = self.null_context(x.shape[0], x.shape[1])
@@ -426,22 +445,35 @@ class Fluid(nn.Module):
             r = c.mask_ratio_min + (1.0 - c.mask_ratio_min) * u
         return min(self.seq_len, max(1, int(math.ceil(self.seq_len * r))))
 
-    def _outputs(self, images, captions, generator):
+    def _outputs(self, images, captions, generator, batch_slice=None):
         """The transformer's outputs and what the head needs, before the head:
         (z (B, L, W), tokens (B, L, C) or (B, L), index (B, M) of the positions to predict or None
-        for all). Draws, in order: the generation orders and the mask ratio (random order), the
-        text dropout."""
+        for all). Draws, in order: the view of each image (prepared inputs with 2 views), the
+        generation orders and the mask ratio (random order), the text dropout; each for `total`
+        rows of which rows [start, start + B) are used (batch_slice; default: all B)."""
         c = self.config
-        tokens = self.tokenizer.encode(images.to(self.device))
+        if isinstance(images, PreparedTokens):
+            tokens = images.tokens.to(self.device)
+        else:
+            tokens = self.tokenizer.encode(images.to(self.device))
         b = tokens.shape[0]
+        start, total = (0, b) if batch_slice is None else batch_slice
+        rows = slice(start, start + b)
+        if isinstance(images, PreparedTokens):
+            if tokens.shape[1] > 1:  # flip augmentation: one cached view per row
+                view = torch.randint(0, tokens.shape[1], (total,), generator=generator,
+                                     device=generator.device if generator is not None else "cpu")[rows]
+                tokens = tokens[torch.arange(b, device=self.device), view.to(self.device)]
+            else:
+                tokens = tokens[:, 0]
         index = None
         if c.order == "random":
-            orders = schedules.random_orders(b, self.seq_len, generator=generator).to(self.device)
+            orders = schedules.random_orders(total, self.seq_len, generator=generator)[rows].to(self.device)
             num_masked = self._draw_mask_count(generator)
             index = orders[:, :num_masked]            # the masked tokens are a prefix of the order
         drop = None
         if self.training and c.text_drop_prob > 0:
-            drop = schedules.null_condition_mask(b, c.text_drop_prob, generator=generator).to(self.device)
+            drop = schedules.null_condition_mask(total, c.text_drop_prob, generator=generator)[rows].to(self.device)
         ctx, cmask, pooled = self.encode_text(captions, drop)
         x = self._embed_tokens(tokens)
         if c.order == "random":
@@ -492,18 +524,55 @@ class Fluid(nn.Module):
                               noise=noise.to(z.dtype), schedule=self.head.train_schedule,
                               checkpoint=self.config.grad_checkpointing and self.training)
 
-    def forward(self, images: torch.Tensor, captions: list[str], *,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-        """Training loss (scalar): images (B, 3, H, W) in [0, 1], one caption per image. Random
-        order: the loss of the masked tokens only (the head runs on them alone); raster: of all."""
-        self._check_images("forward", images)
-        captions = self._check_captions("forward", captions, images.shape[0])
+    def forward(self, images: torch.Tensor | PreparedTokens, captions: list[str] | PreparedText, *,
+                generator: torch.Generator | None = None, batch_slice: tuple[int, int] | None = None) -> torch.Tensor:
+        """Training loss (scalar): images (B, 3, H, W) in [0, 1], one caption per image (or their
+        cached encodings, PreparedTokens / PreparedText). Random order: the loss of the masked
+        tokens only (the head runs on them alone); raster: of all. batch_slice: see the class."""
+        if isinstance(images, PreparedTokens):
+            self._check_prepared(images, captions)
+        else:
+            self._check_images("forward", images)
+            captions = self._check_captions("forward", captions, images.shape[0])
+        b = images.shape[0]
+        if batch_slice is not None:
+            ok = (isinstance(batch_slice, (tuple, list)) and len(batch_slice) == 2
+                  and all(isinstance(v, int) for v in batch_slice)
+                  and 0 <= batch_slice[0] and batch_slice[0] + b <= batch_slice[1])
+            if not ok:
+                raise ValueError(f"Fluid.forward: batch_slice must be (start, total) ints with 0 <= start and "
+                                 f"start + {b} (this batch) <= total, got {batch_slice!r}")
+            batch_slice = (int(batch_slice[0]), int(batch_slice[1]))
         if self.needs_tokenizer_fit:
             raise RuntimeError("Fluid.forward: the discrete variant's k-means tokenizer is not fitted; call "
                                "model.fit_tokenizer(images) first (or load a checkpoint)")
-        z, tokens, index = self._outputs(images, captions, generator)
+        z, tokens, index = self._outputs(images, captions, generator, batch_slice)
         zs, targets = self._select(z, tokens, index)
-        return self.head_loss(zs, targets, generator)
+        t = noise = None
+        if batch_slice is not None and self.config.token_kind == "continuous":
+            start, total = batch_slice
+            per_row = zs.shape[0] // b                # masked tokens per image (or all L)
+            t, noise = self.draw_head_inputs(total * per_row, generator)
+            mul = self.config.diffusion_batch_mul    # draw j*rows + i: view (mul, total, per_row)
+            t = t.view(mul, total, per_row)[:, start:start + b].reshape(-1)
+            noise = noise.view(mul, total, per_row, -1)[:, start:start + b].reshape(-1, noise.shape[-1])
+        return self.head_loss(zs, targets, generator, t=t, noise=noise)
+
+    def _check_prepared(self, tokens: PreparedTokens, text):
+        if self.config.token_kind != "continuous":
+            raise ValueError("Fluid.forward: prepared (cached) tokens are supported for continuous tokens only; "
+                             f"this model's token_kind is {self.config.token_kind!r}")
+        want = (self.seq_len, self.token_dim)
+        if tuple(tokens.shape[2:]) != want:
+            raise ValueError(f"Fluid.forward: prepared tokens have shape {tuple(tokens.shape)}, this model needs "
+                             f"(B, views, {want[0]}, {want[1]}): the cache was prepared for another tokenizer "
+                             "or image size")
+        if not isinstance(text, PreparedText) or len(text) != len(tokens):
+            raise ValueError("Fluid.forward: with PreparedTokens, captions must be PreparedText of the same batch, "
+                             f"got {type(text).__name__}")
+        if text.emb.shape[-1] != self.text_encoder.dim:
+            raise ValueError(f"Fluid.forward: prepared text embeddings have dim {text.emb.shape[-1]}, this model's "
+                             f"text encoder {self.config.text_encoder!r} gives {self.text_encoder.dim}")
 
     # ---- sampling --------------------------------------------------------------------------
     def _check_sampling_args(self, prompts, num_iter, cfg, cfg_schedule, temperature, num_diffusion_steps):
