@@ -45,7 +45,10 @@ box centre; a triangle's centroid sits r/3 below it, which would blur the grid c
         inscribed in its box is at least MIN_IOU[shape]; ragged noise blobs and clusters of
         patches (an L of three squares is no circle) fall below;
      d. its mean colour is within MAX_COLOUR_DISTANCE of the (scaled) palette colour: a mixture
-        of colours is no palette colour.
+        of colours is no palette colour;
+     e. the objects of a colour gather that colour: the kept components of palette class k,
+        with their 1-px rings, hold at least MIN_GATHERED of all strong pixels of class k in
+        the image. A shape is drawn whole; one lucky blob among scattered patches is not.
    The numbers come from measurements on renders (clean, blurred, noisy, dim; 32 and 64 px) vs
    the noise images of tests/test_eval_noise.py (see the constants' comments).
 """
@@ -74,6 +77,9 @@ MIN_PURITY = 0.8          # interior pixels of the object's colour class (render
                           # in the worst condition, median 1.0; mixed pixel noise: 99% quantile 0.65)
 MIN_IOU = {"circle": 0.75, "square": 0.78, "triangle": 0.55}  # outline vs the ideal shape
                           # (renders 1% quantiles 0.78 / 0.78 / 0.55; patch clusters: medians 0.5-0.7)
+MIN_GATHERED = 0.7        # of a colour's strong pixels, the kept objects of that colour (and their
+                          # 1-px rings) must hold at least this (renders: ~1; scattered patches:
+                          # one passing blob among 4-12 patches holds a small part)
 MAX_COLOUR_DISTANCE = 0.2  # object colour vs the scaled palette colour (renders: max 0.11;
                           # mixed pixel noise: 5% quantile 0.19, median 0.34)
 _PALETTE = np.array([COLOURS[c] for c in _PALETTE_NAMES], np.float64)
@@ -273,6 +279,7 @@ def detect(image, *, threshold: float = 0.35, min_area: float = 0.006, debug: li
     # Per-pixel colour class (step 7): strong pixels only, -1 elsewhere.
     pix_class = np.where(s > threshold, _pixel_classes(img, background), -1)
     side = min(h, w)
+    held = np.zeros((h, w), bool)  # pixels of kept components and their rings
     out = []
     for lab in kept:
         comp = labels == lab
@@ -319,10 +326,17 @@ def detect(image, *, threshold: float = 0.35, min_area: float = 0.006, debug: li
             debug.append((lab, shape, _PALETTE_NAMES[k], bw, bh, feats))
         if purity < MIN_PURITY or iou < MIN_IOU[shape] or dist > MAX_COLOUR_DISTANCE:
             continue
+        held[Y0:Y1, X0:X1] |= grown
         out.append(Detection(
             shape=shape, colour=_PALETTE_NAMES[k],
             cx=float((x0 + x1) / 2 / w), cy=float((y0 + y1) / 2 / h),
             width=float(bw / w), height=float(bh / h), area=float(m00 / (h * w)),
             colour_distance=dist, skew=skew, corner=corner))
+    if out:  # step 7e
+        strong = pix_class[pix_class >= 0]
+        inside = pix_class[held & (pix_class >= 0)]
+        total, got = np.bincount(strong, minlength=len(_PALETTE)), np.bincount(inside, minlength=len(_PALETTE))
+        ok = {_PALETTE_NAMES[k] for k in range(len(_PALETTE)) if got[k] >= MIN_GATHERED * total[k]}
+        out = [d for d in out if d.colour in ok]
     out.sort(key=lambda d: -d.area)
     return out
