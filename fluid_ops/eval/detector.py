@@ -253,7 +253,9 @@ def detect(image, *, threshold: float = 0.35, min_area: float = 0.006, debug: li
     threshold: foreground strength (max channel distance from the background) that counts as
     an object. min_area: components smaller than this fraction of the image are dropped as
     specks (the smallest shape the generator draws covers ~3%). Returns detections sorted
-    by area, largest first.
+    by area, largest first. debug: a list that receives (label, shape, colour, box width,
+    box height, {purity, iou, colour_distance}) for every component that reaches step 7b
+    (accepted or not), to measure the step 7 rules.
     """
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold: expected a float in (0, 1), got {threshold!r}")
