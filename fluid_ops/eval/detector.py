@@ -29,6 +29,29 @@ Steps, and why each is there:
    dim; plain nearest-RGB calls a dim yellow red and a dim cyan green).
 Centre and size come from the component's bounding box (the generator places a shape by its
 box centre; a triangle's centroid sits r/3 below it, which would blur the grid cells).
+7. Only compact filled shapes are objects. Steps 3-6 read a shape into any blob, and a broken
+   model's samples are blobs without shape: pixel noise (every pixel independently black or a
+   saturated colour, the prompt's colour more often) smooths into large ragged components whose
+   moments look square and whose mean colour is the favoured one, so noise scored ~0.5. A
+   component is kept only if
+     a. its box is at least MIN_SIDE and at most MAX_SIDE of the image on both sides (the
+        generator's shapes are 8-14 px across at size 32: radius 4-7) and at most MAX_ASPECT
+        long for its width (every shape fills a 2r x 2r box);
+     b. it is filled with one colour: of its interior pixels (the component eroded by 1 px, away
+        from the anti-aliased edge) at least MIN_PURITY are strong (s > threshold, unsmoothed) and
+        of the component's palette class (per-pixel nearest palette colour, same rule as step 6).
+        A filled shape is ~1.0 even blurred and noisy; pixel noise is its own density (<= ~0.7);
+     c. its outline is the shape's: the IoU of the component mask with the ideal classified shape
+        inscribed in its box is at least MIN_IOU[shape]; ragged noise blobs and clusters of
+        patches (an L of three squares is no circle) fall below;
+     d. its mean colour is within MAX_COLOUR_DISTANCE of the (scaled) palette colour: a mixture
+        of colours is no palette colour;
+     e. the objects of a colour gather that colour: the components of palette class k that
+        pass a and b (compact one-colour blobs), with their 1-px rings, hold at least
+        MIN_GATHERED of all strong pixels of class k in the image. A shape is drawn whole; one
+        lucky blob among scattered patches and specks is not.
+   The numbers come from measurements on renders (clean, blurred, noisy, dim; 32 and 64 px) vs
+   the noise images of tests/test_eval_noise.py (see the constants' comments).
 """
 from __future__ import annotations
 
@@ -46,6 +69,21 @@ SQUARE_CORNER = 0.87      # corner ratio above this (and not a triangle): square
 _COLOUR_SCALE = (0.4, 1.25)  # how much dimmer / brighter than the palette an object may be
 _WORK_SIZE = 64           # images larger than this are area-averaged down to [64, 128)
 _PALETTE_NAMES = tuple(COLOURS)
+# Step 7 (numbers: candidate components of 600 renders, 32 + 64 px, clean / blur 1 px + noise
+# 0.1 / dim 0.6 + blur + noise, vs the noise images of tests/test_eval_noise.py):
+MIN_SIDE = 0.15           # box side >= this fraction of the image (renders: min 0.156 = 5 px at 32)
+MAX_SIDE = 0.6            # ... and <= this (renders: max 0.5; radius 7 + blur; noise blobs reach 1.0)
+MAX_ASPECT = 1.4          # longer / shorter box side <= this (every shape fills a 2r x 2r box)
+MIN_PURITY = 0.8          # interior pixels of the object's colour class (renders: 1% quantile 0.78
+                          # in the worst condition, median 1.0; mixed pixel noise: 99% quantile 0.65)
+MIN_IOU = {"circle": 0.7, "square": 0.72, "triangle": 0.45}  # outline vs the ideal shape (renders:
+                          # 1% quantiles 0.78 / 0.78 / 0.55, minima 0.69 / 0.67 / 0.47 (small blurred
+                          # triangles lose their apex); patch clusters: medians 0.5-0.7)
+MIN_GATHERED = 0.7        # of a colour's strong pixels, its compact blobs (7a + 7b, with their
+                          # 1-px rings) must hold at least this (renders: ~1; scattered patches:
+                          # one passing blob among 4-12 patches holds a small part)
+MAX_COLOUR_DISTANCE = 0.2  # object colour vs the scaled palette colour (renders: max 0.11;
+                          # mixed pixel noise: 5% quantile 0.19, median 0.34)
 _PALETTE = np.array([COLOURS[c] for c in _PALETTE_NAMES], np.float64)
 
 
@@ -164,19 +202,60 @@ def _nearest_colour(mean_rgb: np.ndarray, background: np.ndarray) -> tuple[int, 
     return k, float(dist[k])
 
 
+def _pixel_classes(img: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """(H, W) palette index of every pixel, by the same scaled-offset rule as _nearest_colour."""
+    v = (img - background[:, None, None]).reshape(3, -1)
+    q = _PALETTE - background[None, :]
+    alpha = np.clip((q @ v) / (q * q).sum(axis=1)[:, None], _COLOUR_SCALE[0], _COLOUR_SCALE[1])
+    d2 = ((v[None, :, :] - alpha[:, None, :] * q[:, :, None]) ** 2).sum(axis=1)
+    return d2.argmin(axis=0).reshape(img.shape[1:])
+
+
+def _erode(c: np.ndarray) -> np.ndarray:
+    """4-neighbour erosion (pixels outside the array count as outside)."""
+    e = c.copy()
+    e[1:] &= c[:-1]; e[:-1] &= c[1:]; e[:, 1:] &= c[:, :-1]; e[:, :-1] &= c[:, 1:]
+    e[0] = e[-1] = False
+    e[:, 0] = e[:, -1] = False
+    return e
+
+
+def _template_iou(shape: str, c: np.ndarray, y0: int, y1: int, x0: int, x1: int) -> float:
+    """IoU of the binary component mask c with the ideal `shape` inscribed in its box
+    [y0, y1) x [x0, x1) (window coordinates), the template's coverage sampled 4x4 per pixel."""
+    h, w = c.shape
+    ss = 4
+    ys = (np.arange(h * ss) + 0.5) / ss
+    xs = (np.arange(w * ss) + 0.5) / ss
+    cx, cy, rx, ry = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
+    u = (xs[None, :] - cx) / rx
+    v = (ys[:, None] - cy) / ry
+    if shape == "circle":
+        inside = u * u + v * v <= 1
+    elif shape == "square":
+        inside = (np.abs(u) <= 1) & (np.abs(v) <= 1)
+    else:  # apex-up triangle
+        inside = (v <= 1) & (np.abs(u) <= (v + 1) / 2)
+    cov = inside.reshape(h, ss, w, ss).mean(axis=(1, 3))
+    m = c.astype(np.float64)
+    return float(np.minimum(cov, m).sum() / max(np.maximum(cov, m).sum(), 1e-9))
+
+
 def _classify(skew: float, corner: float) -> str:
     if skew < TRIANGLE_SKEW:
         return "triangle"
     return "square" if corner > SQUARE_CORNER else "circle"
 
 
-def detect(image, *, threshold: float = 0.35, min_area: float = 0.006) -> list[Detection]:
+def detect(image, *, threshold: float = 0.35, min_area: float = 0.006, debug: list | None = None) -> list[Detection]:
     """Objects in one image: (3, H, W) tensor or array in [0, 1], any size >= 8.
 
     threshold: foreground strength (max channel distance from the background) that counts as
     an object. min_area: components smaller than this fraction of the image are dropped as
     specks (the smallest shape the generator draws covers ~3%). Returns detections sorted
-    by area, largest first.
+    by area, largest first. debug: a list that receives (label, shape, colour, box width,
+    box height, {purity, iou, colour_distance}) for every component that reaches step 7b
+    (accepted or not), to measure the step 7 rules.
     """
     if not 0.0 < threshold < 1.0:
         raise ValueError(f"threshold: expected a float in (0, 1), got {threshold!r}")
@@ -201,11 +280,20 @@ def detect(image, *, threshold: float = 0.35, min_area: float = 0.006) -> list[D
     near[1:] |= mask[:-1]; near[:-1] |= mask[1:]; near[:, 1:] |= mask[:, :-1]; near[:, :-1] |= mask[:, 1:]
     floor = _quantile(s[~near], 0.95) if (~near).any() else 0.0
     ys, xs = np.mgrid[0:h, 0:w]
+    # Per-pixel colour class (step 7): strong pixels only, -1 elsewhere.
+    pix_class = np.where(s > threshold, _pixel_classes(img, background), -1)
+    side = min(h, w)
+    held = np.zeros((h, w), bool)  # pixels of kept components and their rings
     out = []
     for lab in kept:
         comp = labels == lab
         cy_idx, cx_idx = np.nonzero(comp)
         y0, y1, x0, x1 = cy_idx.min(), cy_idx.max() + 1, cx_idx.min(), cx_idx.max() + 1
+        bw, bh = x1 - x0, y1 - y0
+        # Step 7a: size and aspect of the box (cheap, before any moment).
+        if (min(bw, bh) < MIN_SIDE * side or max(bw, bh) > MAX_SIDE * side
+                or max(bw, bh) > MAX_ASPECT * min(bw, bh)):
+            continue
         # window: the box grown by one pixel; region: the component plus its 1-px ring,
         # excluding pixels of other components
         Y0, Y1, X0, X1 = max(y0 - 1, 0), min(y1 + 1, h), max(x0 - 1, 0), min(x1 + 1, w)
@@ -230,10 +318,31 @@ def detect(image, *, threshold: float = 0.35, min_area: float = 0.006) -> list[D
         if not core.any():
             core = c
         k, dist = _nearest_colour(img[:, Y0:Y1, X0:X1][:, core].mean(axis=1), background)
+        shape = _classify(skew, corner)
+        # Step 7b: the interior is one colour, filled (purity); 7c: the outline is the shape's.
+        inner = _erode(c)
+        if inner.sum() < 4:
+            inner = c
+        purity = float((pix_class[Y0:Y1, X0:X1][inner] == k).mean())
+        iou = _template_iou(shape, c, y0 - Y0, y1 - Y0, x0 - X0, x1 - X0)
+        feats = {"purity": purity, "iou": iou, "colour_distance": dist}
+        if debug is not None:
+            debug.append((lab, shape, _PALETTE_NAMES[k], bw, bh, feats))
+        if purity < MIN_PURITY:
+            continue
+        held[Y0:Y1, X0:X1] |= grown  # a compact one-colour blob (7a, 7b): counts for 7e
+        if iou < MIN_IOU[shape] or dist > MAX_COLOUR_DISTANCE:
+            continue
         out.append(Detection(
-            shape=_classify(skew, corner), colour=_PALETTE_NAMES[k],
+            shape=shape, colour=_PALETTE_NAMES[k],
             cx=float((x0 + x1) / 2 / w), cy=float((y0 + y1) / 2 / h),
-            width=float((x1 - x0) / w), height=float((y1 - y0) / h), area=float(m00 / (h * w)),
+            width=float(bw / w), height=float(bh / h), area=float(m00 / (h * w)),
             colour_distance=dist, skew=skew, corner=corner))
+    if out:  # step 7e
+        strong = pix_class[pix_class >= 0]
+        inside = pix_class[held & (pix_class >= 0)]
+        total, got = np.bincount(strong, minlength=len(_PALETTE)), np.bincount(inside, minlength=len(_PALETTE))
+        ok = {_PALETTE_NAMES[k] for k in range(len(_PALETTE)) if got[k] >= MIN_GATHERED * total[k]}
+        out = [d for d in out if d.colour in ok]
     out.sort(key=lambda d: -d.area)
     return out
