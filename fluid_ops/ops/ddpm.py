@@ -114,6 +114,26 @@ def _backward(ctx, grad):
 _ddpm_step_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+def _check_step_args(op, x, model_out, noise, table, step, clip_denoised):
+    """The checks ddpm_step and ddpm_step_params share (everything but temperature / cfg)."""
+    check_tensor(op, "x", x, ndim=2, dtypes=FLOAT_DTYPES)
+    n, c = x.shape
+    check_tensor(op, "model_out", model_out, ndim=2, dtypes=FLOAT_DTYPES)
+    if model_out.shape[1] != 2 * c or model_out.shape[0] not in (n, 2 * n):
+        raise ValueError(f"{op}: model_out must have shape ({n}, {2 * c}) or ({2 * n}, {2 * c}) "
+                         f"(eps and variance channels; 2N rows = [cond; uncond] for CFG), got {tuple(model_out.shape)}")
+    check_tensor(op, "noise", noise, shape=(n, c), dtypes=(x.dtype,))
+    check_tensor(op, "table", table, ndim=2, dtypes=(torch.float32,))
+    if table.shape[1] != 6:
+        raise ValueError(f"{op}: table must have shape (S, 6) (DiffusionSchedule.table), got {tuple(table.shape)}")
+    if isinstance(step, torch.Tensor) or not isinstance(step, int):
+        raise TypeError(f"{op}: step must be a Python int, got {type(step).__name__}")
+    if not 0 <= step < table.shape[0]:
+        raise ValueError(f"{op}: step must be in [0, {table.shape[0]}) (rows of table), got {step}")
+    if not isinstance(clip_denoised, bool):
+        raise TypeError(f"{op}: clip_denoised must be a bool, got {type(clip_denoised).__name__}")
+
+
 # ---- public API ---------------------------------------------------------------------------
 def ddpm_step(x: torch.Tensor, model_out: torch.Tensor, noise: torch.Tensor, table: torch.Tensor,
               step: int, *, temperature: float = 1.0, cfg: float = 1.0, clip_denoised: bool = False) -> torch.Tensor:
@@ -127,24 +147,9 @@ def ddpm_step(x: torch.Tensor, model_out: torch.Tensor, noise: torch.Tensor, tab
     (IDDPM's clip_denoised; for tokens that lie in [-1, 1], such as pixel patches: it keeps the
     first steps from t ~ T, where 1/sqrt(alpha_bar) ~ 2e4 amplifies any error in eps, from
     throwing x out of range). Off by default, as MAR samples. Contract: exact."""
-    check_tensor(OP, "x", x, ndim=2, dtypes=FLOAT_DTYPES)
-    n, c = x.shape
-    check_tensor(OP, "model_out", model_out, ndim=2, dtypes=FLOAT_DTYPES)
-    if model_out.shape[1] != 2 * c or model_out.shape[0] not in (n, 2 * n):
-        raise ValueError(f"{OP}: model_out must have shape ({n}, {2 * c}) or ({2 * n}, {2 * c}) "
-                         f"(eps and variance channels; 2N rows = [cond; uncond] for CFG), got {tuple(model_out.shape)}")
-    check_tensor(OP, "noise", noise, shape=(n, c), dtypes=(x.dtype,))
-    check_tensor(OP, "table", table, ndim=2, dtypes=(torch.float32,))
-    if table.shape[1] != 6:
-        raise ValueError(f"{OP}: table must have shape (S, 6) (DiffusionSchedule.table), got {tuple(table.shape)}")
-    if isinstance(step, torch.Tensor) or not isinstance(step, int):
-        raise TypeError(f"{OP}: step must be a Python int, got {type(step).__name__}")
-    if not 0 <= step < table.shape[0]:
-        raise ValueError(f"{OP}: step must be in [0, {table.shape[0]}) (rows of table), got {step}")
+    _check_step_args(OP, x, model_out, noise, table, step, clip_denoised)
     temperature = check_finite_scalar(OP, "temperature", temperature, min_value=0.0)
     cfg = check_finite_scalar(OP, "cfg", cfg)
-    if not isinstance(clip_denoised, bool):
-        raise TypeError(f"{OP}: clip_denoised must be a bool, got {type(clip_denoised).__name__}")
     check_same_device(OP, x=x, model_out=model_out, noise=noise, table=table)
     return torch.ops.fluid_ops.ddpm_step(x, model_out, noise, table, step, temperature, cfg, clip_denoised)
 
@@ -189,21 +194,8 @@ def ddpm_step_params(x: torch.Tensor, model_out: torch.Tensor, noise: torch.Tens
     nothing in the call depends on their values on the host, so a CUDA graph captured once
     replays with any. clip_denoised as in ddpm_step. No autograd (sampling only). Contract:
     exact, as ddpm_step."""
-    check_tensor(OP_PARAMS, "x", x, ndim=2, dtypes=FLOAT_DTYPES)
-    n, c = x.shape
-    check_tensor(OP_PARAMS, "model_out", model_out, ndim=2, dtypes=FLOAT_DTYPES)
-    if model_out.shape[1] != 2 * c or model_out.shape[0] not in (n, 2 * n):
-        raise ValueError(f"{OP_PARAMS}: model_out must have shape ({n}, {2 * c}) or ({2 * n}, {2 * c}), "
-                         f"got {tuple(model_out.shape)}")
-    check_tensor(OP_PARAMS, "noise", noise, shape=(n, c), dtypes=(x.dtype,))
-    check_tensor(OP_PARAMS, "table", table, ndim=2, dtypes=(torch.float32,))
-    if table.shape[1] != 6:
-        raise ValueError(f"{OP_PARAMS}: table must have shape (S, 6), got {tuple(table.shape)}")
-    if isinstance(step, torch.Tensor) or not isinstance(step, int) or not 0 <= step < table.shape[0]:
-        raise ValueError(f"{OP_PARAMS}: step must be a Python int in [0, {table.shape[0]}), got {step!r}")
+    _check_step_args(OP_PARAMS, x, model_out, noise, table, step, clip_denoised)
     check_tensor(OP_PARAMS, "params", params, shape=(2,), dtypes=(torch.float32,))
-    if not isinstance(clip_denoised, bool):
-        raise TypeError(f"{OP_PARAMS}: clip_denoised must be a bool, got {type(clip_denoised).__name__}")
     check_same_device(OP_PARAMS, x=x, model_out=model_out, noise=noise, table=table, params=params)
     if x.numel() == 0:
         return torch.empty_like(x)
