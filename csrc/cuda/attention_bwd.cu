@@ -19,6 +19,7 @@
 // Pᵀ and dSᵀ are rounded to the input dtype for the two GEMMs that consume them (as flash-attn).
 #include <cmath>
 
+#include "../common/dispatch.h"
 #include "attention_common.cuh"
 #include "attention_ops.h"
 
@@ -220,14 +221,7 @@ void launch_dkdv(const BwdParams& p, int b, cudaStream_t stream) {
 
 template <typename T>
 void dispatch_dkdv(const BwdParams& p, int d, int b, cudaStream_t stream) {
-  switch (d) {
-    case 32: return launch_dkdv<T, 32>(p, b, stream);
-    case 64: return launch_dkdv<T, 64>(p, b, stream);
-    case 80: return launch_dkdv<T, 80>(p, b, stream);
-    case 96: return launch_dkdv<T, 96>(p, b, stream);
-    case 128: return launch_dkdv<T, 128>(p, b, stream);
-    default: FLUID_CHECK(false, "unsupported head dim " + std::to_string(d));
-  }
+  FLUID_DISPATCH_HEAD_DIM(d, kD, launch_dkdv<T, kD>(p, b, stream));
 }
 
 }  // namespace

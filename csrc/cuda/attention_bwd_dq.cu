@@ -4,6 +4,7 @@
 // padding-tile skipping are those of the forward). Per tile: S = Q Kᵀ, dP = dO Vᵀ,
 // P = exp2(S·scale·log2 e - lse2), dS = P ∘ (dP - delta), dQ += dS K; dq = dQ · scale.
 // Needs the preprocess of attention_bwd.cu (delta, lse2) to have run on the same stream.
+#include "../common/dispatch.h"
 #include "attention_common.cuh"
 #include "attention_ops.h"
 
@@ -143,14 +144,7 @@ void launch_dq(const BwdParams& p, int b, cudaStream_t stream) {
 
 template <typename T>
 void dispatch_dq(const BwdParams& p, int d, int b, cudaStream_t stream) {
-  switch (d) {
-    case 32: return launch_dq<T, 32>(p, b, stream);
-    case 64: return launch_dq<T, 64>(p, b, stream);
-    case 80: return launch_dq<T, 80>(p, b, stream);
-    case 96: return launch_dq<T, 96>(p, b, stream);
-    case 128: return launch_dq<T, 128>(p, b, stream);
-    default: FLUID_CHECK(false, "unsupported head dim " + std::to_string(d));
-  }
+  FLUID_DISPATCH_HEAD_DIM(d, kD, launch_dq<T, kD>(p, b, stream));
 }
 
 }  // namespace

@@ -18,6 +18,7 @@
 // seqlens are runtime flags. fp32 inputs are declined by the Python supports hook (Triton runs them).
 #include <cmath>
 
+#include "../common/dispatch.h"
 #include "attention_common.cuh"
 #include "attention_ops.h"
 
@@ -194,14 +195,7 @@ void launch_fwd(const FwdParams& p, int b, cudaStream_t stream) {
 
 template <typename T>
 void dispatch_fwd(const FwdParams& p, int d, int b, cudaStream_t stream) {
-  switch (d) {
-    case 32: return launch_fwd<T, 32>(p, b, stream);
-    case 64: return launch_fwd<T, 64>(p, b, stream);
-    case 80: return launch_fwd<T, 80>(p, b, stream);
-    case 96: return launch_fwd<T, 96>(p, b, stream);
-    case 128: return launch_fwd<T, 128>(p, b, stream);
-    default: FLUID_CHECK(false, "unsupported head dim " + std::to_string(d));
-  }
+  FLUID_DISPATCH_HEAD_DIM(d, kD, launch_fwd<T, kD>(p, b, stream));
 }
 
 }  // namespace
