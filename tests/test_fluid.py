@@ -262,7 +262,7 @@ def test_pixel_tokens_sample_with_the_predicted_x0_clamped(order, monkeypatch):
     m.generate(["a red circle"], generator=gen(0))
     assert seen and all(seen) and captured[-1].abs().max() <= 1.0
     seen.clear()
-    free = Fluid(name, **{**SMALL, "num_iter": 4} if order == "random" else SMALL, clip_denoised=False)
+    free = small(name, clip_denoised=False)
     free.load_state_dict(m.state_dict())
     free_decode = free.tokenizer.decode
     monkeypatch.setattr(free.tokenizer, "decode", lambda t: captured.append(t) or free_decode(t))
