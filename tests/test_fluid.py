@@ -14,7 +14,7 @@ from fluid_ops.reference import diffusion as ref_diffusion
 
 VARIANTS = ["tiny", "tiny-raster", "tiny-discrete", "tiny-raster-discrete"]
 # Smaller than "tiny" so each test takes a fraction of a second; every structural choice of the
-# named config (order, token kind, sin-cos positions, pooled text) is kept.
+# named config (order, token kind, sin-cos positions, pooled text, head positions) is kept.
 SMALL = dict(text_encoder="hash", image_size=16, patch_size=4, width=64, depth=2, num_heads=2, aligner_depth=1,
              head_depth=2, head_width=64, codebook_size=16, num_sampling_steps=5)
 CAPTIONS = ["a red circle at the top left", "a blue square", "a green triangle at the bottom", "a red square"]
@@ -175,6 +175,55 @@ def test_raster_kv_cache_equals_full_recomputation(name):
     a = m.generate(CAPTIONS[:2], generator=gen(6), kv_cache=True)
     b = m.generate(CAPTIONS[:2], generator=gen(6), kv_cache=False)
     torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
+
+
+# ---- conditioning options: head position embedding, adaLN text ---------------------------------
+def test_head_pos_embed_puts_the_position_into_the_head_input():
+    """head_pos_embed (MAR's diffusion_pos_embed): the head reads transformer output + a position
+    embedding: the fixed sin-cos table itself (no new state) or, with learned positions, its own
+    parameter (in the state dict, trained)."""
+    m = small("tiny", head_pos_embed=True)
+    assert m.head_pos is m.pos_embed and "head_pos" not in m.state_dict()
+    z = torch.zeros(2, m.seq_len, m.config.width)
+    torch.testing.assert_close(m._head_input(z), m.pos_embed.expand(2, -1, -1))
+    torch.testing.assert_close(m._head_input(z[:, :1], positions=[5])[:, 0], m.pos_embed[:, 5].expand(2, -1))
+    off = small("tiny", head_pos_embed=False)
+    assert off.head_pos is None and torch.equal(off._head_input(z), z)
+    # with the same weights, the loss changes: the head really reads it
+    off.load_state_dict(m.state_dict())
+    randomize_head(m), randomize_head(off)
+    assert not torch.allclose(loss_at(m), loss_at(off))
+    learned = small("tiny", head_pos_embed=True, pos_embed="learned")
+    assert isinstance(learned.head_pos, torch.nn.Parameter) and "head_pos" in learned.state_dict()
+    assert learned.head_pos is not learned.pos_embed
+    randomize_head(learned)
+    loss_at(learned).backward()
+    assert learned.head_pos.grad is not None and learned.head_pos.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-raster"])
+def test_text_adaln_conditions_every_block(name):
+    """text_adaln: every block's norms are modulated by the pooled text; zero-initialised (a fresh
+    model computes what the model without it does), trained, and the raster KV cache agrees."""
+    m = small(name, text_adaln=True)
+    plain = small(name, text_adaln=False)
+    mods = [blk.modulation for blk in m.transformer.blocks]
+    assert all(mod is not None and not mod[1].weight.any() for mod in mods)
+    missing, unexpected = m.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(".modulation." in k for k in missing)
+    randomize_head(m), randomize_head(plain)
+    with torch.no_grad():
+        torch.testing.assert_close(loss_at(m), loss_at(plain))
+    with torch.no_grad():
+        for mod in mods:
+            mod[1].weight.normal_(0, 0.05, generator=gen(4))
+    assert not torch.allclose(loss_at(m), loss_at(plain))
+    loss_at(m).backward()
+    assert all(mod[1].weight.grad.abs().sum() > 0 for mod in mods)
+    if name == "tiny-raster":
+        a = m.generate(CAPTIONS[:2], generator=gen(6), kv_cache=True)
+        b = m.generate(CAPTIONS[:2], generator=gen(6), kv_cache=False)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
 
 
 # ---- configs -------------------------------------------------------------------------------

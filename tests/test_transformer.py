@@ -42,19 +42,29 @@ def sdpa(q, k, v, key_padding_mask=None, causal=False):
     return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask).transpose(1, 2)
 
 
-def ref_block(blk: TransformerBlock, x, *, key_padding_mask=None, causal=False, context=None, context_mask=None):
+def ref_block(blk: TransformerBlock, x, *, key_padding_mask=None, causal=False, context=None, context_mask=None,
+              cond=None):
     h, d = blk.attn.num_heads, blk.attn.head_dim
     b, n, c = x.shape
-    y = F.layer_norm(x, (c,), blk.norm1.weight, blk.norm1.bias, 1e-6)
+    if cond is None:
+        mods = [torch.zeros(b, 1, c)] * 6
+    else:  # adaLN: SiLU -> Linear -> (shift, scale) x (norm1, norm_cross, norm2)
+        lin = blk.modulation[1]
+        mods = list(F.linear(F.silu(cond), lin.weight, lin.bias)[:, None, :].split(c, dim=-1))
+
+    def norm(x, ln, i):
+        return F.layer_norm(x, (c,), ln.weight, ln.bias, 1e-6) * (1 + mods[2 * i + 1]) + mods[2 * i]
+
+    y = norm(x, blk.norm1, 0)
     q, k, v = F.linear(y, blk.attn.qkv.weight, blk.attn.qkv.bias).view(b, n, 3, h, d).unbind(2)
     x = x + F.linear(sdpa(q, k, v, key_padding_mask, causal).reshape(b, n, c), blk.attn.proj.weight, blk.attn.proj.bias)
     if blk.has_cross:
-        y = F.layer_norm(x, (c,), blk.norm_cross.weight, blk.norm_cross.bias, 1e-6)
+        y = norm(x, blk.norm_cross, 1)
         q = F.linear(y, blk.cross.q.weight, blk.cross.q.bias).view(b, n, h, d)
         nt = context.shape[1]
         k, v = F.linear(context, blk.cross.kv.weight, blk.cross.kv.bias).view(b, nt, 2, h, d).unbind(2)
         x = x + F.linear(sdpa(q, k, v, context_mask).reshape(b, n, c), blk.cross.proj.weight, blk.cross.proj.bias)
-    y = F.layer_norm(x, (c,), blk.norm2.weight, blk.norm2.bias, 1e-6)
+    y = norm(x, blk.norm2, 2)
     y = F.linear(F.gelu(F.linear(y, blk.mlp.fc1.weight, blk.mlp.fc1.bias), approximate="tanh"),
                  blk.mlp.fc2.weight, blk.mlp.fc2.bias)
     return x + y
@@ -82,6 +92,66 @@ def test_block_matches_sdpa_composition(causal, cross):
     blk(x1, **kw).square().sum().backward()
     ref_block(blk, x2, **kw).square().sum().backward()
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_adaln_block_matches_composition(causal):
+    """cond_dim: each norm's output is scaled and shifted by SiLU -> Linear of the condition."""
+    dim, heads, b, n, nt, cdim = 64, 2, 3, 6, 4, 32
+    blk = randomize(TransformerBlock(dim, heads, 2.0, cross_attention=True, cond_dim=cdim), seed=7)
+    g = gen(8)
+    x, ctx = torch.randn(b, n, dim, generator=g), torch.randn(b, nt, dim, generator=g)
+    cond = torch.randn(b, cdim, generator=g)
+    out = blk(x, causal=causal, context=ctx, cond=cond)
+    torch.testing.assert_close(out, ref_block(blk, x, causal=causal, context=ctx, cond=cond), rtol=1e-5, atol=1e-5)
+    # the condition changes the output row by row (no leak between rows)
+    cond2 = cond.clone()
+    cond2[1] += 1.0
+    out2 = blk(x, causal=causal, context=ctx, cond=cond2)
+    torch.testing.assert_close(out2[[0, 2]], out[[0, 2]])
+    assert (out2[1] - out[1]).abs().max() > 1e-2
+    # gradients reach the modulation and the condition
+    cond_g = cond.clone().requires_grad_(True)
+    blk(x, causal=causal, context=ctx, cond=cond_g).square().sum().backward()
+    assert blk.modulation[1].weight.grad.abs().sum() > 0 and cond_g.grad.abs().sum() > 0
+
+
+def test_adaln_starts_as_identity_modulation():
+    """A fresh cond_dim block (zero-initialised modulation) equals the same block without it."""
+    torch.manual_seed(0)
+    plain = randomize(TransformerBlock(64, 2, 2.0, cross_attention=True), seed=3)
+    mod = TransformerBlock(64, 2, 2.0, cross_attention=True, cond_dim=16)
+    missing, unexpected = mod.load_state_dict(plain.state_dict(), strict=False)
+    assert unexpected == [] and all(k.startswith("modulation.") for k in missing) and missing
+    g = gen(9)
+    x, ctx = torch.randn(2, 5, 64, generator=g), torch.randn(2, 3, 64, generator=g)
+    torch.testing.assert_close(mod(x, context=ctx, cond=torch.randn(2, 16, generator=g)), plain(x, context=ctx))
+    with pytest.raises(ValueError, match="pass cond"):
+        mod(x, context=ctx)
+    with pytest.raises(ValueError, match="without cond_dim"):
+        plain(x, context=ctx, cond=torch.zeros(2, 16))
+
+
+def test_adaln_kvcache_decoding_equals_full_forward():
+    dim, heads, depth, b, n = 64, 2, 2, 2, 6
+    tr = randomize(Transformer(dim, depth, heads, 2.0, cross_attention=True, cond_dim=dim), seed=11)
+    tr.eval()
+    g = gen(12)
+    x, ctx, cond = torch.randn(b, n, dim, generator=g), torch.randn(b, 3, dim, generator=g), torch.randn(b, dim, generator=g)
+    with torch.no_grad():
+        full = tr(x, causal=True, context=ctx, cond=cond)
+        cache, ckv = tr.new_cache(b, n), tr.context_kv(ctx)
+        outs = [tr.decode(x[:, i:i + 1], cache, ckv, cond=cond) for i in range(n)]
+    torch.testing.assert_close(torch.cat(outs, 1), full, rtol=1e-5, atol=1e-5)
+    # and with gradient checkpointing the same gradients
+    tr.train()
+    tr(x, context=ctx, cond=cond).square().sum().backward()
+    grads = [p.grad.clone() for p in tr.parameters()]
+    tr.zero_grad()
+    tr.grad_checkpointing = True
+    tr(x, context=ctx, cond=cond).square().sum().backward()
+    for a, p in zip(grads, tr.parameters()):
+        torch.testing.assert_close(p.grad, a, rtol=1e-5, atol=1e-6)
 
 
 def test_cross_attention_padding_is_ignored():

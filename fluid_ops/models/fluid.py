@@ -14,7 +14,10 @@ The pieces:
   vector, as a one-token text) replaces the text of dropped rows in training (p =
   `text_drop_prob`) and is the unconditional branch of classifier-free guidance;
   `text_pool_add` also adds a linear map of the mask-mean of the aligned text to every image
-  position (measured to make tiny CPU models learn the condition much faster);
+  position (measured to make tiny CPU models learn the condition much faster); `text_adaln`
+  instead (or as well) lets that pooled text shift and scale every block's norms (DiT's adaLN,
+  zero-initialised); `head_pos_embed` adds the position embedding to what the head reads (MAR's
+  diffusion_pos_embed);
 * random order (MAR / MaskGIT, bidirectional): masked positions are a learned [MASK] embedding;
   training masks ceil(L * r) tokens of a random order (r: truncated normal on [mask_ratio_min, 1]
   as SPEC §2.4, or uniform), the head runs on the MASKED positions only (gathered by order: the
@@ -98,6 +101,9 @@ class FluidConfig:
     text_drop_prob: float = 0.1
     pos_embed: str = "learned"          # "learned" | "sincos" (fixed 2D sin-cos)
     text_pool_add: bool = False         # add linear(mean-pooled aligned text) to every image position
+    text_adaln: bool = False            # adaLN: the pooled text shifts and scales every block's norms
+    head_pos_embed: bool = False        # add a position embedding to the transformer output the head reads
+                                        # (MAR's diffusion_pos_embed): the input table if sincos, else learned
     num_iter: int | None = None         # sampling AR steps; None: 64 (random) / all tokens (raster)
     cfg: float | None = None            # sampling CFG scale; None: the paper's value for the variant
     temperature: float | None = None    # sampling temperature; None: the paper's value
@@ -120,10 +126,13 @@ def _tiny(**kw) -> FluidConfig:
     # The recipe measured to learn fastest on a 2-core CPU (shared/NOTES.md, 2026-11-25): 32x32
     # images, patch 4 (64 tokens x 48), width 192, 4 blocks, head 3 x 256, one t-draw per token,
     # fixed 2D sin-cos positions, the condition added to every position; trained with lr 2e-3;
-    # sampled in 16 AR steps.
+    # sampled in 16 AR steps. Plus the position at the head's input (head_pos_embed, as MAR):
+    # without it this model washed position out of the transformer output within 100 steps
+    # (variance over positions 1e-5 of that over captions) and could not even learn where one
+    # fixed caption's object goes in 150 steps; with it, it could (measured 2026-12-01).
     base = dict(image_size=32, patch_size=4, width=192, depth=4, num_heads=3, aligner_depth=1,
                 text_max_length=32, head_depth=3, head_width=256, diffusion_batch_mul=1,
-                pos_embed="sincos", text_pool_add=True, num_iter=16)
+                pos_embed="sincos", text_pool_add=True, head_pos_embed=True, num_iter=16)
     base.update(kw)
     return FluidConfig(**base)
 
@@ -200,7 +209,7 @@ def validate_config(c: FluidConfig) -> FluidConfig:
     _check_choice("pos_embed", c.pos_embed, ("learned", "sincos"))
     if c.pos_embed == "sincos" and c.width % 4:
         raise ValueError(f"FluidConfig: pos_embed 'sincos' needs width divisible by 4, got {c.width}")
-    for name in ("text_pool_add", "grad_checkpointing"):
+    for name in ("text_pool_add", "text_adaln", "head_pos_embed", "grad_checkpointing"):
         if not isinstance(getattr(c, name), bool):
             raise ValueError(f"FluidConfig: {name} must be a bool, got {getattr(c, name)!r}")
     if c.clip_denoised is not None and not isinstance(c.clip_denoised, bool):
@@ -289,7 +298,7 @@ class Fluid(nn.Module):
         self.text_proj = nn.Linear(self.text_encoder.dim, w)
         self.text_aligner = Transformer(w, cfg.aligner_depth, cfg.num_heads, cfg.mlp_ratio)
         self.null_text = nn.Parameter(torch.zeros(1, w))
-        self.text_pool_proj = nn.Linear(w, w) if cfg.text_pool_add else None
+        self.text_pool_proj = nn.Linear(w, w) if cfg.text_pool_add or cfg.text_adaln else None
 
         # image path
         if cfg.token_kind == "continuous":
@@ -304,10 +313,18 @@ class Fluid(nn.Module):
             self.pos_embed = nn.Parameter(torch.zeros(1, self.seq_len, w))
         else:  # fixed: a buffer, not saved (recomputed from the config)
             self.register_buffer("pos_embed", sincos_2d(self.grid, w)[None], persistent=False)
+        self.head_pos = None
+        if cfg.head_pos_embed:
+            # learned positions get their own table (MAR: diffusion_pos_embed_learned); fixed sin-cos reuses it
+            self.head_pos = nn.Parameter(torch.zeros(1, self.seq_len, w)) if cfg.pos_embed == "learned" \
+                else self.pos_embed
         self.transformer = Transformer(w, cfg.depth, cfg.num_heads, cfg.mlp_ratio, cross_attention=True,
-                                       grad_checkpointing=cfg.grad_checkpointing)
+                                       grad_checkpointing=cfg.grad_checkpointing,
+                                       cond_dim=w if cfg.text_adaln else None)
         self.text_aligner.grad_checkpointing = cfg.grad_checkpointing
         self._init_weights()
+        for blk in self.transformer.blocks:   # adaLN starts as the identity (after the xavier init)
+            blk.reset_modulation()
 
         # heads keep their own init (DenoiserMLP: zero-initialised adaLN and output layers, as MAR)
         if cfg.token_kind == "continuous":
@@ -335,8 +352,9 @@ class Fluid(nn.Module):
         for p in (self.null_text, getattr(self, "mask_token", None), getattr(self, "start_token", None)):
             if p is not None:
                 nn.init.normal_(p, std=0.02)
-        if isinstance(self.pos_embed, nn.Parameter):
-            nn.init.normal_(self.pos_embed, std=0.02)
+        for p in (self.pos_embed, self.head_pos):
+            if isinstance(p, nn.Parameter):
+                nn.init.normal_(p, std=0.02)
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.xavier_uniform_(m.weight)
@@ -424,9 +442,23 @@ class Fluid(nn.Module):
         """x (B, N, W) + position embedding (of `positions`, default 0..N-1) + pooled text."""
         pos = self.pos_embed[:, : x.shape[1]] if positions is None else self.pos_embed[:, positions]
         x = x + pos.to(x.dtype)
-        if pooled is not None:
+        if pooled is not None and self.config.text_pool_add:
             x = x + pooled[:, None, :].to(x.dtype)
         return x
+
+    def _head_input(self, z, positions=None):
+        """What the head reads: the transformer output (B, N, W), plus the head position
+        embedding (of `positions`, default 0..N-1) with head_pos_embed. The final LayerNorm lets
+        the transformer wash position out of z while no position tells the targets apart (as at
+        the start of training, before the text's "where" is read); this keeps it in."""
+        if self.head_pos is None:
+            return z
+        pos = self.head_pos[:, : z.shape[1]] if positions is None else self.head_pos[:, positions]
+        return z + pos.to(z.dtype)
+
+    def _cond(self, pooled):
+        """The transformer's adaLN condition (text_adaln) or None."""
+        return pooled if self.config.text_adaln else None
 
     def _embed_tokens(self, tokens):
         if self.config.token_kind == "continuous":
@@ -480,12 +512,12 @@ class Fluid(nn.Module):
             masked = torch.zeros(b, self.seq_len, dtype=torch.bool, device=self.device).scatter_(1, index, True)
             x = torch.where(masked[..., None], self.mask_token.to(x.dtype), x)
             x = self._add_position_and_text(x, pooled)
-            z = self.transformer(x, context=ctx, context_mask=cmask)
+            z = self.transformer(x, context=ctx, context_mask=cmask, cond=self._cond(pooled))
         else:
             x = torch.cat([self.start_token.to(x.dtype).expand(b, 1, -1), x[:, :-1]], 1)
             x = self._add_position_and_text(x, pooled)
-            z = self.transformer(x, causal=True, context=ctx, context_mask=cmask)
-        return z, tokens, index
+            z = self.transformer(x, causal=True, context=ctx, context_mask=cmask, cond=self._cond(pooled))
+        return self._head_input(z), tokens, index
 
     @staticmethod
     def _select(z, tokens, index):
@@ -692,7 +724,7 @@ class Fluid(nn.Module):
                 continue
             x = torch.where(known[..., None], self._embed_tokens(tokens), self.mask_token.to(ctx.dtype))
             x = self._add_position_and_text(torch.cat([x, x]) if guided else x, pooled)
-            z = self.transformer(x, context=ctx, context_mask=cmask)
+            z = self._head_input(self.transformer(x, context=ctx, context_mask=cmask, cond=self._cond(pooled)))
             idx = orders[:, n_after:n_before]              # this step's tokens (masked = order prefix)
             w = scales[k]
             zc = z[:b][bidx, idx].reshape(-1, z.shape[-1])
@@ -726,10 +758,12 @@ class Fluid(nn.Module):
         for i in _progress(range(l), progress, "Fluid.generate"):
             x = self._add_position_and_text(inputs, pooled, positions=[i])
             if kv_cache:
-                z = self.transformer.decode(x, cache, ckv, cmask)[:, 0]
+                z = self.transformer.decode(x, cache, ckv, cmask, cond=self._cond(pooled))
             else:
                 history.append(x)
-                z = self.transformer(torch.cat(history, 1), causal=True, context=ctx, context_mask=cmask)[:, -1]
+                z = self.transformer(torch.cat(history, 1), causal=True, context=ctx, context_mask=cmask,
+                                     cond=self._cond(pooled))[:, -1:]
+            z = self._head_input(z, positions=[i])[:, 0]
             w = self._raster_scale(cfg, i, cfg_schedule)
             zu = z[b:] if guided and w != 1.0 else None
             new = self._sample_rows(z[:b], zu, w, temperature, steps, generator, gemm_dtype)

@@ -118,11 +118,17 @@ class MLP(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm block: x += attn(norm1(x)); [x += cross(norm_cross(x), text)]; x += mlp(norm2(x)).
 
+    cond_dim: adaLN as DiT's (without its gates): a global condition c (B, cond_dim) gives, through
+    SiLU -> Linear (zero-initialised), a shift and a scale for each of the block's norms, whose
+    output becomes norm(x) * (1 + scale) + shift. Unlike a vector added to the residual stream,
+    the condition multiplies each position's features, so "where" (the position embedding) and
+    "what the text says" interact from the first block on.
+
     cross_attention=True adds the text cross-attention (context of width context_dim, default dim).
     LayerNorm eps 1e-6 (as MAR's blocks)."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, *, cross_attention: bool = False,
-                 context_dim: int | None = None, norm_eps: float = 1e-6):
+                 context_dim: int | None = None, norm_eps: float = 1e-6, cond_dim: int | None = None):
         super().__init__()
         if not (isinstance(mlp_ratio, (int, float)) and not isinstance(mlp_ratio, bool) and mlp_ratio > 0):
             raise ValueError(f"TransformerBlock: mlp_ratio must be a number > 0, got {mlp_ratio!r}")
@@ -134,26 +140,59 @@ class TransformerBlock(nn.Module):
             self.cross = CrossAttention(dim, num_heads, context_dim=context_dim)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = MLP(dim, int(dim * mlp_ratio))
+        # adaLN (DiT): a global condition (B, cond_dim) shifts and scales each norm's output;
+        # zero-initialised, so the block starts as the unconditioned one (reset_modulation)
+        self.modulation = None
+        if cond_dim is not None:
+            self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 6 * dim))
+            self.reset_modulation()
 
-    def _cross_and_mlp(self, x, context, context_mask, context_kv):
+    def reset_modulation(self):
+        """Zero the adaLN linear (identity modulation); a no-op without one."""
+        if self.modulation is not None:
+            nn.init.zeros_(self.modulation[1].weight)
+            nn.init.zeros_(self.modulation[1].bias)
+
+    def _mods(self, cond):
+        if self.modulation is None:
+            if cond is not None:
+                raise ValueError("TransformerBlock: got cond but the block was built without cond_dim")
+            return (None,) * 6
+        if cond is None:
+            raise ValueError("TransformerBlock: this block has adaLN modulation (cond_dim); pass cond (B, cond_dim)")
+        return self.modulation(cond)[:, None, :].chunk(6, dim=-1)
+
+    @staticmethod
+    def _norm(norm, x, shift, scale):
+        y = norm(x)
+        return y if shift is None else y * (1 + scale) + shift
+
+    def _cross_and_mlp(self, x, context, context_mask, context_kv, mods):
         if self.has_cross:
-            x = x + self.cross(self.norm_cross(x), context, context_mask=context_mask, context_kv=context_kv)
+            x = x + self.cross(self._norm(self.norm_cross, x, mods[2], mods[3]), context, context_mask=context_mask,
+                               context_kv=context_kv)
         elif context is not None or context_kv is not None:
             raise ValueError("TransformerBlock: got a context but the block has no cross-attention")
-        return x + self.mlp(self.norm2(x))
+        return x + self.mlp(self._norm(self.norm2, x, mods[4], mods[5]))
 
     def forward(self, x: torch.Tensor, *, key_padding_mask: torch.Tensor | None = None, causal: bool = False,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
-                context_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), key_padding_mask=key_padding_mask, causal=causal)
-        return self._cross_and_mlp(x, context, context_mask, context_kv)
+                context_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+                cond: torch.Tensor | None = None) -> torch.Tensor:
+        """cond (B, cond_dim): the adaLN condition, required exactly when the block has cond_dim."""
+        mods = self._mods(cond)
+        x = x + self.attn(self._norm(self.norm1, x, mods[0], mods[1]), key_padding_mask=key_padding_mask,
+                          causal=causal)
+        return self._cross_and_mlp(x, context, context_mask, context_kv, mods)
 
     def decode(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, cache_seqlens: torch.Tensor,
                *, context_mask: torch.Tensor | None = None,
-               context_kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+               context_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+               cond: torch.Tensor | None = None) -> torch.Tensor:
         """The block on new positions only (causal self-attention through the KV cache)."""
-        x = x + self.attn.decode(self.norm1(x), k_cache, v_cache, cache_seqlens)
-        return self._cross_and_mlp(x, None, context_mask, context_kv)
+        mods = self._mods(cond)
+        x = x + self.attn.decode(self._norm(self.norm1, x, mods[0], mods[1]), k_cache, v_cache, cache_seqlens)
+        return self._cross_and_mlp(x, None, context_mask, context_kv, mods)
 
 
 class KVCache:
@@ -181,27 +220,30 @@ class Transformer(nn.Module):
     """`depth` TransformerBlocks and a final LayerNorm (`blocks.{i}`, `norm`)."""
 
     def __init__(self, dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0, *,
-                 cross_attention: bool = False, context_dim: int | None = None, grad_checkpointing: bool = False):
+                 cross_attention: bool = False, context_dim: int | None = None, grad_checkpointing: bool = False,
+                 cond_dim: int | None = None):
         super().__init__()
         if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:
             raise ValueError(f"Transformer: depth must be an int >= 0, got {depth!r}")
         self.head_dim = check_attention_shape("Transformer", dim, num_heads)
         self.dim, self.num_heads = dim, num_heads
         self.blocks = nn.ModuleList([
-            TransformerBlock(dim, num_heads, mlp_ratio, cross_attention=cross_attention, context_dim=context_dim)
+            TransformerBlock(dim, num_heads, mlp_ratio, cross_attention=cross_attention, context_dim=context_dim,
+                             cond_dim=cond_dim)
             for _ in range(depth)])
         self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.grad_checkpointing = grad_checkpointing
 
     def forward(self, x: torch.Tensor, *, key_padding_mask: torch.Tensor | None = None, causal: bool = False,
-                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
+                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
+                cond: torch.Tensor | None = None) -> torch.Tensor:
         for blk in self.blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(blk, x, use_reentrant=False, key_padding_mask=key_padding_mask, causal=causal,
-                               context=context, context_mask=context_mask)
+                               context=context, context_mask=context_mask, cond=cond)
             else:
                 x = blk(x, key_padding_mask=key_padding_mask, causal=causal, context=context,
-                        context_mask=context_mask)
+                        context_mask=context_mask, cond=cond)
         return self.norm(x)
 
     # ---- decoding -------------------------------------------------------------------------
@@ -215,7 +257,7 @@ class Transformer(nn.Module):
         return [blk.cross.context_kv(context) if blk.has_cross else None for blk in self.blocks]
 
     def decode(self, x: torch.Tensor, cache: KVCache, context_kv: list | None = None,
-               context_mask: torch.Tensor | None = None) -> torch.Tensor:
+               context_mask: torch.Tensor | None = None, cond: torch.Tensor | None = None) -> torch.Tensor:
         """The new positions x (B, Nnew, C) through every block (causal, over the cache), then the
         final norm; appends their K/V and advances the cache by Nnew."""
         if cache.length + x.shape[1] > cache.max_len:
@@ -223,6 +265,6 @@ class Transformer(nn.Module):
                              f"{cache.max_len} of the cache (filled {cache.length})")
         for i, blk in enumerate(self.blocks):
             x = blk.decode(x, cache.k[i], cache.v[i], cache.seqlens, context_mask=context_mask,
-                           context_kv=None if context_kv is None else context_kv[i])
+                           context_kv=None if context_kv is None else context_kv[i], cond=cond)
         cache.advance(x.shape[1])
         return self.norm(x)
