@@ -440,8 +440,7 @@ class Fluid(nn.Module):
 
     def _add_position_and_text(self, x, pooled, positions=None):
         """x (B, N, W) + position embedding (of `positions`, default 0..N-1) + pooled text."""
-        pos = self.pos_embed[:, : x.shape[1]] if positions is None else self.pos_embed[:, positions]
-        x = x + pos.to(x.dtype)
+        x = x + self._at(self.pos_embed, x.shape[1], positions).to(x.dtype)
         if pooled is not None and self.config.text_pool_add:
             x = x + pooled[:, None, :].to(x.dtype)
         return x
@@ -453,8 +452,12 @@ class Fluid(nn.Module):
         the start of training, before the text's "where" is read); this keeps it in."""
         if self.head_pos is None:
             return z
-        pos = self.head_pos[:, : z.shape[1]] if positions is None else self.head_pos[:, positions]
-        return z + pos.to(z.dtype)
+        return z + self._at(self.head_pos, z.shape[1], positions).to(z.dtype)
+
+    @staticmethod
+    def _at(table, n, positions=None):
+        """Rows of a (1, L, W) position table: the first n, or those in `positions`."""
+        return table[:, :n] if positions is None else table[:, positions]
 
     def _cond(self, pooled):
         """The transformer's adaLN condition (text_adaln) or None."""
