@@ -339,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train the tiny model on synthetic shapes, write grid + loss + eval")
     p.add_argument("--out", required=True)
-    _add_train_knobs(p, minutes=12.0, ema=0.99)
+    _add_train_knobs(p, minutes=15.0, ema=0.99)
     p.add_argument("--grid-rows", type=int, default=12, help="prompts in the grid")
     p.add_argument("-n", type=int, default=6, help="images per prompt in the grid")
     p.add_argument("--per-category", type=int, default=48, help="evaluation prompts per category")

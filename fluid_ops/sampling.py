@@ -40,7 +40,7 @@ import torch
 from fluid_ops.nn.denoiser import DenoiserMLP, auto_gemm_dtype
 from fluid_ops.ops._checks import FLOAT_DTYPES, check_finite_scalar, check_tensor
 from fluid_ops.ops.ddpm import ddpm_step, ddpm_step_params
-from fluid_ops.reference.diffusion import DiffusionSchedule, draw_sampling_noise
+from fluid_ops.reference.diffusion import DiffusionSchedule, check_noise_shift, draw_sampling_noise
 
 __all__ = ["diffusion_sample", "graph_bucket"]
 
@@ -48,9 +48,9 @@ OP = "diffusion_sample"
 
 
 @functools.lru_cache(maxsize=16)
-def _schedule(num_steps: int) -> DiffusionSchedule:
+def _schedule(num_steps: int, noise_shift: float = 1.0) -> DiffusionSchedule:
     """Cached so its device tables (DiffusionSchedule.table) are built once per device."""
-    return DiffusionSchedule(num_steps)
+    return DiffusionSchedule(num_steps, noise_shift=noise_shift)
 
 
 class _TextProgress:
@@ -82,7 +82,7 @@ def diffusion_sample(net, z: torch.Tensor, *, num_steps: int = 100, temperature:
                      cfg: float = 1.0, noise: torch.Tensor | None = None,
                      generator: torch.Generator | None = None, gemm_dtype: torch.dtype | None = None,
                      progress: bool = False, cuda_graph: bool | None = None,
-                     clip_denoised: bool = False) -> torch.Tensor:
+                     clip_denoised: bool = False, noise_shift: float = 1.0) -> torch.Tensor:
     """Sample N tokens from MAR's diffusion head; returns (N, C) float32, C = net.in_channels.
 
     net: a `fluid_ops.nn.DenoiserMLP` (fast path) or any module with `in_channels` called as
@@ -99,7 +99,9 @@ def diffusion_sample(net, z: torch.Tensor, *, num_steps: int = 100, temperature:
     that is not an nn.Module or a failed capture falls back with a warning); False: eager.
     clip_denoised: clamp each step's predicted x_0 to [-1, 1] (see `fluid_ops.ddpm_step`; for
     tokens in [-1, 1] such as pixel patches; MAR's latents are unbounded and MAR samples without
-    it, the default)."""
+    it, the default).
+    noise_shift: the schedule's SNR divided by noise_shift ** 2 (`fluid_ops.reference.diffusion.
+    cosine_alpha_bar`); it must be the value the head was trained with (1: MAR's schedule)."""
     if not isinstance(net, torch.nn.Module) and not callable(net):
         raise TypeError(f"{OP}: net must be a callable module, got {type(net).__name__}")
     c = getattr(net, "in_channels", None)
@@ -117,6 +119,7 @@ def diffusion_sample(net, z: torch.Tensor, *, num_steps: int = 100, temperature:
     cfg = check_finite_scalar(OP, "cfg", cfg)
     if not isinstance(clip_denoised, bool):
         raise TypeError(f"{OP}: clip_denoised must be a bool, got {type(clip_denoised).__name__}")
+    noise_shift = check_noise_shift(OP, noise_shift)
     guided = cfg != 1.0
     if guided and z.shape[0] % 2:
         raise ValueError(f"{OP}: with cfg != 1, z must have an even number of rows ([cond; uncond], 2N), "
@@ -145,7 +148,7 @@ def diffusion_sample(net, z: torch.Tensor, *, num_steps: int = 100, temperature:
     if n == 0:
         return torch.empty(0, c, device=z.device)
 
-    sched = _schedule(num_steps)
+    sched = _schedule(num_steps, noise_shift)
     if noise is None:
         noise = draw_sampling_noise(n, c, num_steps, device=z.device, generator=generator)
     noise = noise.float()
@@ -276,9 +279,10 @@ def graph_cache(net) -> GraphCache:
 
 
 def graph_key(z: torch.Tensor, n: int, num_steps: int, gemm_dtype, guided: bool, use_fast: bool,
-              clip_denoised: bool = False) -> tuple:
+              clip_denoised: bool = False, noise_shift: float = 1.0) -> tuple:
     """The cache key of the graph that serves this call (the net is the cache's owner)."""
-    return (graph_bucket(n), num_steps, gemm_dtype, guided, use_fast, z.dtype, z.shape[1], z.device, clip_denoised)
+    return (graph_bucket(n), num_steps, gemm_dtype, guided, use_fast, z.dtype, z.shape[1], z.device, clip_denoised,
+            noise_shift)
 
 
 def _want_graph(net, z: torch.Tensor, cuda_graph) -> bool:
@@ -360,7 +364,7 @@ class _CapturedLoop:
 def _sample_with_graph(net, z, noise, sched, n, temperature, cfg, guided, use_fast, gemm_dtype, clip_denoised=False):
     """The loop as a replayed CUDA graph, or None (after a warning) when it cannot be captured."""
     cache = graph_cache(net)
-    key = graph_key(z, n, sched.num_steps, gemm_dtype, guided, use_fast, clip_denoised)
+    key = graph_key(z, n, sched.num_steps, gemm_dtype, guided, use_fast, clip_denoised, sched.noise_shift)
     stamp = weights_stamp(net)
     entry = cache.get(key, stamp)
     if entry is None:

@@ -3,6 +3,7 @@ discipline, determinism and bad inputs; and the reference training loss `diffusi
 import io
 from contextlib import redirect_stderr
 
+import numpy as np
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -198,6 +199,48 @@ def test_empty_batch_and_progress(nets):
     torch.testing.assert_close(out, fluid_ops.diffusion_sample(fast, z, num_steps=4, noise=noise), rtol=0, atol=0)
     assert "4/4" in err.getvalue() or "diffusion_sample" in err.getvalue()
 
+def test_noise_shift_schedule_divides_every_snr_and_one_is_mars_schedule():
+    plain = rdiff.DiffusionSchedule(None)
+    assert np.array_equal(rdiff.DiffusionSchedule(None, noise_shift=1).betas, rdiff.cosine_betas(1000))
+    for k in (0.5, 3.0, 8.0):
+        shifted = rdiff.DiffusionSchedule(None, noise_shift=k)
+        # the shifted cosine: SNR / k^2 exactly at every s
+        grid = np.linspace(0, 1000, 41)
+        ab, ab_k = rdiff.cosine_alpha_bar(grid), rdiff.cosine_alpha_bar(grid, 1000, k)
+        np.testing.assert_allclose(ab_k / (1 - ab_k), ab / (1 - ab) / k ** 2, rtol=1e-9)
+        # IDDPM's alpha_bar_i = prod(1 - beta) = f(i + 1) / f(0), f the shifted cosine (all steps but
+        # the last, where max_beta clips)
+        i = np.arange(999)
+        f = rdiff.cosine_alpha_bar(i + 1, 1000, k) / rdiff.cosine_alpha_bar(0, 1000, k)
+        np.testing.assert_allclose(shifted.alphas_cumprod[:-1], f, rtol=1e-9)
+        # so the schedule's SNR is SNR / k^2 up to f(0) != 1 (1 - f(0) = k^2 * 1.5e-4: 1% at k = 8), and
+        # noising x on it is noising x / k on the plain one, rescaled (same SNR)
+        snr, snr_k = (s.alphas_cumprod / (1 - s.alphas_cumprod) for s in (plain, shifted))
+        np.testing.assert_allclose(snr_k[:-1], snr[:-1] / k ** 2, rtol=2e-2)
+        t = np.array([0, 250, 600, 900])
+        a_k, s_k = shifted.sqrt_alphas_cumprod[t], shifted.sqrt_one_minus_alphas_cumprod[t]
+        a, s = plain.sqrt_alphas_cumprod[t] / k, plain.sqrt_one_minus_alphas_cumprod[t]
+        np.testing.assert_allclose(a_k / s_k, a / s, rtol=1e-2)
+    # respaced sampling schedules keep the shift
+    r = rdiff.DiffusionSchedule(10, noise_shift=4.0)
+    np.testing.assert_allclose(r.alphas_cumprod, rdiff.DiffusionSchedule(None, noise_shift=4.0).alphas_cumprod[r.timesteps],
+                               rtol=1e-8)
+
+
+@pytest.mark.parametrize("cfg", [1.0, 3.0])
+def test_noise_shift_sampling_matches_reference_loop_on_the_shifted_schedule(nets, cfg):
+    ref, fast = nets
+    z, noise = _inputs(13, cfg, 15)
+    with torch.no_grad():
+        want = rdiff.diffusion_sample(ref, z, num_steps=15, temperature=0.9, cfg=cfg, noise=noise,
+                                      schedule=rdiff.DiffusionSchedule(15, noise_shift=4.0))
+        plain = rdiff.diffusion_sample(ref, z, num_steps=15, temperature=0.9, cfg=cfg, noise=noise)
+    assert (want - plain).abs().max() > 1e-2  # the shift changes the samples
+    got = fluid_ops.diffusion_sample(fast, z, num_steps=15, temperature=0.9, cfg=cfg, noise=noise, noise_shift=4.0)
+    _close(got, want)
+    generic = fluid_ops.diffusion_sample(ref, z, num_steps=15, temperature=0.9, cfg=cfg, noise=noise, noise_shift=4.0)
+    _close(generic, want, rel=1e-5)
+
 
 @pytest.mark.parametrize("bad,match", [
     (dict(z=torch.randn(4)), "z must have 2 dims"),
@@ -212,6 +255,9 @@ def test_empty_batch_and_progress(nets):
     (dict(noise=torch.randn(11, 4, C).long()), "noise must have dtype"),
     (dict(gemm_dtype=torch.int8), "gemm_dtype must be None"),
     (dict(clip_denoised="yes"), "clip_denoised must be a bool"),
+    (dict(noise_shift=0.0), "noise_shift must be a finite number > 0"),
+    (dict(noise_shift=float("nan")), "noise_shift must be a finite number > 0"),
+    (dict(noise_shift=True), "noise_shift must be a finite number > 0"),
     (dict(net=object()), "net must be a callable module"),
     (dict(net=torch.nn.Linear(2, 2)), "net must have an int attribute in_channels"),
 ])

@@ -226,6 +226,71 @@ def test_text_adaln_conditions_every_block(name):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-4)
 
 
+def test_running_standardize_tracks_the_training_statistics():
+    """RunningStandardize: identity before any update; the k-th update weighs the batch max(1/k,
+    momentum) (a plain average of the first batches); standardises with the result; no update in
+    eval; its statistics are buffers (saved)."""
+    from fluid_ops.models.fluid import RunningStandardize
+    g = gen(3)
+    norm = RunningStandardize(5, momentum=0.25)
+    x = torch.randn(7, 5, generator=g)
+    torch.testing.assert_close(norm(x), x)  # mean 0, variance 1 before any update
+    batches = [torch.randn(64, 5, generator=g) * torch.tensor([1.0, 2, 3, 4, 5]) + 7.0 for _ in range(6)]
+    mean, sq = torch.zeros(5), torch.ones(5)
+    for k, b in enumerate(batches, 1):
+        out = norm(b, update=True)
+        w = max(1.0 / k, 0.25)
+        mean, sq = mean + w * (b.mean(0) - mean), sq + w * ((b * b).mean(0) - sq)
+        want = (b - mean) / torch.sqrt(sq - mean * mean + norm.eps)
+        torch.testing.assert_close(out, want, rtol=1e-4, atol=1e-4)
+    assert int(norm.count) == 6
+    # three plain-average updates: the first batches' mean and spread, standardised to ~0 / ~1
+    fresh = RunningStandardize(5)
+    for b in batches[:3]:
+        fresh(b, update=True)
+    out = fresh(torch.cat(batches[:3]))
+    assert out.mean(0).abs().max() < 1e-4 and (out.std(0) - 1).abs().max() < 0.02
+    before = fresh.mean.clone()
+    fresh(batches[4])  # no update
+    assert torch.equal(fresh.mean, before) and set(fresh.state_dict()) == {"mean", "sq_mean", "count"}
+
+
+def test_text_pool_encoder_standardises_the_frozen_encoder_mean():
+    """text_pool "encoder": the pooled text is a linear map of the frozen encoder's mask-mean,
+    standardised with statistics that follow the training captions (updated in training, saved
+    with the model, fixed in eval); dropped rows and the CFG branch get the mean caption (0)."""
+    m = small("tiny", text_pool="encoder")
+    assert m.text_pool_proj.in_features == m.text_encoder.dim and m.text_pool_norm is not None
+    assert {"text_pool_norm.mean", "text_pool_norm.sq_mean", "text_pool_norm.count"} <= set(m.state_dict())
+    emb, mask = m.text_encoder.encode(CAPTIONS)
+    mf = mask.float()[..., None]
+    raw = (emb * mf).sum(1) / mf.sum(1)
+    m.train()
+    loss_at(m)
+    assert int(m.text_pool_norm.count) == 1
+    torch.testing.assert_close(m.text_pool_norm.mean, raw.mean(0))
+    m.eval()
+    with torch.no_grad():
+        _, _, pooled = m.encode_text(CAPTIONS)
+        std = (raw - raw.mean(0)) / torch.sqrt((raw * raw).mean(0) - raw.mean(0) ** 2 + m.text_pool_norm.eps)
+        torch.testing.assert_close(pooled, m.text_pool_proj(std), rtol=1e-4, atol=1e-4)
+        _, _, dropped = m.encode_text(CAPTIONS, drop=torch.tensor([True, False, True, False]))
+        bias = m.text_pool_proj.bias
+        torch.testing.assert_close(dropped[0], bias)
+        torch.testing.assert_close(dropped[2], bias)
+        torch.testing.assert_close(dropped[1], pooled[1])
+        nctx, nmask = m.null_context(2)
+        torch.testing.assert_close(m._null_pooled(nctx, nmask), bias.expand(2, -1))
+    assert int(m.text_pool_norm.count) == 1  # eval does not update
+    a = m.generate(CAPTIONS[:2], generator=gen(2))
+    again = small("tiny", text_pool="encoder")
+    again.load_state_dict(m.state_dict())
+    again.eval()
+    torch.testing.assert_close(again.generate(CAPTIONS[:2], generator=gen(2)), a)
+    with pytest.raises(ValueError, match="text_pool must be one of"):
+        Fluid("tiny", text_encoder="hash", text_pool="max")
+
+
 # ---- configs -------------------------------------------------------------------------------
 PAPER_PARAMS = {"fluid-166m": 166e6, "fluid-369m": 369e6, "fluid-665m": 665e6, "fluid-1.1b": 1.1e9,
                 "fluid-3.1b": 3.1e9, "fluid-10.5b": 10.5e9}
@@ -319,6 +384,37 @@ def test_pixel_tokens_sample_with_the_predicted_x0_clamped(order, monkeypatch):
     assert seen and not any(seen) and captured[-1].abs().max() > 2.0
     with pytest.raises(ValueError, match="VAE latents are not bounded"):
         Fluid(FluidConfig(tokenizer="vae", vae_path="/x", clip_denoised=True))
+
+
+def test_noise_shift_trains_and_samples_on_the_shifted_schedule(monkeypatch, tmp_path):
+    """noise_shift k: the head's training schedule and every sampling call use the cosine schedule
+    with its SNR divided by k^2; the loss changes with it, a checkpoint keeps it, bad values fail."""
+    plain = randomize_head(small("tiny"))
+    shifted = small("tiny", noise_shift=4.0)
+    shifted.load_state_dict(plain.state_dict())
+    assert plain.head.train_schedule.noise_shift == 1.0 and shifted.head.train_schedule.noise_shift == 4.0
+    ab, ab_k = plain.head.train_schedule.alphas_cumprod, shifted.head.train_schedule.alphas_cumprod
+    assert ab_k[500] < ab[500] / 4  # SNR / 16 at the middle step
+    assert abs(loss_at(plain).item() - loss_at(shifted).item()) > 1e-4
+    seen = []
+    real = fluid_ops.diffusion_sample
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["noise_shift"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fluid_ops, "diffusion_sample", spy)
+    a = shifted.generate(["a red circle"], generator=gen(0))
+    assert seen and all(k == 4.0 for k in seen)
+    b = plain.generate(["a red circle"], generator=gen(0))
+    assert (a - b).abs().max() > 1e-3
+    path = tmp_path / "m.pt"
+    torch.save({"config": dataclasses.asdict(shifted.config)}, path)
+    again = Fluid.from_config_dict(torch.load(path)["config"])
+    assert again.config.noise_shift == 4.0 and again.head.train_schedule.noise_shift == 4.0
+    for bad in (0, -1.0, float("inf"), "8"):
+        with pytest.raises(ValueError, match="noise_shift must be a finite number > 0"):
+            Fluid("tiny", text_encoder="hash", noise_shift=bad)
 
 
 # ---- the real text encoder -------------------------------------------------------------------

@@ -63,7 +63,8 @@ def test_graph_key_same_within_a_bucket_and_differs_by_each_field():
               sampling.graph_key(z, 20, 100, None, True, True), sampling.graph_key(z, 20, 100, None, False, False),
               sampling.graph_key(z.double(), 20, 100, None, False, True),
               sampling.graph_key(torch.randn(10, Z + 1), 20, 100, None, False, True),
-              sampling.graph_key(z, 20, 100, None, False, True, True)]  # clip_denoised
+              sampling.graph_key(z, 20, 100, None, False, True, True),  # clip_denoised
+              sampling.graph_key(z, 20, 100, None, False, True, False, 4.0)]  # noise_shift
     assert all(k != base for k in others) and len(set(others)) == len(others)
 
 

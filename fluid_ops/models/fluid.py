@@ -14,7 +14,10 @@ The pieces:
   vector, as a one-token text) replaces the text of dropped rows in training (p =
   `text_drop_prob`) and is the unconditional branch of classifier-free guidance;
   `text_pool_add` also adds a linear map of the mask-mean of the aligned text to every image
-  position (measured to make tiny CPU models learn the condition much faster); `text_adaln`
+  position (measured to make tiny CPU models learn the condition much faster); with
+  `text_pool="encoder"` that pooled text is instead the frozen encoder's own mask-mean,
+  standardised per feature with running statistics of the training captions (`RunningStandardize`),
+  so the words that tell captions apart are not drowned by what every caption shares; `text_adaln`
   instead (or as well) lets that pooled text shift and scale every block's norms (DiT's adaLN,
   zero-initialised); `head_pos_embed` adds the position embedding to what the head reads (MAR's
   diffusion_pos_embed);
@@ -29,7 +32,8 @@ The pieces:
 * heads: continuous -> MAR's DiffLoss (`fluid_ops.nn.DenoiserMLP`, IDDPM loss with
   `diffusion_batch_mul` t-draws per token through `fluid_ops.nn.diffusion_loss` (z embedded once
   per token, not repeated), sampled by `fluid_ops.diffusion_sample` with CFG on
-  [cond; uncond] rows and a temperature); discrete -> a linear map to codebook logits,
+  [cond; uncond] rows and a temperature; `noise_shift` k trains and samples on the cosine
+  schedule with every SNR divided by k^2, `fluid_ops.reference.diffusion.cosine_alpha_bar`); discrete -> a linear map to codebook logits,
   cross-entropy, sampled by `fluid_ops.sample_categorical` with CFG on the logits.
 
 All randomness comes from the `generator` argument, drawn in a fixed order (training: generation
@@ -63,8 +67,9 @@ from fluid_ops.nn.text import build_text_encoder
 from fluid_ops.nn.tokenizers import build_tokenizer
 from fluid_ops.nn.transformer import Transformer, check_attention_shape
 from fluid_ops.reference import schedules
+from fluid_ops.reference.diffusion import check_noise_shift
 
-__all__ = ["Fluid", "FluidConfig", "CONFIGS", "PAPER_SAMPLING"]
+__all__ = ["Fluid", "FluidConfig", "CONFIGS", "PAPER_SAMPLING", "RunningStandardize"]
 
 # The paper's sampling settings (CFG scale, temperature) per variant (SPEC §1).
 PAPER_SAMPLING = {
@@ -73,6 +78,35 @@ PAPER_SAMPLING = {
     ("discrete", "random"): (1.6, 1.05),
     ("discrete", "raster"): (2.5, 0.95),
 }
+
+
+class RunningStandardize(nn.Module):
+    """Standardises features (B, D) per feature with running statistics of what it saw in training
+    (buffers, saved with the model): before any update mean 0 and variance 1; `update=True` first
+    folds the batch in (the k-th update with weight max(1/k, momentum): a plain average over the
+    first 1/momentum batches, then an exponential one), then standardises with the result. Meant
+    for the output of a frozen encoder, whose statistics do not drift. No host sync."""
+
+    def __init__(self, dim: int, momentum: float = 0.01, eps: float = 1e-5):
+        super().__init__()
+        self.momentum, self.eps = momentum, eps
+        self.register_buffer("mean", torch.zeros(dim))
+        self.register_buffer("sq_mean", torch.ones(dim))   # E[x^2]; var = E[x^2] - mean^2
+        self.register_buffer("count", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def _update(self, x):
+        self.count += 1
+        w = torch.clamp(1.0 / self.count.to(torch.float32), min=self.momentum)
+        self.mean.lerp_(x.mean(0), w)
+        self.sq_mean.lerp_((x * x).mean(0), w)
+
+    def forward(self, x: torch.Tensor, update: bool = False) -> torch.Tensor:
+        x = x.float()
+        if update:
+            self._update(x.detach())
+        var = (self.sq_mean - self.mean * self.mean).clamp(min=0.0)
+        return (x - self.mean) * torch.rsqrt(var + self.eps)
 
 
 @dataclass
@@ -96,12 +130,17 @@ class FluidConfig:
     head_width: int = 1024              # diffusion head: width
     diffusion_batch_mul: int = 4        # t-draws per token in the diffusion loss (MAR: 4)
     num_sampling_steps: int = 100       # diffusion steps per token when sampling (train: 1000, cosine)
+    noise_shift: float = 1.0            # continuous: the cosine schedule's SNR divided by noise_shift ** 2
+                                        # (shifted cosine, training and sampling); 1 = MAR's schedule
     mask_ratio_kind: str = "truncnorm"  # "truncnorm" (SPEC §2.4, mean 1 std 0.25) | "uniform"
     mask_ratio_min: float = 0.7
     text_drop_prob: float = 0.1
     pos_embed: str = "learned"          # "learned" | "sincos" (fixed 2D sin-cos)
     text_pool_add: bool = False         # add linear(mean-pooled aligned text) to every image position
     text_adaln: bool = False            # adaLN: the pooled text shifts and scales every block's norms
+    text_pool: str = "aligned"          # what is pooled for text_pool_add / text_adaln: "aligned" (the aligner's
+                                        # output) | "encoder" (the frozen encoder's output, standardised per
+                                        # feature with running statistics of the training captions)
     head_pos_embed: bool = False        # add a position embedding to the transformer output the head reads
                                         # (MAR's diffusion_pos_embed): the input table if sincos, else learned
     num_iter: int | None = None         # sampling AR steps; None: 64 (random) / all tokens (raster)
@@ -129,10 +168,15 @@ def _tiny(**kw) -> FluidConfig:
     # sampled in 16 AR steps. Plus the position at the head's input (head_pos_embed, as MAR):
     # without it this model washed position out of the transformer output within 100 steps
     # (variance over positions 1e-5 of that over captions) and could not even learn where one
-    # fixed caption's object goes in 150 steps; with it, it could (measured 2026-12-01).
+    # fixed caption's object goes in 150 steps; with it, it could (measured 2026-12-01). And the
+    # pooled text taken from the frozen encoder and standardised (text_pool="encoder"): pooled from
+    # the aligner, the caption's position words were never read in 600 steps (the aligner's output
+    # lost them: a position swap moved it 0.04 of its norm, MiniLM's own mean 0.26); standardised,
+    # the position words explain 15% of its variance across the demo's captions, and the 721-step
+    # demo's samples follow the caption's top / centre / bottom (2026-12-01; scattered, not compact yet).
     base = dict(image_size=32, patch_size=4, width=192, depth=4, num_heads=3, aligner_depth=1,
                 text_max_length=32, head_depth=3, head_width=256, diffusion_batch_mul=1,
-                pos_embed="sincos", text_pool_add=True, head_pos_embed=True, num_iter=16)
+                pos_embed="sincos", text_pool_add=True, text_pool="encoder", head_pos_embed=True, num_iter=16)
     base.update(kw)
     return FluidConfig(**base)
 
@@ -196,6 +240,7 @@ def validate_config(c: FluidConfig) -> FluidConfig:
     if c.num_sampling_steps > 1000:
         raise ValueError(f"FluidConfig: num_sampling_steps must be <= 1000 (respaced from the 1000 training "
                          f"steps), got {c.num_sampling_steps}")
+    check_noise_shift("FluidConfig", c.noise_shift)
     check_attention_shape(f"FluidConfig (width={c.width}, num_heads={c.num_heads})", c.width, c.num_heads)
     _check_number("mlp_ratio", c.mlp_ratio, 1e-6)
     if not isinstance(c.text_encoder, str) or not c.text_encoder:
@@ -207,6 +252,7 @@ def validate_config(c: FluidConfig) -> FluidConfig:
         raise ValueError(f"FluidConfig: mask_ratio_min must be < 1, got {c.mask_ratio_min}")
     _check_number("text_drop_prob", c.text_drop_prob, 0.0, 1.0)
     _check_choice("pos_embed", c.pos_embed, ("learned", "sincos"))
+    _check_choice("text_pool", c.text_pool, ("aligned", "encoder"))
     if c.pos_embed == "sincos" and c.width % 4:
         raise ValueError(f"FluidConfig: pos_embed 'sincos' needs width divisible by 4, got {c.width}")
     for name in ("text_pool_add", "text_adaln", "head_pos_embed", "grad_checkpointing"):
@@ -298,7 +344,14 @@ class Fluid(nn.Module):
         self.text_proj = nn.Linear(self.text_encoder.dim, w)
         self.text_aligner = Transformer(w, cfg.aligner_depth, cfg.num_heads, cfg.mlp_ratio)
         self.null_text = nn.Parameter(torch.zeros(1, w))
-        self.text_pool_proj = nn.Linear(w, w) if cfg.text_pool_add or cfg.text_adaln else None
+        self.text_pool_proj = None
+        self.text_pool_norm = None
+        if cfg.text_pool_add or cfg.text_adaln:
+            if cfg.text_pool == "encoder":
+                self.text_pool_norm = RunningStandardize(self.text_encoder.dim)
+                self.text_pool_proj = nn.Linear(self.text_encoder.dim, w)
+            else:
+                self.text_pool_proj = nn.Linear(w, w)
 
         # image path
         if cfg.token_kind == "continuous":
@@ -329,7 +382,7 @@ class Fluid(nn.Module):
         # heads keep their own init (DenoiserMLP: zero-initialised adaLN and output layers, as MAR)
         if cfg.token_kind == "continuous":
             self.head = DiffLoss(self.token_dim, w, cfg.head_depth, cfg.head_width, cfg.num_sampling_steps,
-                                 cfg.grad_checkpointing)
+                                 cfg.grad_checkpointing, noise_shift=cfg.noise_shift)
         else:
             self.head = nn.Linear(w, cfg.codebook_size)
             nn.init.xavier_uniform_(self.head.weight)
@@ -418,11 +471,14 @@ class Fluid(nn.Module):
         else:
             emb, mask = self.text_encoder.encode(captions, device=self.device)
         x = self.text_aligner(self.text_proj(emb.to(self.text_proj.weight.dtype)), key_padding_mask=mask)
+        captions_mask = mask
         if drop is not None:
             null_ctx, null_mask = self.null_context(x.shape[0], x.shape[1])
             x = torch.where(drop[:, None, None], null_ctx.to(x.dtype), x)
             mask = torch.where(drop[:, None], null_mask, mask)
-        return x, mask, self._pool(x, mask)
+        if self.text_pool_norm is None:
+            return x, mask, self._pool(x, mask)
+        return x, mask, self._pool_encoder(emb, captions_mask, drop)
 
     def null_context(self, batch: int, length: int = 1):
         """The unconditional text: (B, length, W) with the null vector at position 0, mask True there only."""
@@ -433,10 +489,32 @@ class Fluid(nn.Module):
         return ctx, mask
 
     def _pool(self, ctx, mask):
+        """text_pool "aligned": the linear map of the mask-mean of the aligned text ctx (B, Nt, W)."""
         if self.text_pool_proj is None:
             return None
         m = mask.to(ctx.dtype)[..., None]
         return self.text_pool_proj((ctx * m).sum(1) / m.sum(1).clamp(min=1.0))
+
+    def _pool_encoder(self, emb, mask, drop):
+        """text_pool "encoder": the mask-mean of the frozen encoder's output emb (B, Nt, E),
+        standardised per feature (RunningStandardize: its statistics follow the training captions),
+        0 (the mean caption) for dropped rows, then the linear map to the width. Standardising is
+        what makes this work: the raw mean is dominated by a part every caption shares, and the
+        words that tell captions apart (e.g. where the object goes) are a small fraction of it."""
+        m = mask.to(torch.float32)[..., None]
+        p = (emb.float() * m).sum(1) / m.sum(1).clamp(min=1.0)
+        p = self.text_pool_norm(p, update=self.training)
+        if drop is not None:
+            p = torch.where(drop[:, None], torch.zeros_like(p), p)
+        return self.text_pool_proj(p.to(self.text_pool_proj.weight.dtype))
+
+    def _null_pooled(self, nctx, nmask):
+        """The pooled text of the unconditional (null) text, or None."""
+        if self.text_pool_norm is None:
+            return self._pool(nctx, nmask)
+        zero = torch.zeros(nctx.shape[0], self.text_pool_proj.in_features, device=self.device,
+                           dtype=self.text_pool_proj.weight.dtype)
+        return self.text_pool_proj(zero)
 
     def _add_position_and_text(self, x, pooled, positions=None):
         """x (B, N, W) + position embedding (of `positions`, default 0..N-1) + pooled text."""
@@ -654,7 +732,8 @@ class Fluid(nn.Module):
                 clip = self.config.tokenizer == "patch"
             return fluid_ops.diffusion_sample(self.head.net, z, num_steps=steps, temperature=temperature,
                                               cfg=1.0 if z_uncond is None else w, generator=generator,
-                                              gemm_dtype=gemm_dtype, clip_denoised=clip)
+                                              gemm_dtype=gemm_dtype, clip_denoised=clip,
+                                              noise_shift=self.config.noise_shift)
         logits = self.head(z_cond).float()
         if z_uncond is not None:
             lu = self.head(z_uncond).float()
@@ -706,7 +785,7 @@ class Fluid(nn.Module):
             b, n = ctx.shape[:2]
             nctx, nmask = self.null_context(b, n)
             ctx, cmask = torch.cat([ctx, nctx.to(ctx.dtype)]), torch.cat([cmask, nmask])
-            pooled = None if pooled is None else torch.cat([pooled, self._pool(nctx.to(ctx.dtype), nmask)])
+            pooled = None if pooled is None else torch.cat([pooled, self._null_pooled(nctx.to(ctx.dtype), nmask)])
         return ctx, cmask, pooled
 
     def _generate_random(self, prompts, num_iter, cfg, cfg_schedule, temperature, steps, generator, progress,

@@ -131,13 +131,15 @@ class DiffLoss(nn.Module):
     """MAR's diffusion head: `net` is the denoiser MLP (names `diffloss.net.*`)."""
 
     def __init__(self, target_channels: int, z_channels: int, depth: int, width: int,
-                 num_sampling_steps: int, grad_checkpointing: bool = False):
+                 num_sampling_steps: int, grad_checkpointing: bool = False, noise_shift: float = 1.0):
         super().__init__()
         self.in_channels = target_channels
         self.num_sampling_steps = num_sampling_steps
         self.grad_checkpointing = grad_checkpointing
         self.net = DenoiserMLP(target_channels, width, 2 * target_channels, z_channels, depth)
-        self.train_schedule = ref_diffusion.DiffusionSchedule(None)
+        # noise_shift != 1 (Fluid's option, never MAR's): the shifted cosine schedule, in training and sampling
+        self.train_schedule = ref_diffusion.DiffusionSchedule(None, noise_shift=noise_shift)
+        self.noise_shift = self.train_schedule.noise_shift
 
     def forward(self, target, z, mask=None, *, diffusion_batch_mul: int = 1, generator=None, index=None):
         """Mean diffusion loss over rows with mask 1, each row with diffusion_batch_mul t-draws
@@ -150,7 +152,8 @@ class DiffLoss(nn.Module):
 
     def sample(self, z, temperature=1.0, cfg=1.0, generator=None):
         return fluid_ops.diffusion_sample(self.net, z, num_steps=self.num_sampling_steps,
-                                          temperature=temperature, cfg=cfg, generator=generator)
+                                          temperature=temperature, cfg=cfg, generator=generator,
+                                          noise_shift=self.noise_shift)
 
 
 def _shape_of(t):

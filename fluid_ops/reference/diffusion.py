@@ -13,15 +13,33 @@ import torch
 TABLE_COLUMNS = ("coef1", "coef2", "sqrt_recip_acp", "sqrt_recipm1_acp", "min_log", "max_log")
 
 
-def cosine_alpha_bar(s: np.ndarray | float, num_steps: int = 1000):
-    """alpha_bar(s) = cos(((s / T + 0.008) / 1.008) * pi / 2) ** 2."""
-    return np.cos(((np.asarray(s, dtype=np.float64) / num_steps + 0.008) / 1.008) * math.pi / 2) ** 2
+def check_noise_shift(owner: str, noise_shift) -> float:
+    """noise_shift as a float, after checking it is a finite number > 0."""
+    if isinstance(noise_shift, bool) or not isinstance(noise_shift, (int, float)) \
+            or not math.isfinite(noise_shift) or noise_shift <= 0:
+        raise ValueError(f"{owner}: noise_shift must be a finite number > 0, got {noise_shift!r}")
+    return float(noise_shift)
 
 
-def cosine_betas(num_steps: int = 1000, max_beta: float = 0.999) -> np.ndarray:
+def cosine_alpha_bar(s: np.ndarray | float, num_steps: int = 1000, shift: float = 1.0):
+    """alpha_bar(s) = cos(((s / T + 0.008) / 1.008) * pi / 2) ** 2.
+
+    shift k != 1: the shifted cosine schedule (Hoogeboom et al., "simple diffusion", 2023): the
+    signal-to-noise ratio alpha_bar / (1 - alpha_bar) of every step divided by k ** 2, i.e.
+    alpha_bar / (alpha_bar + k ** 2 (1 - alpha_bar)). Noising tokens x on the shifted schedule is
+    noising x / k on the plain one (up to a scale of x_t); k > 1 moves the steps where a token's
+    content is decided towards lower t, where the eps loss weighs it more."""
+    ab = np.cos(((np.asarray(s, dtype=np.float64) / num_steps + 0.008) / 1.008) * math.pi / 2) ** 2
+    if shift == 1.0:
+        return ab
+    return ab / (ab + shift * shift * (1.0 - ab))
+
+
+def cosine_betas(num_steps: int = 1000, max_beta: float = 0.999, shift: float = 1.0) -> np.ndarray:
     """beta_i = min(1 - alpha_bar(i + 1) / alpha_bar(i), max_beta), i = 0..T-1 (float64)."""
     i = np.arange(num_steps, dtype=np.float64)
-    return np.minimum(1.0 - cosine_alpha_bar(i + 1, num_steps) / cosine_alpha_bar(i, num_steps), max_beta)
+    return np.minimum(1.0 - cosine_alpha_bar(i + 1, num_steps, shift) / cosine_alpha_bar(i, num_steps, shift),
+                      max_beta)
 
 
 def space_timesteps(num_steps: int, count: int) -> list[int]:
@@ -45,10 +63,14 @@ class DiffusionSchedule:
     """All IDDPM quantities of a (possibly respaced) cosine schedule.
 
     `timesteps[i]` is the ORIGINAL step index of respaced step i: the value the model is fed.
+    noise_shift: the SNR of every step divided by noise_shift ** 2 (`cosine_alpha_bar`); 1 is
+    MAR's schedule. Training and sampling must use the same value.
     """
 
-    def __init__(self, num_sampling_steps: int | None = None, num_train_steps: int = 1000):
-        base = cosine_betas(num_train_steps)
+    def __init__(self, num_sampling_steps: int | None = None, num_train_steps: int = 1000, *,
+                 noise_shift: float = 1.0):
+        self.noise_shift = check_noise_shift("DiffusionSchedule", noise_shift)
+        base = cosine_betas(num_train_steps, shift=self.noise_shift)
         if num_sampling_steps is None or num_sampling_steps == num_train_steps:
             betas, kept = base, list(range(num_train_steps))
         else:
