@@ -85,7 +85,9 @@ class RunningStandardize(nn.Module):
     (buffers, saved with the model): before any update mean 0 and variance 1; `update=True` first
     folds the batch in (the k-th update with weight max(1/k, momentum): a plain average over the
     first 1/momentum batches, then an exponential one), then standardises with the result. Meant
-    for the output of a frozen encoder, whose statistics do not drift. No host sync."""
+    for the output of a frozen encoder, whose statistics do not drift. No host sync. Under
+    torch.distributed every rank must update together: the batch moments are all-reduced over
+    the default group."""
 
     def __init__(self, dim: int, momentum: float = 0.01, eps: float = 1e-5):
         super().__init__()
@@ -96,10 +98,18 @@ class RunningStandardize(nn.Module):
 
     @torch.no_grad()
     def _update(self, x):
+        # batch moments as sums; under torch.distributed they are summed over the ranks (their
+        # batches are one global batch), so every rank keeps the statistics one process would
+        sums = torch.cat([x.sum(0), (x * x).sum(0), x.new_full((1,), float(x.shape[0]))])
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            torch.distributed.all_reduce(sums)
+        d = self.mean.shape[0]
+        n = sums[2 * d:].clamp(min=1.0)
         self.count += 1
         w = torch.clamp(1.0 / self.count.to(torch.float32), min=self.momentum)
-        self.mean.lerp_(x.mean(0), w)
-        self.sq_mean.lerp_((x * x).mean(0), w)
+        self.mean.lerp_(sums[:d] / n, w)
+        self.sq_mean.lerp_(sums[d:2 * d] / n, w)
 
     def forward(self, x: torch.Tensor, update: bool = False) -> torch.Tensor:
         x = x.float()
