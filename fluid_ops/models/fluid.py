@@ -33,8 +33,9 @@ The pieces:
   `diffusion_batch_mul` t-draws per token through `fluid_ops.nn.diffusion_loss` (z embedded once
   per token, not repeated), sampled by `fluid_ops.diffusion_sample` with CFG on
   [cond; uncond] rows and a temperature; `noise_shift` k trains and samples on the cosine
-  schedule with every SNR divided by k^2, `fluid_ops.reference.diffusion.cosine_alpha_bar`); discrete -> a linear map to codebook logits,
-  cross-entropy, sampled by `fluid_ops.sample_categorical` with CFG on the logits.
+  schedule with every SNR divided by k^2, `fluid_ops.reference.diffusion.cosine_alpha_bar`);
+  discrete -> a linear map to codebook logits, cross-entropy, sampled by
+  `fluid_ops.sample_categorical` with CFG on the logits.
 
 All randomness comes from the `generator` argument, drawn in a fixed order (training: generation
 order, mask ratio, text dropout, then the head's t and noise; sampling: orders, then each step's
