@@ -65,38 +65,41 @@ def _close(got, want, rel=1e-4):
     torch.testing.assert_close(got, want, rtol=rel, atol=rel * scale)
 
 
+def _both_paths_match(nets, z, noise, want, **kw):
+    """fluid_ops.diffusion_sample(**kw) on the fast DenoiserMLP path and on the generic path (the
+    reference net called as net(x, t, z)), each against `want`; returns the fast path's samples."""
+    ref, fast = nets
+    got = fluid_ops.diffusion_sample(fast, z, noise=noise, **kw)
+    _close(got, want)
+    _close(fluid_ops.diffusion_sample(ref, z, noise=noise, **kw), want, rel=1e-5)
+    return got
+
+
 @pytest.mark.parametrize("cfg", [1.0, 3.0])
 @pytest.mark.parametrize("temperature", [0.0, 0.9])
 def test_fast_path_fp32_matches_reference_loop(nets, cfg, temperature):
-    ref, fast = nets
+    ref, _ = nets
     z, noise = _inputs(13, cfg, 15)
     with torch.no_grad():
         want = rdiff.diffusion_sample(ref, z, num_steps=15, temperature=temperature, cfg=cfg, noise=noise)
-    got = fluid_ops.diffusion_sample(fast, z, num_steps=15, temperature=temperature, cfg=cfg, noise=noise)
-    assert got.shape == (13, C) and got.dtype == torch.float32
     assert want.abs().max() > 0.5  # the samples are not trivially zero
-    _close(got, want)
     # the generic path (any net called as net(x, t, z)) runs the same loop
-    generic = fluid_ops.diffusion_sample(ref, z, num_steps=15, temperature=temperature, cfg=cfg, noise=noise)
-    _close(generic, want, rel=1e-5)
+    got = _both_paths_match(nets, z, noise, want, num_steps=15, temperature=temperature, cfg=cfg)
+    assert got.shape == (13, C) and got.dtype == torch.float32
 
 
 @pytest.mark.parametrize("cfg", [1.0, 3.0])
 def test_clip_denoised_matches_reference_loop_and_bounds_the_samples(nets, cfg):
-    ref, fast = nets
+    ref, _ = nets
     z, noise = _inputs(13, cfg, 15)
     with torch.no_grad():
         want = rdiff.diffusion_sample(ref, z, num_steps=15, temperature=0.9, cfg=cfg, noise=noise,
                                       clip_denoised=True)
         free = rdiff.diffusion_sample(ref, z, num_steps=15, temperature=0.9, cfg=cfg, noise=noise)
     assert free.abs().max() > 1.5  # this net's unclipped samples leave [-1, 1]: the clamp matters
-    got = fluid_ops.diffusion_sample(fast, z, num_steps=15, temperature=0.9, cfg=cfg, noise=noise, clip_denoised=True)
-    _close(got, want)
+    got = _both_paths_match(nets, z, noise, want, num_steps=15, temperature=0.9, cfg=cfg, clip_denoised=True)
     # the last step returns the clamped x_0 prediction itself
     assert got.abs().max() <= 1.0 and want.abs().max() <= 1.0
-    generic = fluid_ops.diffusion_sample(ref, z, num_steps=15, temperature=0.9, cfg=cfg, noise=noise,
-                                         clip_denoised=True)
-    _close(generic, want, rel=1e-5)
 
 
 def test_temperature_zero_ignores_step_noise(nets):
@@ -229,17 +232,14 @@ def test_noise_shift_schedule_divides_every_snr_and_one_is_mars_schedule():
 
 @pytest.mark.parametrize("cfg", [1.0, 3.0])
 def test_noise_shift_sampling_matches_reference_loop_on_the_shifted_schedule(nets, cfg):
-    ref, fast = nets
+    ref, _ = nets
     z, noise = _inputs(13, cfg, 15)
     with torch.no_grad():
         want = rdiff.diffusion_sample(ref, z, num_steps=15, temperature=0.9, cfg=cfg, noise=noise,
                                       schedule=rdiff.DiffusionSchedule(15, noise_shift=4.0))
         plain = rdiff.diffusion_sample(ref, z, num_steps=15, temperature=0.9, cfg=cfg, noise=noise)
     assert (want - plain).abs().max() > 1e-2  # the shift changes the samples
-    got = fluid_ops.diffusion_sample(fast, z, num_steps=15, temperature=0.9, cfg=cfg, noise=noise, noise_shift=4.0)
-    _close(got, want)
-    generic = fluid_ops.diffusion_sample(ref, z, num_steps=15, temperature=0.9, cfg=cfg, noise=noise, noise_shift=4.0)
-    _close(generic, want, rel=1e-5)
+    _both_paths_match(nets, z, noise, want, num_steps=15, temperature=0.9, cfg=cfg, noise_shift=4.0)
 
 
 @pytest.mark.parametrize("bad,match", [

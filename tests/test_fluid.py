@@ -52,6 +52,19 @@ def randomize_head(m, seed=123):
     return m
 
 
+def spy_sampling(monkeypatch, kwarg):
+    """Record the `kwarg` argument of every fluid_ops.diffusion_sample call (which still runs)."""
+    seen = []
+    real = fluid_ops.diffusion_sample
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs[kwarg])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fluid_ops, "diffusion_sample", spy)
+    return seen
+
+
 def loss_at(m, seed=5):
     return m(images(), CAPTIONS, generator=gen(seed))
 
@@ -358,14 +371,7 @@ def test_pixel_tokens_sample_with_the_predicted_x0_clamped(order, monkeypatch):
     (without it the first steps from t ~ 1000 amplify the head's eps error ~1e4-fold: a tiny model
     trained 600 steps sampled noise of magnitude ~1e3). A head whose eps is far off still gives
     tokens in [-1, 1]; clip_denoised=False turns the clamp off."""
-    seen = []
-    real = fluid_ops.diffusion_sample
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs["clip_denoised"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fluid_ops, "diffusion_sample", spy)
+    seen = spy_sampling(monkeypatch, "clip_denoised")
     name = "tiny" if order == "random" else "tiny-raster"
     m = randomize_head(small(name), seed=7)
     with torch.no_grad():  # a head with large, wrong eps: unclamped samples leave [-1, 1] far behind
@@ -396,14 +402,7 @@ def test_noise_shift_trains_and_samples_on_the_shifted_schedule(monkeypatch, tmp
     ab, ab_k = plain.head.train_schedule.alphas_cumprod, shifted.head.train_schedule.alphas_cumprod
     assert ab_k[500] < ab[500] / 4  # SNR / 16 at the middle step
     assert abs(loss_at(plain).item() - loss_at(shifted).item()) > 1e-4
-    seen = []
-    real = fluid_ops.diffusion_sample
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs["noise_shift"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fluid_ops, "diffusion_sample", spy)
+    seen = spy_sampling(monkeypatch, "noise_shift")
     a = shifted.generate(["a red circle"], generator=gen(0))
     assert seen and all(k == 4.0 for k in seen)
     b = plain.generate(["a red circle"], generator=gen(0))

@@ -503,8 +503,13 @@ class Fluid(nn.Module):
         """text_pool "aligned": the linear map of the mask-mean of the aligned text ctx (B, Nt, W)."""
         if self.text_pool_proj is None:
             return None
-        m = mask.to(ctx.dtype)[..., None]
-        return self.text_pool_proj((ctx * m).sum(1) / m.sum(1).clamp(min=1.0))
+        return self.text_pool_proj(self._masked_mean(ctx, mask))
+
+    @staticmethod
+    def _masked_mean(x, mask):
+        """Mean of x (B, N, D) over the positions where mask (B, N) is True: (B, D), in x's dtype."""
+        m = mask.to(x.dtype)[..., None]
+        return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
 
     def _pool_encoder(self, emb, mask, drop):
         """text_pool "encoder": the mask-mean of the frozen encoder's output emb (B, Nt, E),
@@ -512,9 +517,7 @@ class Fluid(nn.Module):
         0 (the mean caption) for dropped rows, then the linear map to the width. Standardising is
         what makes this work: the raw mean is dominated by a part every caption shares, and the
         words that tell captions apart (e.g. where the object goes) are a small fraction of it."""
-        m = mask.to(torch.float32)[..., None]
-        p = (emb.float() * m).sum(1) / m.sum(1).clamp(min=1.0)
-        p = self.text_pool_norm(p, update=self.training)
+        p = self.text_pool_norm(self._masked_mean(emb.float(), mask), update=self.training)
         if drop is not None:
             p = torch.where(drop[:, None], torch.zeros_like(p), p)
         return self.text_pool_proj(p.to(self.text_pool_proj.weight.dtype))
