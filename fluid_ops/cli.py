@@ -266,12 +266,12 @@ def _add_common(p, *, sampling=False):
         p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
 
 
-def _add_train_knobs(p, *, minutes=None, steps=None, ema=0.999):
+def _add_train_knobs(p, *, minutes=None, steps=None, ema=0.999, batch_size=64):
     p.add_argument("--config", default="tiny", help="a name from fluid_ops.models.fluid.CONFIGS")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--minutes", type=float, default=minutes)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=batch_size)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--ema-decay", type=float, default=ema)
@@ -339,7 +339,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train the tiny model on synthetic shapes, write grid + loss + eval")
     p.add_argument("--out", required=True)
-    _add_train_knobs(p, minutes=15.0, ema=0.99)
+    # batch 32: about twice the steps of 64 in the same minutes, and no worse per step (measured on
+    # one thread: 500 steps of 32 took 478 s and put colour and cell right on 0.30 of 54 prompts;
+    # 500 steps of 64 took 979 s and 0.09)
+    _add_train_knobs(p, minutes=15.0, ema=0.99, batch_size=32)
     p.add_argument("--grid-rows", type=int, default=12, help="prompts in the grid")
     p.add_argument("-n", type=int, default=6, help="images per prompt in the grid")
     p.add_argument("--per-category", type=int, default=48, help="evaluation prompts per category")

@@ -31,7 +31,7 @@ from fluid_ops.data.shards import PREPARED_META, write_shards
 __all__ = ["prepare", "MODEL_FIELDS"]
 
 # The config fields a cache depends on (checked against the model at training time).
-MODEL_FIELDS = ("tokenizer", "image_size", "patch_size", "vae_path", "text_encoder", "text_max_length")
+MODEL_FIELDS = ("tokenizer", "image_size", "patch_size", "vae_path", "text_encoder", "text_max_length", "text_layer")
 
 
 def prepare(dataset, out_dir, config, *, flip: bool = True, batch_size: int = 64, samples_per_shard: int = 1000,
@@ -64,7 +64,8 @@ def prepare(dataset, out_dir, config, *, flip: bool = True, batch_size: int = 64
     ctx.barrier()
     tokenizer = build_tokenizer(cfg.tokenizer, image_size=cfg.image_size, patch_size=cfg.patch_size,
                                 codebook_size=cfg.codebook_size, vae_path=cfg.vae_path).to(device)
-    text = build_text_encoder(cfg.text_encoder, max_length=cfg.text_max_length, cache_size=0).to(device)
+    text = build_text_encoder(cfg.text_encoder, max_length=cfg.text_max_length, cache_size=0,
+                              layer=cfg.text_layer).to(device)
     from fluid_ops.data.folder import collate
     collate_fn = collate_fn or collate
     n_shards = math.ceil(n / samples_per_shard)

@@ -8,6 +8,7 @@ blocks); the one-process references run in this process with `tests/dist_worker.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import itertools
 import json
@@ -365,3 +366,6 @@ def test_prepared_cache_gives_the_images_loss_and_flipped_view(tmp_path, prepare
     other, _ = dist_worker.build({"set": {"patch_size": 8}})
     with pytest.raises(ValueError, match="patch_size"):
         ds.check_model_config(other.config)
+    layer = model.config.text_layer                     # another hidden state of the text encoder
+    with pytest.raises(ValueError, match=f"text_layer: cache {layer}, model {layer + 1}"):
+        ds.check_model_config({**dataclasses.asdict(model.config), "text_layer": layer + 1})

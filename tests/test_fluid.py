@@ -338,6 +338,8 @@ def test_bad_input_gets_clear_errors():
         Fluid("tiny", text_encoder="hash", token_kind="discrete")
     with pytest.raises(ValueError, match="unknown config field"):
         Fluid.from_config_dict({"depht": 3})
+    with pytest.raises(ValueError, match="text_layer must be an int"):
+        Fluid("tiny", text_encoder="hash", text_layer=True)
     m = small("tiny")
     with pytest.raises(ValueError, match="prompts is empty"):
         m.generate([])
@@ -419,7 +421,7 @@ def test_noise_shift_trains_and_samples_on_the_shifted_schedule(monkeypatch, tmp
 # ---- the real text encoder -------------------------------------------------------------------
 def test_minilm_text_encoder_stays_out_of_the_state_dict():
     m = small("tiny", text_encoder="minilm")
-    assert m.text_encoder.dim == 384
+    assert m.text_encoder.dim == 384 and m.text_encoder.layer == 2   # the tiny configs read block 2 of 6
     sd = m.state_dict()
     assert not any("text_encoder" in k for k in sd)
     assert m.num_parameters() < 2_000_000  # MiniLM alone has 22.7M

