@@ -273,6 +273,14 @@ class TransformersTextEncoder(TextEncoder):
             positions = getattr(config, "max_position_embeddings", None)   # absolute positions (BERT); T5 has none
             if isinstance(positions, int) and max_length > positions:
                 raise ValueError(f"max_length: {path!r} has {positions} position embeddings, got max_length={max_length}")
+            blocks = getattr(config, "num_layers", None) if model_type in _T5_ENCODERS else None
+            blocks = blocks or getattr(config, "num_hidden_layers", None)
+            if isinstance(layer, bool) or not isinstance(layer, int) or (
+                    isinstance(blocks, int) and not -(blocks + 1) <= layer <= blocks):
+                span = (f" in [-{blocks + 1}, {blocks}] (this encoder has {blocks} blocks)"
+                        if isinstance(blocks, int) else "")
+                raise ValueError(f"layer: expected an int{span}, an index into its hidden states (0: the embeddings, "
+                                 f"-1: the last), got {layer!r}")
             try:
                 if model_type in _T5_ENCODERS:
                     model = getattr(transformers, _T5_ENCODERS[model_type]).from_pretrained(path, local_files_only=True)
@@ -290,14 +298,6 @@ class TransformersTextEncoder(TextEncoder):
         dim = getattr(config, "d_model", None) or getattr(config, "hidden_size", None)
         if dim is None:
             raise ValueError(f"text encoder folder {path!r}: config has neither d_model nor hidden_size")
-        blocks = getattr(config, "num_layers", None) if model_type in _T5_ENCODERS else None
-        blocks = blocks or getattr(config, "num_hidden_layers", None)
-        if isinstance(layer, bool) or not isinstance(layer, int) or (
-                isinstance(blocks, int) and not -(blocks + 1) <= layer <= blocks):
-            span = (f" in [-{blocks + 1}, {blocks}] (this encoder has {blocks} blocks)"
-                    if isinstance(blocks, int) else "")
-            raise ValueError(f"layer: expected an int{span}, an index into its hidden states (0: the embeddings, "
-                             f"-1: the last), got {layer!r}")
         super().__init__(name or path, dim, max_length, cache_size)
         self.layer = layer
         model.eval()
