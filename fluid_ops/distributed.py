@@ -128,6 +128,15 @@ def any_rank(ctx: DistContext, flag: bool) -> bool:
     return bool(t.item() > 0)
 
 
+def max_over_ranks(ctx: DistContext, x: float) -> float:
+    """The largest of every rank's x (x itself without a process group)."""
+    if not ctx.enabled:
+        return float(x)
+    t = torch.tensor([float(x)], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
 def _comm_device() -> torch.device:
     if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())

@@ -1,4 +1,5 @@
-"""The training loop: AdamW + warmup, EMA, bf16 autocast, atomic checkpoints, exact resume.
+"""The training loop: AdamW + warmup (+ an optional final linear decay), EMA, bf16 autocast, atomic
+checkpoints, exact resume.
 
     from fluid_ops.training import train, load_ema
     result = train(model, dataset, out_dir="runs/a", minutes=10)   # or steps=..., or both
@@ -59,12 +60,18 @@ _HISTORY_KEYS = ("step", "loss", "lr", "time", "grad_norm")
 
 
 # ---- small pieces, public for tests and scripts -----------------------------------------
-def lr_at(step: int, lr: float, warmup_steps: int) -> float:
+def lr_at(step: int, lr: float, warmup_steps: int, decay: float = 0.0, progress: float = 0.0) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warmup over `warmup_steps`
-    (lr/warmup at step 0, lr at step warmup-1), then constant."""
+    (lr/warmup at step 0, lr at step warmup-1), then constant; with `decay` > 0 (a fraction of
+    the run), linear to 0 over the last `decay` of the run: `progress` is the fraction of the
+    run done before this step (in [0, 1]), and the warmup factor and the decay factor multiply
+    (warmup-stable-decay)."""
+    f = 1.0
     if warmup_steps > 0 and step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    return lr
+        f = (step + 1) / warmup_steps
+    if decay > 0 and progress > 1.0 - decay:
+        f *= max(0.0, 1.0 - progress) / decay
+    return lr * f
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -200,7 +207,7 @@ def _is_real(x) -> bool:
     return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def _validate(model, dataset, *, steps, minutes, batch_size, lr, warmup_steps, weight_decay, betas,
+def _validate(model, dataset, *, steps, minutes, batch_size, lr, warmup_steps, lr_decay, weight_decay, betas,
               grad_clip, ema_decay, ckpt_every, seed, amp, num_workers, log_every, callback):
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -217,6 +224,9 @@ def _validate(model, dataset, *, steps, minutes, batch_size, lr, warmup_steps, w
         raise ValueError(f"lr: expected a finite number > 0, got {lr!r}")
     if not _is_int(warmup_steps) or warmup_steps < 0:
         raise ValueError(f"warmup_steps: expected an int >= 0, got {warmup_steps!r}")
+    if not _is_real(lr_decay) or not 0 <= lr_decay <= 1:
+        raise ValueError(f"lr_decay: expected a fraction of the run in [0, 1] (0: constant LR after the warmup), "
+                         f"got {lr_decay!r}")
     if not _is_real(weight_decay) or weight_decay < 0:
         raise ValueError(f"weight_decay: expected a finite number >= 0, got {weight_decay!r}")
     if (not isinstance(betas, (tuple, list)) or len(betas) != 2
@@ -382,7 +392,8 @@ def _tokenizer_fit_images(dataset, n: int, seed: int, collate_fn, device) -> tor
 
 
 def train(model: nn.Module, dataset, *, out_dir, steps: int | None = None, minutes: float | None = None,
-          batch_size: int = 64, lr: float = 1e-3, warmup_steps: int = 100, weight_decay: float = 0.02,
+          batch_size: int = 64, lr: float = 1e-3, warmup_steps: int = 100, lr_decay: float = 0.0,
+          weight_decay: float = 0.02,
           betas=(0.9, 0.95), grad_clip: float | None = 1.0, ema_decay: float = 0.999, ckpt_every: int = 500,
           seed: int = 0, device=None, amp: str = "auto", num_workers: int = 0, progress: bool = True,
           resume: bool = True, log_every: int = 10, callback: Callable[[StepInfo], Any] | None = None,
@@ -396,6 +407,10 @@ def train(model: nn.Module, dataset, *, out_dir, steps: int | None = None, minut
     minutes: wall-clock budget of this call; training stops after the step that crosses it and
         writes a checkpoint. With both, whichever comes first.
     lr, warmup_steps: linear warmup from lr/warmup_steps to lr, then constant.
+    lr_decay: a fraction of the run; > 0: the LR falls linearly to 0 over the last `lr_decay` of
+        it (warmup-stable-decay; `lr_at`). The run's progress is step / steps, or with `minutes`
+        the fraction of this call's budget spent (the larger of the two with both; so with
+        `minutes` the decay follows the clock, and a resumed call starts its own budget).
     weight_decay: AdamW decay on matrices only (see `param_groups`); betas: AdamW's.
     grad_clip: max global grad norm (None: no clipping). ema_decay: EMA of trainable parameters.
     seed: data order (a permutation per epoch), per-step model randomness (a generator seeded
@@ -419,9 +434,9 @@ def train(model: nn.Module, dataset, *, out_dir, steps: int | None = None, minut
     poisoned state); the last good checkpoint stays as it was.
     """
     _validate(model, dataset, steps=steps, minutes=minutes, batch_size=batch_size, lr=lr,
-              warmup_steps=warmup_steps, weight_decay=weight_decay, betas=betas, grad_clip=grad_clip,
-              ema_decay=ema_decay, ckpt_every=ckpt_every, seed=seed, amp=amp, num_workers=num_workers,
-              log_every=log_every, callback=callback)
+              warmup_steps=warmup_steps, lr_decay=lr_decay, weight_decay=weight_decay, betas=betas,
+              grad_clip=grad_clip, ema_decay=ema_decay, ckpt_every=ckpt_every, seed=seed, amp=amp,
+              num_workers=num_workers, log_every=log_every, callback=callback)
     t_call = time.monotonic()
     deadline = t_call + 60.0 * minutes if minutes is not None else None
     ctx, device = D.setup(device, fsdp=fsdp)
@@ -546,12 +561,14 @@ def train(model: nn.Module, dataset, *, out_dir, steps: int | None = None, minut
         rng_all = D.all_gather_object(ctx, _rng_state()) if ctx.enabled else None
         payload = {"format": CHECKPOINT_FORMAT, "step": step,
                    "data": {"epoch": epoch, "index": index, "dataset_len": n_data, "seed": seed},
-                   "lr_schedule": {"kind": "linear_warmup_constant", "base_lr": float(lr),
-                                   "warmup_steps": int(warmup_steps), "step": step},
+                   "lr_schedule": {"kind": "linear_warmup_stable_decay" if lr_decay else "linear_warmup_constant",
+                                   "base_lr": float(lr), "warmup_steps": int(warmup_steps),
+                                   "decay": float(lr_decay), "step": step},
                    "rng": _rng_state(), "config": config,
                    "history": {k: list(v) for k, v in history.items()},
                    "elapsed_s": elapsed(), "torch_version": str(torch.__version__),
                    "train_args": {"batch_size": batch_size, "lr": float(lr), "warmup_steps": warmup_steps,
+                                  "lr_decay": float(lr_decay),
                                   "weight_decay": float(weight_decay), "betas": [float(b) for b in betas],
                                   "grad_clip": None if grad_clip is None else float(grad_clip),
                                   "ema_decay": float(ema_decay), "seed": seed, "amp": amp}}
@@ -574,6 +591,14 @@ def train(model: nn.Module, dataset, *, out_dir, steps: int | None = None, minut
 
     def elapsed() -> float:
         return elapsed_before + (time.monotonic() - t_start)
+
+    def run_progress() -> float:
+        """Fraction of the run done before this step: step / steps and / or this call's share of
+        its `minutes` budget (the same on every rank: the largest), at most 1."""
+        p = step / steps if steps is not None else 0.0
+        if deadline is not None:
+            p = max(p, D.max_over_ranks(ctx, (time.monotonic() - t_call) / (60.0 * minutes)))
+        return min(p, 1.0)
 
     last_ckpt_step = step
     if steps is not None and step >= steps:
@@ -642,7 +667,7 @@ def train(model: nn.Module, dataset, *, out_dir, steps: int | None = None, minut
         while True:
             images, captions = next(batches)
             images = images.to(device, non_blocking=True)
-            cur_lr = lr_at(step, lr, warmup_steps)
+            cur_lr = lr_at(step, lr, warmup_steps, lr_decay, run_progress() if lr_decay else 0.0)
             for g in opt.param_groups:
                 g["lr"] = cur_lr
             step_generator.manual_seed(_derive_seed(seed, "step", step))

@@ -38,6 +38,30 @@ def test_generate_grid_deterministic(run_dir, tmp_path):
     assert (tmp_path / "a.png").read_bytes() != (tmp_path / "c.png").read_bytes()
 
 
+def test_generate_cfg_uncond_flag_reaches_the_sampler(run_dir, tmp_path, monkeypatch):
+    """--cfg-uncond overrides the config's ('all' in the tiny config) in the sampling loop."""
+    from fluid_ops.models.fluid import Fluid
+    seen, real = [], Fluid._generate_random
+    monkeypatch.setattr(Fluid, "_generate_random", lambda self, *a: seen.append(a[-1]) or real(self, *a))
+    args = ["generate", "--ckpt", str(run_dir), "--prompt", "a red circle at the top left", "-n", "2",
+            "--num-diffusion-steps", "5", "--no-progress", "--out", str(tmp_path / "a.png")]
+    for flag in ([], ["--cfg-uncond", "text"], ["--cfg-uncond", "all"]):
+        assert cli.main([*args, *flag]) == 0
+    assert seen == ["all", "text", "all"]
+    with pytest.raises(SystemExit):
+        cli.main([*args, "--cfg-uncond", "none"])
+
+
+def test_train_lr_decay_flag(tmp_path):
+    """--lr-decay 0.5 over 4 steps: the LR history falls over the last half (train: 0 by default)."""
+    assert cli.main(["train", *TINY, "--steps", "4", "--lr", "1e-3", "--lr-decay", "0.5",
+                     "--out", str(tmp_path)]) == 0
+    lrs = json.loads((tmp_path / "history.json").read_text())["lr"]
+    assert lrs == pytest.approx([1e-3, 1e-3, 1e-3, 5e-4])
+    args = cli.build_parser().parse_args(["train", "--out", "x"])
+    assert args.lr_decay == 0.0 and cli.build_parser().parse_args(["demo", "--out", "x"]).lr_decay == 0.3
+
+
 def test_evaluate_writes_report(run_dir, tmp_path):
     out = tmp_path / "eval.json"
     assert cli.main(["evaluate", "--ckpt", str(run_dir), "--per-category", "2", "--categories",

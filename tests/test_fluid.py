@@ -323,8 +323,12 @@ def test_paper_configs_match_the_paper_table_and_parameter_counts():
     assert (tiny.image_size, tiny.patch_size, tiny.width, tiny.depth, tiny.head_depth, tiny.head_width,
             tiny.diffusion_batch_mul, tiny.pos_embed, tiny.text_pool_add, tiny.num_iter) == \
         (32, 4, 192, 4, 3, 256, 1, "sincos", True, 16)
-    assert tiny.sampling_defaults()["cfg"] == 5.0 and tiny.sampling_defaults()["temperature"] == 0.975
+    assert tiny.sampling_defaults() == {"num_iter": 16, "cfg": 3.0, "temperature": 0.7, "cfg_uncond": "all"}
+    assert CONFIGS["tiny-discrete"].sampling_defaults() == {"num_iter": 16, "cfg": 1.6, "temperature": 1.05,
+                                                            "cfg_uncond": "text"}
     assert CONFIGS["tiny-raster-discrete"].sampling_defaults()["cfg"] == 2.5
+    assert CONFIGS["fluid-166m"].sampling_defaults() == {"num_iter": None, "cfg": 5.0, "temperature": 0.975,
+                                                         "cfg_uncond": "text"}
 
 
 def test_bad_input_gets_clear_errors():
@@ -365,6 +369,60 @@ def test_bad_input_gets_clear_errors():
     assert d.needs_tokenizer_fit
     with pytest.raises(RuntimeError, match="fit_tokenizer"):
         d(images(), CAPTIONS)
+
+
+def _generate_all_masked_uncond(m, prompts, generator):
+    """cfg_uncond="all" written out: at every step, the unconditional rows (null text) run the
+    transformer on an input with every token masked, beside the conditional rows (as a batch)."""
+    from fluid_ops.reference import schedules
+    d = m.config.sampling_defaults()
+    b, l = len(prompts), m.seq_len
+    ctx, cmask, pooled = m._conditions(prompts, True)
+    tokens = m._empty_tokens(b)
+    known = torch.zeros(b, l, dtype=torch.bool)
+    orders = schedules.random_orders(b, l, generator=generator)
+    after = schedules.mask_schedule(l, d["num_iter"])
+    scales = schedules.cfg_schedule(d["cfg"], l, d["num_iter"], "linear")
+    bidx, n_before = torch.arange(b)[:, None], l
+    for k in range(d["num_iter"]):
+        x = torch.where(known[..., None], m._embed_tokens(tokens), m.mask_token)
+        x = m._add_position_and_text(torch.cat([x, m.mask_token.expand(b, l, -1)]), pooled)
+        z = m._head_input(m.transformer(x, context=ctx, context_mask=cmask, cond=m._cond(pooled)))
+        idx = orders[:, after[k]:n_before]
+        zc, zu = (z[rows][bidx, idx].reshape(-1, z.shape[-1]) for rows in (slice(0, b), slice(b, None)))
+        new = m._sample_rows(zc, zu if scales[k] != 1.0 else None, scales[k], d["temperature"],
+                             m.config.num_sampling_steps, generator, None)
+        tokens[bidx, idx] = new.reshape(b, idx.shape[1], *tokens.shape[2:]).to(tokens.dtype)
+        known[bidx, idx] = True
+        n_before = after[k]
+    return m.tokenizer.decode(tokens).float().clamp(0, 1)
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-discrete"])
+def test_cfg_uncond_all_masks_every_known_token_in_the_unconditional_branch(name):
+    """cfg_uncond="all": CFG's unconditional branch is the null text with no known token. The
+    generation (that branch run once, reused at every step) equals the branch recomputed at every
+    step; it differs from the null-text-only branch ("text") when CFG is on, not when it is off."""
+    m = randomize_head(small(name, cfg=4.0))
+    with torch.no_grad():
+        m.mask_token.mul_(50.0)   # make known vs masked inputs matter at init
+        want = _generate_all_masked_uncond(m, CAPTIONS[:3], gen(2))
+    got = m.generate(CAPTIONS[:3], cfg_uncond="all", generator=gen(2))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+    assert (got - m.generate(CAPTIONS[:3], cfg_uncond="text", generator=gen(2))).abs().max() > 1e-2
+    assert torch.equal(small(name, cfg=4.0, cfg_uncond="all").generate(CAPTIONS[:3], generator=gen(2)),
+                       small(name, cfg=4.0, cfg_uncond="all").generate(CAPTIONS[:3], cfg_uncond=None,
+                                                                         generator=gen(2)))
+    assert torch.equal(m.generate(CAPTIONS[:2], cfg=1.0, cfg_uncond="all", generator=gen(3)),
+                       m.generate(CAPTIONS[:2], cfg=1.0, cfg_uncond="text", generator=gen(3)))
+    with pytest.raises(ValueError, match="cfg_uncond must be 'text'"):
+        m.generate(CAPTIONS[:1], cfg_uncond="none")
+    with pytest.raises(ValueError, match="cfg_uncond must be 'text'"):
+        small(name, cfg_uncond="image")
+    with pytest.raises(ValueError, match="cfg_uncond 'all' is for random order"):
+        small(name.replace("tiny", "tiny-raster"), cfg_uncond="all")
+    with pytest.raises(ValueError, match="cfg_uncond 'all' is for random order"):
+        small(name.replace("tiny", "tiny-raster")).generate(CAPTIONS[:1], cfg_uncond="all")
 
 
 @pytest.mark.parametrize("order", ["random", "raster"])

@@ -168,6 +168,26 @@ def test_warmup_lr_and_ema_formula(tmp_path):
     assert lr_at(9, 2.0, 10) == 2.0 and lr_at(10, 2.0, 10) == 2.0 and lr_at(0, 2.0, 10) == pytest.approx(0.2)
 
 
+def test_lr_decay_schedule(tmp_path):
+    """Warmup-stable-decay: lr_at multiplies the warmup factor by (1 - progress) / decay over the
+    last `decay` of the run; train() feeds it step / steps (and records the schedule)."""
+    assert lr_at(5, 2.0, 0, 0.5, 0.4) == 2.0                      # before the decay window
+    assert lr_at(5, 2.0, 0, 0.5, 0.75) == pytest.approx(1.0)      # half-way through it
+    assert lr_at(5, 2.0, 0, 0.5, 1.0) == 0.0
+    assert lr_at(0, 2.0, 10, 0.5, 0.75) == pytest.approx(0.1)     # warmup x decay
+    assert lr_at(5, 2.0, 0, 0.0, 0.99) == 2.0                     # decay 0: constant
+    res = run(tmp_path, steps=8, lr=1e-2, warmup_steps=2, lr_decay=0.5)
+    # step s runs at progress s / 8: decay from step 4 on, (1 - s/8) / 0.5 of the peak
+    assert res.history["lr"] == pytest.approx([5e-3, 1e-2, 1e-2, 1e-2, 1e-2, 7.5e-3, 5e-3, 2.5e-3])
+    state = load_checkpoint(tmp_path / "checkpoint.pt")
+    assert state["lr_schedule"]["kind"] == "linear_warmup_stable_decay" and state["lr_schedule"]["decay"] == 0.5
+    assert state["train_args"]["lr_decay"] == 0.5
+    # by the clock: a 1-minute budget, no step count; the first steps run at the full rate
+    res = run(tmp_path / "clock", steps=None, minutes=1.0, lr=1e-2, warmup_steps=0, lr_decay=0.5,
+              callback=lambda info: info.step >= 3, log_every=1)
+    assert res.history["lr"][:3] == [1e-2, 1e-2, 1e-2]
+
+
 def test_ema_update_formula(tmp_path):
     """EMA_t = d * EMA_{t-1} + (1 - d) * p_t, from EMA_0 = initial weights: recomputed from a
     step-by-step replay (steps=1, 2, 3 resumed) and compared."""
@@ -410,6 +430,7 @@ def test_config_mismatch_and_no_overwrite(tmp_path):
     (dict(batch_size=0), "batch_size"), (dict(steps=0), "steps"), (dict(minutes=-1), "minutes"),
     (dict(betas=(0.9, 1.5)), "betas"), (dict(ema_decay=1.5), "ema_decay"), (dict(amp="fp8"), "amp"),
     (dict(ckpt_every=0), "ckpt_every"), (dict(grad_clip=0), "grad_clip"), (dict(warmup_steps=-1), "warmup"),
+    (dict(lr_decay=1.5), "lr_decay"), (dict(lr_decay=-0.1), "lr_decay"), (dict(lr_decay=True), "lr_decay"),
 ])
 def test_bad_hyperparameters(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
