@@ -218,7 +218,7 @@ CONFIGS: dict[str, FluidConfig] = {
     # CPU-sized variants
     # sampled with CFG 3 at temperature 0.7, the unconditional branch seeing no known token
     # (cfg_uncond="all"). On two checkpoints trained as the demo trains (LR decayed over the last
-    # 30%), 48 prompts each of single-object / colour: a 1400-step one scored overall 0.50 so (0.48 /
+    # 30%), 48 prompts each of single-object / colour: a 1400-step one scored overall 0.50 (0.48 /
     # 0.49 at temperature 0.6 / 0.5; 0.43 at 0.85; CFG 2 / 4: 0.42 / 0.44; a constant CFG schedule
     # at 0.6: 0.38) against 0.29 with the paper's sampling (CFG 5, temperature 0.975, the null text
     # only) and 0.40 with CFG 3 at 0.7 on the null text only; the demo's 1346-step one 0.37 (0.35 at
@@ -809,7 +809,8 @@ class Fluid(nn.Module):
         (the paper's values for the variant), num_diffusion_steps (config.num_sampling_steps).
         cfg_schedule "linear": the CFG scale grows with the fraction of known tokens (SPEC §2.4);
         "constant". cfg_uncond (random order): the unconditional branch drops the text ("text") or the
-        text and every known token ("all"); see FluidConfig. The same generator state gives the same images. kv_cache=False (raster only)
+        text and every known token ("all"); see FluidConfig. The same generator state gives the same
+        images. kv_cache=False (raster only)
         recomputes the whole prefix every step instead of using the cache (same result; a check).
         gemm_dtype: the diffusion head's GEMM dtype (see fluid_ops.diffusion_sample)."""
         prompts, num_iter, cfg, temperature, steps, cfg_uncond = self._check_sampling_args(
