@@ -322,7 +322,7 @@ def test_paper_configs_match_the_paper_table_and_parameter_counts():
     tiny = CONFIGS["tiny"]
     assert (tiny.image_size, tiny.patch_size, tiny.width, tiny.depth, tiny.head_depth, tiny.head_width,
             tiny.diffusion_batch_mul, tiny.pos_embed, tiny.text_pool_add, tiny.num_iter) == \
-        (32, 4, 192, 4, 3, 256, 1, "sincos", True, 16)
+        (32, 4, 128, 4, 3, 256, 1, "sincos", True, 16)
     assert tiny.sampling_defaults() == {"num_iter": 16, "cfg": 3.0, "temperature": 0.7, "cfg_uncond": "all"}
     assert CONFIGS["tiny-discrete"].sampling_defaults() == {"num_iter": 16, "cfg": 1.6, "temperature": 1.05,
                                                             "cfg_uncond": "text"}
