@@ -350,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     # one thread: 500 steps of 32 took 478 s and put colour and cell right on 0.30 of 54 prompts;
     # 500 steps of 64 took 979 s and 0.09)
     # and the LR falls to 0 over the last 30% of the minutes (1400 steps on one thread: overall 0.29
-    # against 0.28 at the same steps without, and it is what the sampling below was chosen on)
+    # against 0.28 at the same steps without; the tiny config's sampling was chosen on such a run)
     _add_train_knobs(p, minutes=15.0, ema=0.99, batch_size=32, lr_decay=0.3)
     p.add_argument("--grid-rows", type=int, default=12, help="prompts in the grid")
     p.add_argument("-n", type=int, default=6, help="images per prompt in the grid")

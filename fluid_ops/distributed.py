@@ -123,9 +123,7 @@ def all_reduce_mean(ctx: DistContext, t: torch.Tensor) -> torch.Tensor:
 def any_rank(ctx: DistContext, flag: bool) -> bool:
     if not ctx.enabled:
         return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=_comm_device())
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item() > 0)
+    return max_over_ranks(ctx, 1.0 if flag else 0.0) > 0
 
 
 def max_over_ranks(ctx: DistContext, x: float) -> float:

@@ -187,8 +187,8 @@ def _paper(depth, width, heads) -> FluidConfig:
 def _tiny(**kw) -> FluidConfig:
     # The recipe measured to learn fastest on a 2-core CPU (shared/NOTES.md, 2026-11-25): 32x32
     # images, patch 4 (64 tokens x 48), width 192 (now 128: below), 4 blocks, head 3 x 256, one
-    # t-draw per token, fixed 2D sin-cos positions, the condition added to every position; trained with lr 2e-3;
-    # sampled in 16 AR steps. Plus the position at the head's input (head_pos_embed, as MAR):
+    # t-draw per token, fixed 2D sin-cos positions, the condition added to every position; trained
+    # with lr 2e-3; sampled in 16 AR steps. Plus the position at the head's input (head_pos_embed, as MAR):
     # without it this model washed position out of the transformer output within 100 steps
     # (variance over positions 1e-5 of that over captions) and could not even learn where one
     # fixed caption's object goes in 150 steps; with it, it could (measured 2026-12-01). And the
