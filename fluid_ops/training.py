@@ -592,13 +592,20 @@ def train(model: nn.Module, dataset, *, out_dir, steps: int | None = None, minut
     def elapsed() -> float:
         return elapsed_before + (time.monotonic() - t_start)
 
+    def clock_share() -> float:
+        """This call's share of its `minutes` budget spent so far, the same on every rank (the
+        largest): one scalar all-reduce under torch.distributed."""
+        return D.max_over_ranks(ctx, (time.monotonic() - t_call) / (60.0 * minutes))
+
+    # The clock share is measured once per step, after it: the deadline check and the next step's
+    # LR both read it.
+    share = clock_share() if deadline is not None else 0.0
+
     def run_progress() -> float:
         """Fraction of the run done before this step: step / steps and / or this call's share of
-        its `minutes` budget (the same on every rank: the largest), at most 1."""
+        its `minutes` budget, at most 1."""
         p = step / steps if steps is not None else 0.0
-        if deadline is not None:
-            p = max(p, D.max_over_ranks(ctx, (time.monotonic() - t_call) / (60.0 * minutes)))
-        return min(p, 1.0)
+        return min(max(p, share), 1.0)
 
     last_ckpt_step = step
     if steps is not None and step >= steps:
@@ -703,8 +710,10 @@ def train(model: nn.Module, dataset, *, out_dir, steps: int | None = None, minut
 
             if steps is not None and step >= steps:
                 stopped_by = "steps"
-            elif deadline is not None and D.any_rank(ctx, time.monotonic() >= deadline):
-                stopped_by = "minutes"
+            elif deadline is not None:
+                share = clock_share()
+                if share >= 1.0:
+                    stopped_by = "minutes"
             checkpoint_due = stopped_by is not None or step % ckpt_every == 0
             if len(pending) == log_every or checkpoint_due:
                 if flush() and stopped_by is None:

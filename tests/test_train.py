@@ -188,6 +188,22 @@ def test_lr_decay_schedule(tmp_path):
     assert res.history["lr"][:3] == [1e-2, 1e-2, 1e-2]
 
 
+def test_clock_share_is_one_scalar_reduce_per_step(tmp_path, monkeypatch):
+    """With `minutes` and lr_decay the deadline check and the next step's LR read one clock
+    share: one max_over_ranks before the loop and one after each step but the last (which stops
+    on `steps`), and no separate any_rank for the deadline."""
+    from fluid_ops import distributed as D
+    shares, flags = [], []      # the scalar reductions train() asks for (each one all-reduce under DDP)
+    real_max, real_any = D.max_over_ranks, D.any_rank
+    monkeypatch.setattr(D, "max_over_ranks", lambda ctx, x: shares.append(x) or real_max(ctx, x))
+    monkeypatch.setattr(D, "any_rank", lambda ctx, f: flags.append(f) or real_any(ctx, f))
+    res = run(tmp_path, steps=6, minutes=10.0, lr=1e-2, warmup_steps=0, lr_decay=0.5, log_every=6)
+    assert res.step == 6 and len(shares) == 1 + 5
+    assert shares == sorted(shares) and 0 <= shares[0] and shares[-1] < 1   # as time passes
+    assert flags == [False]                         # only the final save's finiteness check
+    assert res.history["lr"] == pytest.approx([1e-2, 1e-2, 1e-2, 1e-2, 2 / 3 * 1e-2, 1 / 3 * 1e-2], abs=1e-6)
+
+
 def test_ema_update_formula(tmp_path):
     """EMA_t = d * EMA_{t-1} + (1 - d) * p_t, from EMA_0 = initial weights: recomputed from a
     step-by-step replay (steps=1, 2, 3 resumed) and compared."""
