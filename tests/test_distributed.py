@@ -366,6 +366,13 @@ def test_prepared_cache_gives_the_images_loss_and_flipped_view(tmp_path, prepare
     other, _ = dist_worker.build({"set": {"patch_size": 8}})
     with pytest.raises(ValueError, match="patch_size"):
         ds.check_model_config(other.config)
-    layer = model.config.text_layer                     # another hidden state of the text encoder
-    with pytest.raises(ValueError, match=f"text_layer: cache {layer}, model {layer + 1}"):
-        ds.check_model_config({**dataclasses.asdict(model.config), "text_layer": layer + 1})
+    layer = model.config.text_layer
+    assert model.config.text_encoder == "hash"          # no layers: another text_layer is the same cache
+    ds.check_model_config({**dataclasses.asdict(model.config), "text_layer": layer + 1})
+    with pytest.raises(ValueError, match="text_encoder: cache 'hash', model 'minilm'"):
+        ds.check_model_config({**dataclasses.asdict(model.config), "text_encoder": "minilm"})
+    ds.meta["model"]["text_encoder"] = "minilm"        # as if prepared with a transformers encoder
+    minilm = {**dataclasses.asdict(model.config), "text_encoder": "minilm"}
+    ds.check_model_config(minilm)
+    with pytest.raises(ValueError, match=f"text_layer: cache {layer}, model {layer + 1}"):  # another hidden state
+        ds.check_model_config({**minilm, "text_layer": layer + 1})

@@ -213,13 +213,22 @@ class ShardDataset(torch.utils.data.Dataset):
             return
         import dataclasses
         cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
-        diffs = [f"{k}: cache {v!r}, model {cfg.get(k)!r}" for k, v in self.meta["model"].items() if cfg.get(k) != v]
+        meta = self.meta["model"]
+        # a word-hash encoder has no layers (build_text_encoder ignores `layer` for it), so its
+        # text_layer names nothing the cache depends on
+        ignored = {"text_layer"} if _is_hash(meta.get("text_encoder")) and _is_hash(cfg.get("text_encoder")) else set()
+        diffs = [f"{k}: cache {v!r}, model {cfg.get(k)!r}" for k, v in meta.items()
+                 if k not in ignored and cfg.get(k) != v]
         if diffs:
             raise ValueError(f"the prepared data in {str(self.paths[0].parent)!r} was encoded for another model "
                              f"({'; '.join(diffs)}): prepare it again for this config")
 
     def __repr__(self) -> str:
         return f"ShardDataset({len(self.paths)} shards, n={len(self)}, kind={self.kind})"
+
+
+def _is_hash(spec) -> bool:
+    return isinstance(spec, str) and (spec == "hash" or spec.startswith("hash:"))
 
 
 def _npy(a: np.ndarray) -> bytes:
