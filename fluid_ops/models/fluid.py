@@ -203,7 +203,8 @@ def _tiny(**kw) -> FluidConfig:
     # Width 128 (2 heads of 64) instead of 192: 1.43x the steps in the same minutes, about as good per
     # step (1400 steps, constant LR: overall 0.26 against 0.28); the demo with it made 1839 steps in
     # its 15 minutes and scored overall 0.55 (single-object 0.60, colour prompts 0.50), against 0.34
-    # (1278 steps) at width 192 with the same sampling and LR decay (one run each, 2026-12-01).
+    # (1278 steps) at width 192 with the same sampling and LR decay (one run each, 2026-12-01); two
+    # more demo runs at width 128: 0.52 (1747 steps) and 0.55 (1710 steps).
     base = dict(image_size=32, patch_size=4, width=128, depth=4, num_heads=2, aligner_depth=1,
                 text_max_length=32, text_layer=2, head_depth=3, head_width=256, diffusion_batch_mul=1,
                 pos_embed="sincos", text_pool_add=True, text_pool="encoder", head_pos_embed=True, num_iter=16)
