@@ -291,6 +291,29 @@ def test_backward_lowp(backend, dtype):
         assert_lowp_close(g, w, lo, atol=1e-3, name=f"d{name}")
 
 
+def fwd_on(backend_name, q, k, v, mask, causal, scale=None):
+    """The attention_fwd op (output, lse) on one named backend."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    with fluid_ops.use_backend(backend_name):
+        return torch.ops.fluid_ops.attention_fwd(q, k, v, mask, causal, scale)
+
+
+def grads_on(backend_name, q, k, v, mask, causal, do):
+    """fluid_ops.attention's output and its q / k / v gradients for `do` on one named backend."""
+    qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    with fluid_ops.use_backend(backend_name):
+        out = fluid_ops.attention(qs, ks, vs, key_padding_mask=mask, causal=causal)
+        return out, torch.autograd.grad(out, (qs, ks, vs), do)
+
+
+def ref_grads(q, k, v, mask, causal, do):
+    """fp64 reference output and gradients, on the CPU."""
+    q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
+    m = None if mask is None else mask.cpu()
+    o = ref.attention(q64, k64, v64, key_padding_mask=m, causal=causal)
+    return o, torch.autograd.grad(o, (q64, k64, v64), do.cpu().double())
+
+
 def _naive_autograd_lowp(q, k, v, mask):
     """The SPEC formula in the low precision itself, differentiable (the 2x rule's baseline)."""
     nq, nk, d = q.shape[1], k.shape[1], q.shape[3]

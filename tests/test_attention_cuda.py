@@ -15,6 +15,7 @@ backend is unavailable): a GPU run switches them on with no edits. Without a GPU
 that the compiled module exports the kernels, the kernels' own argument checks (they throw
 before any launch, so no device is touched) and the supports hook's reasons.
 """
+import functools
 import importlib
 
 import pytest
@@ -23,7 +24,7 @@ import torch
 import fluid_ops
 from fluid_ops import _compiled, backend
 from tests.conftest import assert_lowp_close, requires_cuda
-from tests.test_attention import _inputs, _naive
+from tests.test_attention import _inputs, _naive, fwd_on, grads_on, ref_grads as _ref_grads
 
 ref = importlib.import_module("fluid_ops.reference.attention")
 ops_attn = importlib.import_module("fluid_ops.ops.attention")
@@ -39,25 +40,8 @@ def _dev(*ts):
     return tuple(None if t is None else t.cuda() for t in ts)
 
 
-def _fwd(q, k, v, mask, causal, scale=None):
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    with fluid_ops.use_backend("cuda"):
-        return torch.ops.fluid_ops.attention_fwd(q, k, v, mask, causal, scale)
-
-
-def _grads(q, k, v, mask, causal, do):
-    qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    with fluid_ops.use_backend("cuda"):
-        out = fluid_ops.attention(qs, ks, vs, key_padding_mask=mask, causal=causal)
-        return out, torch.autograd.grad(out, (qs, ks, vs), do)
-
-
-def _ref_grads(q, k, v, mask, causal, do):
-    """fp64 reference output and gradients, on the CPU."""
-    q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
-    m = None if mask is None else mask.cpu()
-    o = ref.attention(q64, k64, v64, key_padding_mask=m, causal=causal)
-    return o, torch.autograd.grad(o, (q64, k64, v64), do.cpu().double())
+_fwd = functools.partial(fwd_on, "cuda")
+_grads = functools.partial(grads_on, "cuda")
 
 
 def _lowp_autograd(q, k, v, mask, causal):

@@ -11,6 +11,7 @@ where a GPU is (there this module sets FLUID_OPS_TRITON_AUTOTUNE=0 instead). Sha
 (the interpreter is slow) but cross the interpreter's 32-wide tiles: N = 1, N not a multiple of the tile, Nq != Nk, D = 80 / 96, fully
 masked rows, padding that empties whole key tiles, B = 0.
 """
+import functools
 import importlib
 import importlib.util
 import os
@@ -21,7 +22,8 @@ import torch
 import fluid_ops
 from fluid_ops import backend
 from tests.conftest import assert_lowp_close
-from tests.test_attention import _inputs, _naive, _naive_autograd_lowp
+from tests.test_attention import _inputs, _naive, _naive_autograd_lowp, fwd_on, grads_on
+from tests.test_attention import ref_grads as _ref_grads
 
 ref = importlib.import_module("fluid_ops.reference.attention")
 
@@ -76,24 +78,8 @@ def _to(device, *ts):
     return tuple(None if t is None else t.to(device) for t in ts)
 
 
-def _fwd(q, k, v, mask, causal, scale=None):
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    with fluid_ops.use_backend("triton"):
-        return torch.ops.fluid_ops.attention_fwd(q, k, v, mask, causal, scale)
-
-
-def _grads(q, k, v, mask, causal, do, backend_name="triton"):
-    qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    with fluid_ops.use_backend(backend_name):
-        out = fluid_ops.attention(qs, ks, vs, key_padding_mask=mask, causal=causal)
-        return out, torch.autograd.grad(out, (qs, ks, vs), do)
-
-
-def _ref_grads(q, k, v, mask, causal, do):
-    q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
-    m = None if mask is None else mask.cpu()
-    o = ref.attention(q64, k64, v64, key_padding_mask=m, causal=causal)
-    return o, torch.autograd.grad(o, (q64, k64, v64), do.cpu().double())
+_fwd = functools.partial(fwd_on, "triton")
+_grads = functools.partial(grads_on, "triton")
 
 
 # ---- the interpreter really runs here (these tests cannot silently skip where no GPU is) ------
