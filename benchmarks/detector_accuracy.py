@@ -17,9 +17,8 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-from fluid_ops.data.shapes import BACKGROUND
+from fluid_ops.data import degrade
 from fluid_ops.eval import CATEGORIES, evaluate, geneval_prompts, render_spec
 
 CONDITIONS = {  # name: (blur px at size 32, noise std, contrast)
@@ -28,20 +27,6 @@ CONDITIONS = {  # name: (blur px at size 32, noise std, contrast)
     "heavy": (1.0, 0.10, 1.0),
     "dim+mild": (0.6, 0.06, 0.6),
 }
-
-
-def degrade(images, blur_px, noise, contrast, generator):
-    if contrast != 1.0:
-        bg = torch.tensor(BACKGROUND).view(1, 3, 1, 1)
-        images = bg + contrast * (images - bg)
-    if blur_px > 0:
-        k = int(np.ceil(3 * blur_px))
-        x = torch.arange(-k, k + 1, dtype=torch.float32)
-        g = torch.exp(-x ** 2 / (2 * blur_px ** 2))
-        g = (g / g.sum()).repeat(3, 1, 1, 1)
-        im = F.pad(images, (k, k, k, k), mode="replicate")
-        images = F.conv2d(F.conv2d(im, g.view(3, 1, 1, -1), groups=3), g.view(3, 1, -1, 1), groups=3)
-    return (images + noise * torch.randn(images.shape, generator=generator)).clamp(0, 1)
 
 
 def main():
@@ -62,7 +47,8 @@ def main():
         clean = torch.stack([render_spec(p.spec, size, seed=args.seed * 100_000 + i) for i, p in enumerate(prompts)])
         for cond in args.conditions:
             blur, noise, contrast = CONDITIONS[cond]
-            images = degrade(clean, blur * size / 32, noise, contrast, torch.Generator().manual_seed(args.seed))
+            images = degrade(clean, blur_px=blur * size / 32, noise=noise, contrast=contrast,
+                             generator=torch.Generator().manual_seed(args.seed))
             t0 = time.perf_counter()
             result = evaluate(images, prompts, detections=False, progress=False)
             ms = (time.perf_counter() - t0) / len(prompts) * 1e3

@@ -8,35 +8,16 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
-from fluid_ops.data import BACKGROUND, COLOURS, POSITIONS, SHAPES, ObjectSpec, ShapesDataset, Spec, caption, render
+from fluid_ops.data import COLOURS, POSITIONS, SHAPES, ObjectSpec, ShapesDataset, Spec, caption, degrade, render
 from fluid_ops.data.shapes import PlacedObject
 from fluid_ops.eval import CATEGORIES, Prompt, detect, evaluate, geneval_prompts, render_spec
-
-
-def degrade(images: torch.Tensor, blur_px: float, noise: float, generator: torch.Generator,
-            contrast: float = 1.0) -> torch.Tensor:
-    """(B, 3, H, W) images: contrast toward the background, Gaussian blur (sigma in pixels),
-    additive Gaussian noise, clipped to [0, 1]. One batched call: per-image convolutions crawl
-    on a busy machine."""
-    if contrast != 1.0:
-        bg = torch.tensor(BACKGROUND).view(1, 3, 1, 1)
-        images = bg + contrast * (images - bg)
-    if blur_px > 0:
-        k = int(np.ceil(3 * blur_px))
-        x = torch.arange(-k, k + 1, dtype=torch.float32)
-        g = torch.exp(-x ** 2 / (2 * blur_px ** 2))
-        g = (g / g.sum()).repeat(3, 1, 1, 1)
-        im = F.pad(images, (k, k, k, k), mode="replicate")
-        images = F.conv2d(F.conv2d(im, g.view(3, 1, 1, -1), groups=3), g.view(3, 1, -1, 1), groups=3)
-    return (images + noise * torch.randn(images.shape, generator=generator)).clamp(0, 1)
 
 
 def renders(prompts, size, blur=0.0, noise=0.0, contrast=1.0, seed=0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     images = torch.stack([render_spec(p.spec, size, seed=seed * 10_000 + i) for i, p in enumerate(prompts)])
-    return degrade(images, blur * size / 32, noise, g, contrast)
+    return degrade(images, blur_px=blur * size / 32, noise=noise, contrast=contrast, generator=g)
 
 
 PROMPTS = geneval_prompts(per_category=50, seed=3)  # 300 prompts, every category
@@ -73,11 +54,44 @@ def test_detector_counts_objects_in_data_set_scenes():
             assert got == sorted((o.shape, o.colour) for o in objects), ds[i][1]
 
 
+def test_degrade_against_its_formulas():
+    """fluid_ops.data.degrade: contrast pulls toward BACKGROUND linearly, the blur is a separable
+    Gaussian of sigma blur_px (a centred impulse comes out as its written-out outer product), the
+    noise has std `noise`, and the result is clipped to [0, 1]."""
+    from fluid_ops.data import BACKGROUND
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 16, 16, generator=g)
+    torch.testing.assert_close(degrade(x), x, atol=0, rtol=0)
+    bg = torch.tensor(BACKGROUND).view(1, 3, 1, 1)
+    torch.testing.assert_close(degrade(x, contrast=0.25), bg + 0.25 * (x - bg))
+    torch.testing.assert_close(degrade(x, contrast=0.0), bg.expand_as(x))
+    imp = torch.zeros(1, 3, 21, 21)
+    imp[..., 10, 10] = 1.0
+    sigma = 1.3
+    t = torch.arange(21, dtype=torch.float64) - 10
+    w = torch.exp(-t ** 2 / (2 * sigma ** 2)) * (t.abs() <= 4)        # 3 sigma, rounded up: 4 taps
+    want = torch.outer(w, w) / w.sum() ** 2
+    got = degrade(imp, blur_px=sigma)
+    for c in range(3):
+        torch.testing.assert_close(got[0, c].double(), want, atol=1e-6, rtol=1e-5)
+    grey = torch.full((1, 3, 64, 64), 0.5)
+    torch.testing.assert_close(degrade(grey, blur_px=2.0), grey, atol=1e-6, rtol=0)   # edges replicated
+    noisy = degrade(grey, noise=0.05, generator=torch.Generator().manual_seed(1))
+    assert abs((noisy - 0.5).std().item() - 0.05) < 0.003 and abs((noisy - 0.5).mean().item()) < 0.003
+    assert degrade(x * 3 - 1, contrast=1.0).min() >= 0 and degrade(x * 3 - 1).max() <= 1
+    for bad, match in ((dict(noise=-0.1), "noise"), (dict(blur_px=float("nan")), "blur_px"),
+                       (dict(contrast=True), "contrast")):
+        with pytest.raises(ValueError, match=match):
+            degrade(x, **bad)
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        degrade(x[0])
+
+
 def test_detector_sees_nothing_in_blank_or_noise_images():
     g = torch.Generator().manual_seed(0)
     blank = torch.tensor([0.04, 0.04, 0.05]).view(3, 1, 1).expand(3, 32, 32)
     assert detect(blank) == []
-    assert detect(degrade(blank[None], 0.0, 0.08, g)[0]) == []
+    assert detect(degrade(blank[None], noise=0.08, generator=g)[0]) == []
     assert detect(torch.full((3, 64, 64), 0.7)) == []  # flat colour: all background
 
 

@@ -3,7 +3,7 @@ WebDataset tar shards (raw image-caption pairs, or caches written by `fluid-ops 
 from fluid_ops.data.folder import IMAGE_SUFFIXES, ImageCaptionFolder, collate  # noqa: F401
 from fluid_ops.data.shapes import (  # noqa: F401
     BACKGROUND, CATEGORIES, COLOURS, DEFAULT_KINDS, KINDS, POSITIONS, RELATIONS, SHAPES,
-    ObjectSpec, PlacedObject, Prompt, ShapesDataset, Spec, caption, category_of, geneval_prompts,
+    ObjectSpec, PlacedObject, Prompt, ShapesDataset, Spec, caption, category_of, degrade, geneval_prompts,
     parse_prompt, position_cell, render, render_spec, sample_layout, sample_spec,
 )
 from fluid_ops.data.shards import ShardDataset, ShardError, list_shards, write_shards  # noqa: F401

@@ -39,7 +39,7 @@ __all__ = [
     "SHAPES", "COLOURS", "BACKGROUND", "POSITIONS", "RELATIONS", "KINDS", "CATEGORIES",
     "DEFAULT_KINDS", "ObjectSpec", "Spec", "Prompt", "PlacedObject", "ShapesDataset",
     "caption", "category_of", "parse_prompt", "geneval_prompts", "sample_spec", "sample_layout",
-    "render", "render_spec", "position_cell",
+    "render", "render_spec", "degrade", "position_cell",
 ]
 
 SHAPES = ("circle", "square", "triangle")
@@ -367,6 +367,35 @@ def render_spec(spec: Spec | str, size: int = 32, seed: int = 0) -> torch.Tensor
         spec = parse_prompt(spec)
     rng = np.random.default_rng([int(seed), 0x5EED])
     return torch.from_numpy(render(sample_layout(spec, size, rng), size))
+
+
+def degrade(images: torch.Tensor, *, blur_px: float = 0.0, noise: float = 0.0, contrast: float = 1.0,
+            generator: torch.Generator | None = None) -> torch.Tensor:
+    """Renders made to look like a small model's samples, to check the detector on: (B, 3, H, W)
+    images in [0, 1] pulled toward the background (`contrast` < 1), blurred by a Gaussian of
+    sigma `blur_px` pixels (edges replicated), plus N(0, noise^2) noise drawn from `generator`,
+    clipped to [0, 1]. One batched call (per-image convolutions crawl on a busy machine)."""
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] != 3:
+        got = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images: expected a (B, 3, H, W) tensor, got {got}")
+    for name, v in (("blur_px", blur_px), ("noise", noise), ("contrast", contrast)):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not np.isfinite(v) or v < 0:
+            raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")
+    images = images.float()
+    if contrast != 1.0:
+        bg = torch.tensor(BACKGROUND, dtype=images.dtype, device=images.device).view(1, 3, 1, 1)
+        images = bg + contrast * (images - bg)
+    if blur_px > 0:
+        k = int(np.ceil(3 * blur_px))
+        x = torch.arange(-k, k + 1, dtype=images.dtype, device=images.device)
+        g = torch.exp(-x ** 2 / (2 * blur_px ** 2))
+        g = (g / g.sum()).repeat(3, 1, 1, 1)
+        im = torch.nn.functional.pad(images, (k, k, k, k), mode="replicate")
+        conv = torch.nn.functional.conv2d
+        images = conv(conv(im, g.view(3, 1, 1, -1), groups=3), g.view(3, 1, -1, 1), groups=3)
+    if noise > 0:
+        images = images + noise * torch.randn(images.shape, generator=generator, device=images.device)
+    return images.clamp(0, 1)
 
 
 # ----------------------------------------------------------------------------- data set
