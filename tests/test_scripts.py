@@ -60,3 +60,29 @@ def test_evaluate_script_writes_a_report(run_dir, tmp_path):
     assert set(report["categories"]) == {"single_object", "colors"}
     assert all(c["n"] == 2 for c in report["categories"].values())
     assert 0.0 <= report["overall"] <= 1.0 and "overall" in stdout
+
+
+def test_gpu_pass_script_runs_its_stages_and_packs_the_logs(tmp_path):
+    """benchmarks/gpu_pass.sh on a small selection: the env stage and a one-file test stage run,
+    a stage past its limit is reported as timed out, and the summary (printed last) and the
+    tarball land in $OUT."""
+    import shutil
+    import tarfile
+    if shutil.which("bash") is None or shutil.which("timeout") is None:
+        pytest.skip("needs bash and coreutils' timeout")
+    env = dict(os.environ, OUT=str(tmp_path / "out"), PY=sys.executable, STAGES="env tests",
+               TEST_PATHS="tests/test_schedules.py", LIMIT_env="120", OMP_NUM_THREADS="1")
+    p = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_pass.sh")], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    summary = (tmp_path / "out" / "gpu_pass_summary.txt").read_text()
+    lines = {ln.split()[0]: ln for ln in summary.splitlines() if ln.strip()}
+    assert "rc=0" in lines["env"] and "rc=0" in lines["tests"] and " passed" in lines["tests"], summary
+    with tarfile.open(tmp_path / "out" / "gpu_pass.tar.gz") as tf:
+        names = set(tf.getnames())
+    assert {"gpu_pass/env.log", "gpu_pass/tests.log", "gpu_pass/tests.xml", "gpu_pass/summary.txt"} <= names
+    assert p.stdout.rstrip().endswith(lines["tests"].rstrip())
+    env.update(STAGES="tests", LIMIT_tests="1", OUT=str(tmp_path / "out2"))
+    p = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_pass.sh")], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert "TIMED OUT after 1s" in (tmp_path / "out2" / "gpu_pass_summary.txt").read_text()
