@@ -438,7 +438,6 @@ def train(model: nn.Module, dataset, *, out_dir, steps: int | None = None, minut
               grad_clip=grad_clip, ema_decay=ema_decay, ckpt_every=ckpt_every, seed=seed, amp=amp,
               num_workers=num_workers, log_every=log_every, callback=callback)
     t_call = time.monotonic()
-    deadline = t_call + 60.0 * minutes if minutes is not None else None
     ctx, device = D.setup(device, fsdp=fsdp)
     device = _resolve_device(device)
     if fsdp and not ctx.enabled:
@@ -599,7 +598,7 @@ def train(model: nn.Module, dataset, *, out_dir, steps: int | None = None, minut
 
     # The clock share is measured once per step, after it: the deadline check and the next step's
     # LR both read it.
-    share = clock_share() if deadline is not None else 0.0
+    share = clock_share() if minutes is not None else 0.0
 
     def run_progress() -> float:
         """Fraction of the run done before this step: step / steps and / or this call's share of
@@ -710,7 +709,7 @@ def train(model: nn.Module, dataset, *, out_dir, steps: int | None = None, minut
 
             if steps is not None and step >= steps:
                 stopped_by = "steps"
-            elif deadline is not None:
+            elif minutes is not None:
                 share = clock_share()
                 if share >= 1.0:
                     stopped_by = "minutes"
