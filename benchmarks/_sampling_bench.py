@@ -1,4 +1,4 @@
-"""Benchmark of the diffusion head's sampling loop (SPEC §2.3) at MAR-B size.
+"""Benchmark of the diffusion head's sampling loop (docs/contracts.md §2.3) at MAR-B size.
 
 `bench_sampling(quick)` times the reference loop (`fluid_ops.reference.diffusion_sample`
 with the reference DenoiserMLP, as MAR runs it) against `fluid_ops.diffusion_sample` with

@@ -109,7 +109,7 @@ def bench_attention(args) -> list[dict]:
                     "max_abs_diff": err,
                 })
         # causal self-attention (Nq == Nk, so SDPA's top-left is_causal equals our bottom-right);
-        # FLOPs halved (DESIGN.md)
+        # FLOPs halved (docs/design.md)
         for dtype in (torch.float32, torch.bfloat16):
             q, k, v = (torch.randn(b, n, h, d, generator=g).to(dtype) for _ in range(3))
             qt, kt, vt = (t.transpose(1, 2).contiguous() for t in (q, k, v))
@@ -128,7 +128,7 @@ def bench_attention(args) -> list[dict]:
                 "ours_gflops": flops / med["ours"] / 1e9, "peer_gflops": flops / med["sdpa"] / 1e9,
                 "speedup": med["sdpa"] / med["ours"], "max_abs_diff": err,
             })
-        # training step: forward + backward (FLOPs 3.5x forward, DESIGN.md), unmasked
+        # training step: forward + backward (FLOPs 3.5x forward, docs/design.md), unmasked
         for dtype in (torch.float32, torch.bfloat16):
             q, k, v = (torch.randn(b, n, h, d, generator=g).to(dtype).requires_grad_() for _ in range(3))
             do = torch.randn(b, n, h, d, generator=g).to(dtype)

@@ -1,4 +1,4 @@
-"""The diffusion head (MAR's SimpleMLPAdaLN, SPEC §2.2-2.3): fluid_ops against eager PyTorch and
+"""The diffusion head (MAR's SimpleMLPAdaLN, docs/contracts.md §2.2-2.3): fluid_ops against eager PyTorch and
 torch.compile, forward, forward + backward and the whole 100-step sampling loop.
 
     python benchmarks/denoiser.py            # GPU: MAR-B / L / H heads x 64 / 512 / 4096 rows

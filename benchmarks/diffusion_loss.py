@@ -1,4 +1,4 @@
-"""Training under the diffusion loss: one forward + backward of MAR's loss (SPEC §2.3) through the
+"""Training under the diffusion loss: one forward + backward of MAR's loss (docs/contracts.md §2.3) through the
 head, `fluid_ops.nn.diffusion_loss` against the reference `fluid_ops.reference.diffusion_loss`,
 time and peak memory.
 

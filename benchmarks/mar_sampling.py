@@ -63,7 +63,7 @@ import fluid_ops  # noqa: E402
 from fluid_ops.models.mar import FACTORIES  # noqa: E402
 
 VARIANTS = ("fluid_ops", "fluid_ops_reference", "standin_accelerated", "standin")
-# MAR's paper CFG scales per size (SPEC §1); tiny uses MAR-B's
+# MAR's paper CFG scales per size (docs/contracts.md §1); tiny uses MAR-B's
 CFG = {"mar_base": 2.9, "mar_large": 3.0, "mar_huge": 3.2, "mar_tiny": 2.9}
 GRIDS = {
     # the grid

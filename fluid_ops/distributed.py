@@ -7,7 +7,7 @@
 joins the process group (NCCL on CUDA, gloo on CPU), one device per local rank; without it
 nothing changes (world size 1, the single-process path as before).
 
-Why N ranks give the run of one rank with N times the per-rank batch (SPEC-level promise of
+Why N ranks give the run of one rank with N times the per-rank batch (a contract-level promise of
 issue 9; to float rounding):
 * `batch_size` is the GLOBAL batch. The data stream (one seeded permutation per epoch) is cut
   into global batches exactly as in one process; rank r takes the r-th contiguous slice of each.

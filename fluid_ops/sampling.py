@@ -1,4 +1,4 @@
-"""`fluid_ops.diffusion_sample`: the whole reverse-diffusion loop of MAR's head (SPEC §2.3).
+"""`fluid_ops.diffusion_sample`: the whole reverse-diffusion loop of MAR's head (docs/contracts.md §2.3).
 
 Same arguments and semantics as `fluid_ops.reference.diffusion.diffusion_sample`; the per-step
 update is the fused `fluid_ops.ddpm_step` with the schedule table on the device, the timestep

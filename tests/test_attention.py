@@ -1,4 +1,4 @@
-"""attention / attention_kvcache: the reference against SPEC §2.1 written naively, every backend
+"""attention / attention_kvcache: the reference against docs/contracts.md §2.1 written naively, every backend
 against the reference (awkward shapes, masks, causal, dtypes, strided views), gradients,
 torch.library contracts, a property test, bad inputs and the KV cache."""
 import importlib
@@ -20,7 +20,7 @@ BACKENDS = backend_params("reference", "cpu")
 
 
 def _naive(q, k, v, mask=None, causal=False, scale=None, seqlens_k=None, dtype=torch.float64):
-    """softmax(Q Kᵀ · scale + mask) V per (b, h), written from SPEC §2.1 with explicit loops
+    """softmax(Q Kᵀ · scale + mask) V per (b, h), written from docs/contracts.md §2.1 with explicit loops
     over batch and head, in `dtype`; a row with no allowed key is 0."""
     b, nq, h, d = q.shape
     nk = k.shape[1]
@@ -63,7 +63,7 @@ def _run(backend, *args, **kwargs):
         return fluid_ops.attention(*args, **kwargs)
 
 
-# ---- the reference against the SPEC formula ------------------------------------------------
+# ---- the reference against the contract formula (docs/contracts.md) ------------------------------------------------
 @pytest.mark.parametrize("b,nq,nk,h,d", [(2, 5, 5, 2, 32), (1, 7, 3, 1, 64), (2, 3, 9, 2, 80)])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
@@ -315,7 +315,7 @@ def ref_grads(q, k, v, mask, causal, do):
 
 
 def _naive_autograd_lowp(q, k, v, mask):
-    """The SPEC formula in the low precision itself, differentiable (the 2x rule's baseline)."""
+    """The contract formula (docs/contracts.md) in the low precision itself, differentiable (the 2x rule's baseline)."""
     nq, nk, d = q.shape[1], k.shape[1], q.shape[3]
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     s = (qt @ kt.transpose(-1, -2)) * d ** -0.5

@@ -45,7 +45,7 @@ _grads = functools.partial(grads_on, "cuda")
 
 
 def _lowp_autograd(q, k, v, mask, causal):
-    """The SPEC formula in the inputs' low precision, differentiable, finite on rows that see no
+    """The contract formula (docs/contracts.md) in the inputs' low precision, differentiable, finite on rows that see no
     key (their scores are replaced before the softmax, their probabilities zeroed after): the
     baseline of the 2x rule for gradients."""
     b, nq, h, d = q.shape

@@ -1,6 +1,6 @@
 """sample_categorical: the CPU and CUDA kernels against the reference index for index (the CUDA
 ones skip without a GPU), the reference
-against SPEC §2.4 (frequencies of softmax(logits / T), argmax at T = 0, top-k / top-p never
+against docs/contracts.md §2.4 (frequencies of softmax(logits / T), argmax at T = 0, top-k / top-p never
 pick excluded tokens), bad inputs, and the torch.library contract."""
 import math
 
@@ -74,7 +74,7 @@ GRID = [(1, 1), (7, 2), (300, 17), (7, 1024), (300, 1024), (1, 8192), (7, 8192)]
 @pytest.mark.parametrize("backend", backend_params("cpu", "cuda"))
 @pytest.mark.parametrize("n,v,dtype", [(n, v, d) for n, v in GRID for d in DTYPES])
 def test_backend_matches_reference_grid(backend, n, v, dtype):
-    # every temperature x top_k x top_p setting of SPEC §2.4's grid; small V also with ties
+    # every temperature x top_k x top_p setting of docs/contracts.md §2.4's grid; small V also with ties
     for ties in (False, True) if v <= 1024 and n < 300 else (v < 1024,):
         logits = _logits(n, v, dtype, seed=n * v, ties=ties)
         u = _uniform(n, seed=v)
@@ -146,7 +146,7 @@ def test_property_cpu_equals_reference_and_stays_in_range(n, v, t, k, p, dtype, 
         _assert_same_indices(_run("cpu", logits, u, **kw), logits, u, **kw)
 
 
-# ---- the reference against SPEC §2.4 --------------------------------------------------------
+# ---- the reference against docs/contracts.md §2.4 --------------------------------------------------------
 def _chi2(counts: torch.Tensor, probs: torch.Tensor) -> float:
     n = counts.sum().item()
     expected = probs.double() * n

@@ -1,4 +1,4 @@
-"""ddpm_step: every backend against the reference, the reference against SPEC §2.3 formulas
+"""ddpm_step: every backend against the reference, the reference against docs/contracts.md §2.3 formulas
 and IDDPM's tables, bad inputs, gradients and the torch.library contract."""
 import math
 

@@ -1,4 +1,4 @@
-"""DenoiserMLP (SPEC §2.2): the reference against the formulas and MAR's parameter names, the
+"""DenoiserMLP (docs/contracts.md §2.2): the reference against the formulas and MAR's parameter names, the
 fused ops (layernorm_modulate, gated_residual) on every backend against the reference, their
 gradients and torch.library contracts, bad inputs, and nn.DenoiserMLP against the reference."""
 import math
@@ -26,7 +26,7 @@ def _randomize(net, seed=0, std=0.3):
     return net
 
 
-# ---- reference against SPEC §2.2 ----------------------------------------------------------------
+# ---- reference against docs/contracts.md §2.2 ----------------------------------------------------------------
 def test_timestep_embedding_matches_formula():
     t = torch.tensor([0, 1, 37, 500, 999])
     got = ref.timestep_embedding(t, 256).double().numpy()
@@ -41,7 +41,7 @@ def test_timestep_embedding_matches_formula():
 
 
 def _spec_forward(sd, x, t, c, blocks):
-    """SPEC §2.2 written out by hand in fp64 from a state dict."""
+    """docs/contracts.md §2.2 written out by hand in fp64 from a state dict."""
     sd = {k: v.double() for k, v in sd.items()}
     lin = lambda p, v: v @ sd[p + ".weight"].T + sd[p + ".bias"]  # noqa: E731
     silu = lambda v: v * torch.sigmoid(v)  # noqa: E731

@@ -1,4 +1,4 @@
-"""fluid_ops.diffusion_sample (SPEC §2.3) against the reference loop, its host-to-device
+"""fluid_ops.diffusion_sample (docs/contracts.md §2.3) against the reference loop, its host-to-device
 discipline, determinism and bad inputs; and the reference training loss `diffusion_loss`."""
 import io
 from contextlib import redirect_stderr

@@ -1,4 +1,4 @@
-"""Random-order machinery (SPEC §2.4) against its formulas and MAR's behaviour: mask and CFG
+"""Random-order machinery (docs/contracts.md §2.4) against its formulas and MAR's behaviour: mask and CFG
 schedules, orders, the truncated-normal mask ratio, training masks, label dropout, next_mask."""
 import math
 
@@ -22,7 +22,7 @@ def test_mask_schedule_l256_k64():
     cosine = np.floor(256 * np.cos(np.pi / 2 * (k + 1) / 64)).astype(int)
     assert len(counts) == 64 and cosine[-1] == 0
     want, before = [], 256
-    for f in cosine[:-1]:  # SPEC: the cosine count, lowered to unmask at least one per step
+    for f in cosine[:-1]:  # docs/contracts.md: the cosine count, lowered to unmask at least one per step
         before = min(before - 1, int(f))
         want.append(before)
     assert counts == want + [0]
@@ -44,7 +44,7 @@ def test_mask_schedule_rules(L, K):
         assert 0 <= counts[k] <= before[k]
         if k < K - 1:
             assert counts[k] <= f or counts[k] == 1  # never more masked than the cosine allows
-        if K <= L:  # SPEC: at least one token unmasked per step
+        if K <= L:  # docs/contracts.md: at least one token unmasked per step
             assert counts[k] <= before[k] - 1
         else:  # one per step cannot last K > L steps: MAR's rule, count held at 1 until the end
             assert counts[k] == (max(1, min(before[k] - 1, f)) if k < K - 1 else 0)
@@ -70,7 +70,7 @@ def test_cfg_schedule_linear_and_constant():
     masked = sch.mask_schedule(L, K)
     lin = sch.cfg_schedule(w, L, K, "linear")
     assert len(lin) == K
-    for k in range(K - 1):  # SPEC: w_k = 1 + (w - 1) (L - masked_after_k) / L
+    for k in range(K - 1):  # docs/contracts.md: w_k = 1 + (w - 1) (L - masked_after_k) / L
         assert lin[k] == pytest.approx(1 + (w - 1) * (L - masked[k]) / L, abs=1e-12)
     assert lin[0] == pytest.approx(1 + 2.0 / 256)
     # MAR's mask_len on the last step is 1 (its max(1, .)), so the last scale is just under w

@@ -17,7 +17,7 @@
     }                                                                               \
   } while (0)
 
-// Binds a supported head dim (SPEC §2.1) to the constexpr int NAME inside BODY.
+// Binds a supported head dim (docs/contracts.md §2.1) to the constexpr int NAME inside BODY.
 #define FLUID_DISPATCH_HEAD_DIM(D, NAME, ...)                                       \
   do {                                                                              \
     switch (D) {                                                                    \

@@ -1,4 +1,4 @@
-// CPU attention (SPEC §2.1): forward with online softmax over key blocks, backward from the saved
+// CPU attention (docs/contracts.md §2.1): forward with online softmax over key blocks, backward from the saved
 // log-sum-exp. Layout q (B, Nq, H, D), k / v (B, Nk, H, D), any strides with unit stride along D.
 #pragma once
 #include <cstdint>

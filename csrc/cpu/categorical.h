@@ -1,4 +1,4 @@
-// CPU kernel of categorical sampling with temperature, top-k and top-p (SPEC §2.4).
+// CPU kernel of categorical sampling with temperature, top-k and top-p (docs/contracts.md §2.4).
 // The algorithm is defined in fluid_ops/reference/categorical.py; this file reproduces it
 // index for index (float32 scaling, float64 weights and sums in the same order).
 #pragma once

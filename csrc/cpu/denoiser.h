@@ -1,4 +1,4 @@
-// CPU kernels of the fused non-GEMM parts of the DenoiserMLP (SPEC §2.2).
+// CPU kernels of the fused non-GEMM parts of the DenoiserMLP (docs/contracts.md §2.2).
 // All tensors are (R, D) views: any row stride (0 = one row broadcast to all), unit stride
 // along D. Arithmetic is fp32 whatever the storage dtypes (fp32 / fp16 / bf16).
 #pragma once

@@ -1,11 +1,11 @@
-// CPU kernels of the diffusion step and categorical sampling (SPEC §2.3, §2.4).
+// CPU kernels of the diffusion step and categorical sampling (docs/contracts.md §2.3, §2.4).
 #pragma once
 #include "../common/tensor.h"
 
 namespace fluid {
 namespace cpu {
 
-// One reverse-diffusion step with classifier-free guidance and temperature (SPEC §2.3).
+// One reverse-diffusion step with classifier-free guidance and temperature (docs/contracts.md §2.3).
 // x (N, C); model_out (N, 2C) or (2N, 2C) = [cond; uncond] when guided; noise (N, C);
 // table (S, 6) float32 rows [coef1, coef2, sqrt_recip_acp, sqrt_recipm1_acp, min_log, max_log];
 // out (N, C), may alias x. step indexes the table; noise is added iff step > 0.

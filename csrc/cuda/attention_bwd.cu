@@ -1,4 +1,4 @@
-// Attention backward on tensor cores (SPEC §2.1): the preprocess and the dk/dv pass, and the
+// Attention backward on tensor cores (docs/contracts.md §2.1): the preprocess and the dk/dv pass, and the
 // host entry point (the dq pass is in attention_bwd_dq.cu so the two compile in parallel).
 //
 // Two modes, chosen by the caller (fluid_ops/ops/attention.py, as the Triton backend chooses):

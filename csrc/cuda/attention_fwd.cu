@@ -1,4 +1,4 @@
-// Attention forward on tensor cores (SPEC §2.1), incl. the KV-cache path (per-batch key length).
+// Attention forward on tensor cores (docs/contracts.md §2.1), incl. the KV-cache path (per-batch key length).
 //
 // One block of 4 warps per (64-query tile, head, batch); warp w owns query rows 16w .. 16w+15 of
 // the tile. Q is staged through shared memory once and kept as mma A fragments in registers;

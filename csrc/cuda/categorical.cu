@@ -1,4 +1,4 @@
-// Categorical sampling with temperature, top-k and top-p on the GPU (SPEC §2.4).
+// Categorical sampling with temperature, top-k and top-p on the GPU (docs/contracts.md §2.4).
 //
 // The algorithm, tie rules included, is defined in fluid_ops/reference/categorical.py; the step
 // numbers below are its numbers. One thread block per row; the row is re-read from global

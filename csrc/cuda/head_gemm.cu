@@ -1,4 +1,4 @@
-// The diffusion head's fused GEMM family on CUDA (SPEC §2.2): C = epilogue(prologue(A) @ W^T).
+// The diffusion head's fused GEMM family on CUDA (docs/contracts.md §2.2): C = epilogue(prologue(A) @ W^T).
 //
 // Why hand-written mma.sync, not CUTLASS / CuTe or cuBLASLt: the point of these GEMMs is what
 // sits around them (LayerNorm + modulate and SiLU(c + t) applied while A is loaded, bias / SiLU /

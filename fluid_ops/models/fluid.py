@@ -1,5 +1,5 @@
 """Fluid (Fan et al., arXiv 2410.13863): text-to-image autoregressive generation on fluid_ops'
-ops (SPEC §1, §2.3, §2.4), in its four variants {continuous, discrete} x {random, raster} order.
+ops (docs/contracts.md §1, §2.3, §2.4), in its four variants {continuous, discrete} x {random, raster} order.
 
     model = Fluid("tiny")                                  # or Fluid("fluid-369m"), Fluid(cfg, depth=6)
     loss = model(images, captions, generator=g)            # images (B, 3, H, W) in [0, 1]
@@ -23,7 +23,7 @@ The pieces:
   diffusion_pos_embed);
 * random order (MAR / MaskGIT, bidirectional): masked positions are a learned [MASK] embedding;
   training masks ceil(L * r) tokens of a random order (r: truncated normal on [mask_ratio_min, 1]
-  as SPEC §2.4, or uniform), the head runs on the MASKED positions only (gathered by order: the
+  as docs/contracts.md §2.4, or uniform), the head runs on the MASKED positions only (gathered by order: the
   masked ones are orders[:, :num_masked], no `nonzero`); sampling reveals tokens over `num_iter`
   steps on the cosine schedule with a linear CFG schedule (`fluid_ops.reference.schedules`); CFG's
   unconditional branch is the null text with the known tokens (MAR), or with `cfg_uncond="all"`
@@ -75,7 +75,7 @@ from fluid_ops.reference.diffusion import check_noise_shift
 
 __all__ = ["Fluid", "FluidConfig", "CONFIGS", "PAPER_SAMPLING", "RunningStandardize"]
 
-# The paper's sampling settings (CFG scale, temperature) per variant (SPEC §1).
+# The paper's sampling settings (CFG scale, temperature) per variant (docs/contracts.md §1).
 PAPER_SAMPLING = {
     ("continuous", "random"): (5.0, 0.975),
     ("continuous", "raster"): (4.5, 0.975),
@@ -149,7 +149,7 @@ class FluidConfig:
     num_sampling_steps: int = 100       # diffusion steps per token when sampling (train: 1000, cosine)
     noise_shift: float = 1.0            # continuous: the cosine schedule's SNR divided by noise_shift ** 2
                                         # (shifted cosine, training and sampling); 1 = MAR's schedule
-    mask_ratio_kind: str = "truncnorm"  # "truncnorm" (SPEC §2.4, mean 1 std 0.25) | "uniform"
+    mask_ratio_kind: str = "truncnorm"  # "truncnorm" (docs/contracts.md §2.4, mean 1 std 0.25) | "uniform"
     mask_ratio_min: float = 0.7
     text_drop_prob: float = 0.1
     pos_embed: str = "learned"          # "learned" | "sincos" (fixed 2D sin-cos)
@@ -185,7 +185,7 @@ def _paper(depth, width, heads) -> FluidConfig:
 
 
 def _tiny(**kw) -> FluidConfig:
-    # The recipe measured to learn fastest on a 2-core CPU (shared/NOTES.md, 2026-11-25): 32x32
+    # The recipe measured to learn fastest on a 2-core CPU (docs/measured.md, 2026-11-25): 32x32
     # images, patch 4 (64 tokens x 48), width 192 (now 128: below), 4 blocks, head 3 x 256, one
     # t-draw per token, fixed 2D sin-cos positions, the condition added to every position; trained
     # with lr 2e-3; sampled in 16 AR steps. Plus the position at the head's input (head_pos_embed, as MAR):
@@ -213,7 +213,7 @@ def _tiny(**kw) -> FluidConfig:
 
 
 CONFIGS: dict[str, FluidConfig] = {
-    # SPEC §1 table; 256x256 pixels in 16x16 patches = 256 tokens (the paper: 256 VAE tokens).
+    # docs/contracts.md §1 table; 256x256 pixels in 16x16 patches = 256 tokens (the paper: 256 VAE tokens).
     "fluid-166m": _paper(12, 768, 12),
     "fluid-369m": _paper(16, 1024, 16),
     "fluid-665m": _paper(20, 1280, 16),
@@ -812,7 +812,7 @@ class Fluid(nn.Module):
         """Images (B, 3, H, W) float32 in [0, 1], one per prompt. Defaults (None) come from the
         config: num_iter (random order; raster always takes one step per token), cfg and temperature
         (the paper's values for the variant), num_diffusion_steps (config.num_sampling_steps).
-        cfg_schedule "linear": the CFG scale grows with the fraction of known tokens (SPEC §2.4);
+        cfg_schedule "linear": the CFG scale grows with the fraction of known tokens (docs/contracts.md §2.4);
         "constant". cfg_uncond (random order): the unconditional branch drops the text ("text") or the
         text and every known token ("all"); see FluidConfig. The same generator state gives the same
         images. kv_cache=False (raster only)

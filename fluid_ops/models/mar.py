@@ -1,5 +1,5 @@
 """MAR (Li et al., arXiv 2406.11838): class-conditional masked autoregressive generation with a
-per-token diffusion head, assembled from fluid_ops' ops (SPEC §1, §2.3, §2.4).
+per-token diffusion head, assembled from fluid_ops' ops (docs/contracts.md §1, §2.3, §2.4).
 
 Same constructor arguments, parameter names and shapes as MAR's `models/mar.py`, so a published
 MAR checkpoint (`ckpt['model']` or `ckpt['model_ema']`) loads with `strict=True`.
@@ -562,7 +562,7 @@ class MAR(nn.Module):
     def sample_tokens(self, bsz: int, num_iter: int = 64, cfg: float = 1.0, cfg_schedule: str = "linear",
                       labels: torch.Tensor | None = None, temperature: float = 1.0, progress: bool = False,
                       generator: torch.Generator | None = None) -> torch.Tensor:
-        """Generate (bsz, vae_embed_dim, h, w) latents in `num_iter` steps (SPEC §2.4): random
+        """Generate (bsz, vae_embed_dim, h, w) latents in `num_iter` steps (docs/contracts.md §2.4): random
         order per image, cosine mask schedule, CFG against the null class (`fake_latent`) with the
         "linear" or "constant" schedule, `fluid_ops.diffusion_sample` for the tokens of each step.
         labels None: unconditional (every row uses the null class). Call in eval mode (as MAR)."""

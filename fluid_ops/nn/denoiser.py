@@ -1,4 +1,4 @@
-"""`fluid_ops.nn.DenoiserMLP`: MAR's diffusion head (SPEC §2.2) on the fused ops.
+"""`fluid_ops.nn.DenoiserMLP`: MAR's diffusion head (docs/contracts.md §2.2) on the fused ops.
 
 Same constructor, parameter names, shapes and initialisation as
 `fluid_ops.reference.DenoiserMLP` (and MAR's `diffloss.net`): a MAR checkpoint's head loads with

@@ -1,4 +1,4 @@
-"""`fluid_ops.nn.diffusion_loss`: MAR's diffusion loss (SPEC §2.3) without the repeated rows.
+"""`fluid_ops.nn.diffusion_loss`: MAR's diffusion loss (docs/contracts.md §2.3) without the repeated rows.
 
 Same arguments, random draws and value as `fluid_ops.reference.diffusion.diffusion_loss`, which
 repeats target and z `diffusion_batch_mul` (R) times and runs the head on every row, masked or

@@ -1,4 +1,4 @@
-"""Argument checks shared by the ops (SPEC §3): each error names the argument, what was
+"""Argument checks shared by the ops (docs/contracts.md §3): each error names the argument, what was
 expected and what came."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""`attention` and `attention_kvcache` (SPEC §2.1).
+"""`attention` and `attention_kvcache` (docs/contracts.md §2.1).
 
 Numerical contract: exact for fp32 (fp32 scores, online softmax and accumulation; only the
 summation order and the exp polynomial differ from the reference); fp16 / bf16 inputs are read
@@ -392,7 +392,7 @@ def _check_causal(op, causal):
 # ---- public API -------------------------------------------------------------------------
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_padding_mask: torch.Tensor | None = None,
               causal: bool = False, softmax_scale: float | None = None) -> torch.Tensor:
-    """softmax(Q Kᵀ · scale + mask) V (SPEC §2.1), differentiable in q, k, v.
+    """softmax(Q Kᵀ · scale + mask) V (docs/contracts.md §2.1), differentiable in q, k, v.
 
     q (B, Nq, H, D), k / v (B, Nk, H, D), D in {32, 64, 80, 96, 128}, float32 / float16 /
     bfloat16 (float64 on the reference backend). Views with unit stride along D (e.g. slices of
@@ -419,7 +419,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_padding_
 def attention_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_new: torch.Tensor | None = None,
                       v_new: torch.Tensor | None = None, *, cache_seqlens: torch.Tensor, causal: bool = True,
                       softmax_scale: float | None = None) -> torch.Tensor:
-    """Decode step with a preallocated KV cache, in one call (SPEC §2.1, last bullet).
+    """Decode step with a preallocated KV cache, in one call (docs/contracts.md §2.1, last bullet).
 
     k_cache / v_cache (B, Nmax, H, D); cache_seqlens (B,) int32 / int64, each batch's filled
     length before this call; k_new / v_new (B, Nnew, H, D) or None. Writes k_new / v_new IN PLACE

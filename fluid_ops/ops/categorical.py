@@ -1,4 +1,4 @@
-"""`sample_categorical`: discrete-token sampling with temperature, top-k and top-p (SPEC §2.4).
+"""`sample_categorical`: discrete-token sampling with temperature, top-k and top-p (docs/contracts.md §2.4).
 
 The algorithm, tie rules included, is defined in `fluid_ops.reference.categorical`; every
 backend returns the same indices for the same uniforms (float64 weights and sums in a fixed

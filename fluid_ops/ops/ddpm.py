@@ -1,4 +1,4 @@
-"""`ddpm_step`: one fused reverse-diffusion step with CFG and temperature (SPEC §2.3).
+"""`ddpm_step`: one fused reverse-diffusion step with CFG and temperature (docs/contracts.md §2.3).
 
 Numerical contract: exact (fp32 arithmetic on the same table row as the reference; only the
 rounding of exp and the order of a few multiply-adds may differ).

@@ -1,4 +1,4 @@
-"""The DenoiserMLP's fused non-GEMM pieces (SPEC §2.2):
+"""The DenoiserMLP's fused non-GEMM pieces (docs/contracts.md §2.2):
 
 * `layernorm_modulate(x, shift, scale, *, weight=None, bias=None, eps=1e-6, out_dtype=None)`
   = LN(x) * (1 + scale) + shift, one pass per row, output in any float dtype (fp32 residual

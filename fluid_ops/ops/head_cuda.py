@@ -1,4 +1,4 @@
-"""The fused diffusion-head forward on the CUDA backend (SPEC §2.2): the compiled counterpart of
+"""The fused diffusion-head forward on the CUDA backend (docs/contracts.md §2.2): the compiled counterpart of
 `fluid_ops.triton.denoiser.FusedHeadStep` / `head_forward`, on the hand-written tensor-core GEMMs
 of csrc/cuda/head_gemm.cu (their header comment has the design; this file only sequences them).
 

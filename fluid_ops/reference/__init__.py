@@ -1,4 +1,4 @@
-"""Plain-PyTorch implementations of every op of SPEC §2: the oracle the tests hold each backend
+"""Plain-PyTorch implementations of every op of docs/contracts.md §2: the oracle the tests hold each backend
 to, and the baseline the benchmarks compare with. Nothing here calls a compiled kernel."""
 from fluid_ops.reference.attention import *  # noqa: F401,F403
 from fluid_ops.reference.categorical import *  # noqa: F401,F403

@@ -1,4 +1,4 @@
-"""Attention in plain PyTorch (SPEC §2.1): the oracle for the compiled kernels.
+"""Attention in plain PyTorch (docs/contracts.md §2.1): the oracle for the compiled kernels.
 
 Layout q (B, Nq, H, D), k / v (B, Nk, H, D). Scores and softmax run in fp32 for fp32 / fp16 /
 bf16 inputs (fp64 stays fp64, so gradcheck can use this), the output comes back in q's dtype.
@@ -54,7 +54,7 @@ def attention_with_lse(q, k, v, *, key_padding_mask=None, causal=False, softmax_
 
 
 def attention(q, k, v, *, key_padding_mask=None, causal=False, softmax_scale=None):
-    """softmax(Q Kᵀ · scale + mask) V per batch and head (SPEC §2.1); fully masked rows give 0."""
+    """softmax(Q Kᵀ · scale + mask) V per batch and head (docs/contracts.md §2.1); fully masked rows give 0."""
     return attention_with_lse(q, k, v, key_padding_mask=key_padding_mask, causal=causal,
                               softmax_scale=softmax_scale)[0]
 

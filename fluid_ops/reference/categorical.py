@@ -1,4 +1,4 @@
-"""Categorical sampling with temperature, top-k and top-p (SPEC §2.4), in plain PyTorch.
+"""Categorical sampling with temperature, top-k and top-p (docs/contracts.md §2.4), in plain PyTorch.
 
 This file *defines* the algorithm; every backend reproduces it index for index. The whole
 definition, for one row x = logits[r] (length V) and one uniform u = uniform[r] in [0, 1):

@@ -1,4 +1,4 @@
-"""MAR's per-token denoiser ("SimpleMLPAdaLN", SPEC §2.2) in plain PyTorch, plus plain
+"""MAR's per-token denoiser ("SimpleMLPAdaLN", docs/contracts.md §2.2) in plain PyTorch, plus plain
 versions of the two fused non-GEMM pieces the fast module uses.
 
 Parameter names and shapes are MAR's `diffloss.net.*`, so a MAR checkpoint's head loads here

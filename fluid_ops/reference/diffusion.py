@@ -1,4 +1,4 @@
-"""IDDPM diffusion as MAR uses it (SPEC §2.3), in plain PyTorch / NumPy: schedule tables,
+"""IDDPM diffusion as MAR uses it (docs/contracts.md §2.3), in plain PyTorch / NumPy: schedule tables,
 the training loss with learned-range variance, the reverse step and the sampling loop.
 
 Tables are computed in float64 (as IDDPM does) and handed to kernels as float32."""
@@ -125,7 +125,7 @@ def _gather(arr: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tenso
 def ddpm_step(x: torch.Tensor, model_out: torch.Tensor, noise: torch.Tensor, table: torch.Tensor,
               step: int, *, temperature: float = 1.0, cfg: float = 1.0,
               clip_denoised: bool = False) -> torch.Tensor:
-    """One reverse step (SPEC §2.3), in fp32, from one row of `table`; clip_denoised clamps the
+    """One reverse step (docs/contracts.md §2.3), in fp32, from one row of `table`; clip_denoised clamps the
     predicted x_0 = a x - b eps to [-1, 1] (IDDPM's option) before the posterior mean.
 
     model_out is (N, 2C), or (2N, 2C) = [cond; uncond] for guidance: eps = eps_u + cfg * (eps_c - eps_u),

@@ -1,4 +1,4 @@
-"""Random-order (MAR / MaskGIT) machinery of SPEC §2.4: how many tokens stay masked after each
+"""Random-order (MAR / MaskGIT) machinery of docs/contracts.md §2.4: how many tokens stay masked after each
 sampling step, the CFG scale of each step, generation orders, the training mask ratio and mask,
 and label dropout. Every random draw takes an explicit `torch.Generator`, so a seed fixes the
 result; nothing here touches the global RNG.

@@ -1,4 +1,4 @@
-"""Fused attention in Triton (SPEC §2.1): forward, backward and KV-cache decode.
+"""Fused attention in Triton (docs/contracts.md §2.1): forward, backward and KV-cache decode.
 
 Layout (B, N, H, D) with any strides along B / N / H and unit stride along D; one program per
 (query tile, batch x head) in the forward and dq passes, per (key tile, batch x head) in the dk/dv

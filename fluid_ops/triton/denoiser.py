@@ -1,4 +1,4 @@
-"""Triton kernels of the diffusion head (SPEC §2.2): the fused-op kernels and the fused head forward.
+"""Triton kernels of the diffusion head (docs/contracts.md §2.2): the fused-op kernels and the fused head forward.
 
 Fused ops (registered as the `triton` backend of fluid_ops.ops.denoiser's custom ops):
 `layernorm_modulate` (one tile of rows per program, LN statistics in fp32, two-pass variance),

@@ -1,4 +1,4 @@
-"""Triton kernels of the sampling ops: `ddpm_step` (SPEC §2.3) and `sample_categorical` (§2.4).
+"""Triton kernels of the sampling ops: `ddpm_step` (docs/contracts.md §2.3) and `sample_categorical` (§2.4).
 
 Both are registered as the `triton` backend of the existing custom ops (fluid_ops.ops.ddpm,
 fluid_ops.ops.categorical); the functions here take already-checked arguments.
