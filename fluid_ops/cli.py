@@ -24,7 +24,7 @@ __all__ = ["main", "load_model"]
 
 # What the demo trains on and asks for: one shape per image, named with its colour and its
 # cell of a 3x3 grid ("a red circle at the top left") -- the recipe measured to learn fastest on
-# a 2-core CPU (NOTES: colour and position within minutes, shape after).
+# a 2-core CPU (docs/measured.md: colour and position within minutes, shape after).
 DEMO_KINDS = {"single": 1.0}
 DEMO_CATEGORIES = ("single_object", "colors")
 

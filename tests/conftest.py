@@ -1,4 +1,4 @@
-"""Shared test helpers: which backends can run here, and the comparison rules of DESIGN §Tests."""
+"""Shared test helpers: which backends can run here, and the comparison rules of docs/design.md, "Testing"."""
 from __future__ import annotations
 
 import pytest
