@@ -124,7 +124,7 @@ def test_vae_decode_path_writes_images_and_grid(tmp_path, monkeypatch):
 def test_real_diffusers_vae_folder(tmp_path):
     """--vae with a real (tiny, random) diffusers AutoencoderKL saved to a local folder: 16 latent
     channels, 4 downsamplings (MAR's KL-16 geometry), so a 4x4 latent decodes to 64x64 pixels."""
-    diffusers = pytest.importorskip("diffusers")
+    import diffusers
     torch.manual_seed(0)
     vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8,) * 5,
                                   down_block_types=("DownEncoderBlock2D",) * 5, up_block_types=("UpDecoderBlock2D",) * 5,
