@@ -92,10 +92,15 @@ def _worker(nproc: int, spec: dict, timeout=900):
         assert p.returncode == 0, f"rank {r} failed ({p.returncode}):\n{o[-2000:]}\n{e[-5000:]}"
 
 
+def _worst(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+
+
 def _close(a: dict, b: dict, atol=2e-6, what="parameters"):
     assert a.keys() == b.keys()
     worst = max(((a[k].float() - b[k].float()).abs().max().item(), k) for k in a)
-    assert worst[0] <= atol, f"{what}: {worst[1]} differs by {worst[0]:.3e} (> {atol})"
+    assert worst[0] <= atol, f"{what}: {worst[1]} differs by {worst[0]:.3e} (> {atol:.3e})"
 
 
 def _params(model):
@@ -188,8 +193,16 @@ def test_sigkill_then_resume_on_two_and_on_one_rank_is_exact(tmp_path):
     spec12 = {"train": {**_KILLED, "steps": steps}}
     ref = dist_worker.run(spec12, tmp_path / "ref")
     resumed_one = dist_worker.run(spec12, one)                          # (b) one process
-    _close(_params(resumed_one.model), _params(ref.model))
-    _close(resumed_one.ema, ref.ema, what="EMA")
+    # The bound: 2 ranks sum gradients in another order than one process, and AdamW carries that
+    # rounding forward; an uninterrupted 2-rank run of the same 12 steps measures how far it goes
+    # on this CPU, and the resumed run (2 ranks for fewer steps) may differ at most twice as much.
+    _worker(2, {"train": spec12["train"], "out": str(tmp_path / "ddp12"), "dump": True})
+    ddp12 = torch.load(tmp_path / "ddp12" / "params.rank0.pt")
+    ck12 = load_checkpoint(tmp_path / "ddp12" / "checkpoint.pt")
+    atol = max(2e-6, 2 * _worst(ddp12["params"], _params(ref.model)))
+    atol_ema = max(2e-6, 2 * _worst({k: ck12["ema"][k] for k in ref.ema}, ref.ema))
+    _close(_params(resumed_one.model), _params(ref.model), atol=atol)
+    _close(resumed_one.ema, ref.ema, atol=atol_ema, what="EMA")
     assert resumed_one.history["loss"] == pytest.approx(ref.history["loss"], rel=1e-5)
     # (a) two ranks again, through the command line
     cli = ["-m", "fluid_ops", "train", "--config", "tiny", "--data", "shapes", "--out", str(out), "--steps",
