@@ -3,14 +3,18 @@ tests/test_layers.py checks it). Backend parameters, skips and the comparison ru
 tests/conftest.py."""
 from __future__ import annotations
 
+import importlib
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fluid_ops
-from fluid_ops.reference import attention as ref_attn
 from fluid_ops.reference import categorical as ref_cat
 from fluid_ops.reference import denoiser as rden
 from fluid_ops.reference import diffusion as rdiff
+
+# by path: fluid_ops.reference's attribute `attention` is the function, not the module
+ref_attn = importlib.import_module("fluid_ops.reference.attention")
 
 # The small diffusion head of `eps_net`: in = C channels (out 2C), width D, condition Z, BLOCKS blocks.
 C, D, Z, BLOCKS = 4, 64, 12, 2
