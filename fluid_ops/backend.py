@@ -4,7 +4,9 @@ Each op family registers one implementation per backend with `register(op, backe
 picks, in order of preference, the first backend that is available, handles the tensors' device
 and accepts the arguments (its `supports` hook returns None); `FLUID_OPS_BACKEND=name` or
 `with fluid_ops.use_backend(name):` forces one, and then an unsupported case is an error that
-says why instead of a silent fallback.
+says why instead of a silent fallback. An op may also have a composite implementation
+(`register_composite`), built from other ops that pick their own backends: it runs when no
+backend's own implementation takes a call, forced or not, instead of the error.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ from typing import Callable
 import torch
 
 from fluid_ops import _compiled
+from fluid_ops import triton as _triton
+from fluid_ops.triton import _util as _triton_util
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 # Which devices each backend runs on.
@@ -34,6 +38,7 @@ class _Impl:
 
 
 _REGISTRY: dict[str, dict[str, _Impl]] = {}
+_COMPOSITE: dict[str, Callable] = {}
 _forced = threading.local()
 
 
@@ -44,6 +49,17 @@ def register(op: str, backend: str, supports: Callable | None = None):
 
     def deco(fn):
         _REGISTRY.setdefault(op, {})[backend] = _Impl(fn, supports)
+        return fn
+
+    return deco
+
+
+def register_composite(op: str):
+    """Decorator: `fn` computes `op` from other ops (each choosing its own backend); `select`
+    returns it, as backend "composite", when no backend's own implementation takes the call."""
+
+    def deco(fn):
+        _COMPOSITE[op] = fn
         return fn
 
     return deco
@@ -60,9 +76,24 @@ def _triton_status() -> str | None:
     if not _TRITON_INSTALLED:
         return "triton is not installed"
     if not torch.cuda.is_available():
-        from fluid_ops.triton import interpreter_requested, kernels_interpreted
-        if not (kernels_interpreted() or (kernels_interpreted() is None and interpreter_requested())):
+        interpreted = _triton.kernels_interpreted()
+        if not (interpreted or (interpreted is None and _triton.interpreter_requested())):
             return "no CUDA device for Triton (set TRITON_INTERPRET=1 to run its kernels on CPU tensors)"
+    return None
+
+
+def triton_cpu_rule(*tensors) -> str | None:
+    """The backend rule for Triton on CPU tensors: it runs there (under the interpreter) only when
+    forced with `use_backend("triton")` / FLUID_OPS_BACKEND=triton, never by automatic choice,
+    because the interpreter is orders of magnitude slower than the compiled CPU kernels."""
+    t = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
+    if t is None or t.device.type != "cpu":
+        return None
+    if forced_backend() != "triton":
+        return "on CPU tensors triton runs (interpreted) only when forced with use_backend('triton')"
+    if not _triton_util.kernels_interpreted():
+        return ("CPU tensors need Triton's interpreter, but the kernels are compiled for the GPU "
+                "(set TRITON_INTERPRET=1 before the first Triton call)")
     return None
 
 
@@ -150,6 +181,8 @@ def select(op: str, device: torch.device, *args, **kwargs) -> tuple[str, Callabl
             reasons.append(f"{b}: {why}")
             continue
         return b, impl.fn
+    if op in _COMPOSITE:
+        return "composite", _COMPOSITE[op]
     if forced:
         raise RuntimeError(f"{op}: the forced backend cannot run this call ({'; '.join(reasons)})")
     raise RuntimeError(f"{op}: no backend can run this call ({'; '.join(reasons)})")

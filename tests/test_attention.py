@@ -12,50 +12,13 @@ from hypothesis import strategies as st
 import fluid_ops
 from fluid_ops import _compiled
 from tests.conftest import assert_lowp_close, backend_params
+from tests.helpers import attention_inputs as _inputs, naive_attention as _naive
+from tests.helpers import naive_attention_autograd_lowp as _naive_autograd_lowp
 
 ref = importlib.import_module("fluid_ops.reference.attention")
 ops_attn = importlib.import_module("fluid_ops.ops.attention")
 
 BACKENDS = backend_params("reference", "cpu")
-
-
-def _naive(q, k, v, mask=None, causal=False, scale=None, seqlens_k=None, dtype=torch.float64):
-    """softmax(Q Kᵀ · scale + mask) V per (b, h), written from docs/contracts.md §2.1 with explicit loops
-    over batch and head, in `dtype`; a row with no allowed key is 0."""
-    b, nq, h, d = q.shape
-    nk = k.shape[1]
-    scale = d ** -0.5 if scale is None else scale
-    out = torch.zeros(b, nq, h, d, dtype=dtype)
-    for bi in range(b):
-        lk = nk if seqlens_k is None else int(seqlens_k[bi])
-        i = torch.arange(nq).view(nq, 1)
-        j = torch.arange(nk).view(1, nk)
-        allowed = (j < lk).expand(nq, nk)
-        if mask is not None:
-            allowed = allowed & mask[bi].view(1, nk)
-        if causal:
-            allowed = allowed & (j <= i + (lk - nq))
-        for hi in range(h):
-            qq, kk, vv = (t[bi, :, hi].to(dtype) for t in (q, k, v))
-            s = (qq @ kk.T) * scale
-            s = s.masked_fill(~allowed, float("-inf"))
-            p = torch.softmax(s.float() if dtype != torch.float64 else s, dim=-1).to(dtype)
-            p = torch.nan_to_num(p, nan=0.0)  # fully masked rows: softmax of all -inf
-            out[bi, :, hi] = (p @ vv).to(dtype)
-    return out
-
-
-def _inputs(b, nq, nk, h, d, dtype=torch.float32, seed=0, masked=False, full_mask_batch=None):
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, nq, h, d, generator=g).to(dtype)
-    k = torch.randn(b, nk, h, d, generator=g).to(dtype)
-    v = torch.randn(b, nk, h, d, generator=g).to(dtype)
-    mask = None
-    if masked:
-        mask = torch.rand(b, nk, generator=g) > 0.3
-        if full_mask_batch is not None and b > full_mask_batch:
-            mask[full_mask_batch] = False
-    return q, k, v, mask
 
 
 def _run(backend, *args, **kwargs):
@@ -289,40 +252,6 @@ def test_backward_lowp(backend, dtype):
     for name, g, w, lo in zip("qkv", got, want, lowp):
         assert g.dtype == dtype
         assert_lowp_close(g, w, lo, atol=1e-3, name=f"d{name}")
-
-
-def fwd_on(backend_name, q, k, v, mask, causal, scale=None):
-    """The attention_fwd op (output, lse) on one named backend."""
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
-    with fluid_ops.use_backend(backend_name):
-        return torch.ops.fluid_ops.attention_fwd(q, k, v, mask, causal, scale)
-
-
-def grads_on(backend_name, q, k, v, mask, causal, do):
-    """fluid_ops.attention's output and its q / k / v gradients for `do` on one named backend."""
-    qs, ks, vs = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    with fluid_ops.use_backend(backend_name):
-        out = fluid_ops.attention(qs, ks, vs, key_padding_mask=mask, causal=causal)
-        return out, torch.autograd.grad(out, (qs, ks, vs), do)
-
-
-def ref_grads(q, k, v, mask, causal, do):
-    """fp64 reference output and gradients, on the CPU."""
-    q64, k64, v64 = (t.detach().cpu().double().requires_grad_() for t in (q, k, v))
-    m = None if mask is None else mask.cpu()
-    o = ref.attention(q64, k64, v64, key_padding_mask=m, causal=causal)
-    return o, torch.autograd.grad(o, (q64, k64, v64), do.cpu().double())
-
-
-def _naive_autograd_lowp(q, k, v, mask):
-    """The contract formula (docs/contracts.md) in the low precision itself, differentiable (the 2x rule's baseline)."""
-    nq, nk, d = q.shape[1], k.shape[1], q.shape[3]
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
-    s = (qt @ kt.transpose(-1, -2)) * d ** -0.5
-    allowed = mask.view(-1, 1, 1, nk) & (torch.arange(nk).view(1, nk) <= torch.arange(nq).view(nq, 1) + nk - nq)
-    s = s.masked_fill(~allowed, float("-inf"))
-    p = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)
-    return (p @ vt).transpose(1, 2)
 
 
 @pytest.mark.skipif(_compiled.cpu is None, reason="fluid_ops._C not built")

@@ -24,7 +24,8 @@ import torch
 import fluid_ops
 from fluid_ops import _compiled, backend
 from tests.conftest import assert_lowp_close, requires_cuda
-from tests.test_attention import _inputs, _naive, fwd_on, grads_on, ref_grads as _ref_grads
+from tests.helpers import attention_inputs as _inputs, fwd_on, grads_on
+from tests.helpers import naive_attention as _naive, ref_grads as _ref_grads
 
 ref = importlib.import_module("fluid_ops.reference.attention")
 ops_attn = importlib.import_module("fluid_ops.ops.attention")

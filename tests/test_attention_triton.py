@@ -22,8 +22,8 @@ import torch
 import fluid_ops
 from fluid_ops import backend
 from tests.conftest import assert_lowp_close
-from tests.test_attention import _inputs, _naive, _naive_autograd_lowp, fwd_on, grads_on
-from tests.test_attention import ref_grads as _ref_grads
+from tests.helpers import attention_inputs as _inputs, fwd_on, grads_on, naive_attention as _naive
+from tests.helpers import naive_attention_autograd_lowp as _naive_autograd_lowp, ref_grads as _ref_grads
 
 ref = importlib.import_module("fluid_ops.reference.attention")
 

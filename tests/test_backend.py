@@ -82,3 +82,23 @@ def test_env_var_forces_backend_in_a_fresh_process():
     env["FLUID_OPS_BACKEND"] = "nonsense"
     bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert bad.returncode != 0 and "unknown backend 'nonsense'" in bad.stderr
+
+
+def test_denoiser_head_step_is_an_op_family_with_an_eager_composite():
+    """The sampler's head step is chosen by the selector: every backend lists it, the eager step
+    runs on CPU tensors unless triton is forced (and can run), and a forced backend that cannot
+    run the fused head gets the eager composite instead of an error."""
+    from fluid_ops.nn import DenoiserMLP
+    from fluid_ops.ops.head import HEAD_STEP, EagerHeadStep
+    info = fluid_ops.backends()
+    assert all(HEAD_STEP in info[b]["ops"] for b in backend.BACKENDS)
+    net = DenoiserMLP(6, 48, 12, 10, 2)
+    z, ts = torch.randn(4, 10), torch.arange(5)
+    want = {None: "cpu" if info["cpu"]["available"] else "reference", "cpu": "cpu", "reference": "reference",
+            "cuda": "composite"}
+    for forced, name in want.items():
+        with fluid_ops.use_backend(forced):
+            s = net.sampler(z, ts, torch.bfloat16)
+        assert (s.backend, type(s.head), s.fused) == (name, EagerHeadStep, None), forced
+    with fluid_ops.use_backend("triton"):  # bf16 GEMMs never run on the Triton interpreter
+        assert net.sampler(z, ts, torch.bfloat16).backend == "composite"

@@ -14,6 +14,7 @@ import fluid_ops
 from fluid_ops import _compiled
 from fluid_ops.reference import categorical as ref
 from tests.conftest import backend_params
+from tests.helpers import assert_same_indices as _assert_same_indices, logits as _logits, uniform as _uniform
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -29,42 +30,12 @@ def _one_torch_thread():
     torch.set_num_threads(prev)
 
 
-def _logits(n, v, dtype=torch.float32, seed=0, ties=False, neg_inf=False, scale=3.0):
-    g = torch.Generator().manual_seed(seed)
-    if ties:  # few distinct values: ties at the argmax, the top-k threshold and the top-p cut
-        x = torch.randint(-3, 3, (n, v), generator=g).float()
-    else:
-        x = torch.randn(n, v, generator=g) * scale
-    if neg_inf and v > 1:
-        x[torch.rand(n, v, generator=g) < 0.3] = float("-inf")
-        x[:, 0] = 0.0  # a finite value in every row
-    return x.to(dtype)
-
-
-def _uniform(n, seed=1):
-    return torch.rand(n, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
-
-
 def _run(backend, logits, u, **kw):
     """The op on `backend`; the cuda backend gets the tensors on the GPU (strides kept) and its
     indices come back to the CPU."""
     dev = "cuda" if backend == "cuda" else "cpu"
     with fluid_ops.use_backend(backend):
         return fluid_ops.sample_categorical(logits.to(dev), uniform=u.to(dev), **kw).cpu()
-
-
-def _assert_same_indices(got, logits, u, **kw):
-    """got must equal the reference, except in rows whose uniform sits so close to a CDF
-    boundary (the reference's answer changes when u moves by 1e-12) that float64 exp rounding
-    may decide; such rows must be rare."""
-    want = ref.sample_categorical(logits, uniform=u, **kw)
-    diff = (got != want).nonzero().flatten()
-    if diff.numel():
-        lo = ref.sample_categorical(logits[diff], uniform=(u[diff] - 1e-12).clamp(min=0), **kw)
-        hi = ref.sample_categorical(logits[diff], uniform=(u[diff] + 1e-12).clamp(max=1 - 2**-53), **kw)
-        ambiguous = lo != hi
-        assert bool(ambiguous.all()), f"{kw}: rows {diff[~ambiguous].tolist()} differ away from any CDF boundary"
-        assert diff.numel() <= max(1, got.numel() // 100), f"{kw}: {diff.numel()} boundary rows"
 
 
 # ---- backend against the reference ---------------------------------------------------------

@@ -23,7 +23,7 @@ from fluid_ops.ops import head_cuda
 from fluid_ops.reference import denoiser as rden
 from fluid_ops.reference import diffusion as rdiff
 from tests.conftest import assert_lowp_close, requires_cuda
-from tests.test_denoiser import _randomize
+from tests.helpers import randomize as _randomize
 
 HAVE_KERNELS = _compiled.cuda is not None and hasattr(_compiled.cuda, "head_linear")
 NO_DEVICE = _compiled.cuda_device_status()[0] == 0
@@ -423,7 +423,7 @@ def test_sampler_picks_cuda_head_and_matches_op_path(guided, dtype):
 
 
 def _eps_net_pair():
-    from tests.test_diffusion import _eps_net
+    from tests.helpers import eps_net as _eps_net
     ref = _eps_net()
     fast = fluid_ops.nn.DenoiserMLP(ref.in_channels, ref.model_channels, ref.out_channels, ref.z_channels,
                                     ref.num_res_blocks)
@@ -438,7 +438,7 @@ def test_diffusion_sample_with_cuda_head_matches_reference_loop(cfg, dtype):
     """The whole loop at temperature 0 (deterministic): ours with bf16 / fp16 GEMMs against the
     reference loop in fp32 (its error is far below either low precision), no worse than 2x the
     reference loop run under autocast in that dtype (as MAR runs it)."""
-    from tests.test_diffusion import _inputs
+    from tests.helpers import diffusion_inputs as _inputs
     ref, fast = _eps_net_pair()
     steps = 8
     z, noise = _inputs(37, cfg, steps)

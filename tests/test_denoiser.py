@@ -12,18 +12,11 @@ import fluid_ops
 from fluid_ops.ops.denoiser import layernorm_modulate_into
 from fluid_ops.reference import denoiser as ref
 from tests.conftest import assert_lowp_close, backend_params, requires_cuda
+from tests.helpers import gr_inputs as _gr_inputs, lnm_inputs as _lnm_inputs
+from tests.helpers import randomize as _randomize, ref_lnm as _ref_lnm
 
 DATA = Path(__file__).parent / "data"
 MAR_B = dict(in_channels=16, model_channels=1024, out_channels=32, z_channels=768, num_res_blocks=6)
-
-
-def _randomize(net, seed=0, std=0.3):
-    """Random non-zero weights everywhere (MAR's init zeroes adaLN and the output layer)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std)
-    return net
 
 
 # ---- reference against docs/contracts.md §2.2 ----------------------------------------------------------------
@@ -118,29 +111,6 @@ def test_constructor_rejects_bad_sizes():
 
 
 # ---- fused ops against the reference ------------------------------------------------------------
-def _lnm_inputs(r, d, layout, dtype=torch.float32, seed=0, affine=True):
-    g = torch.Generator().manual_seed(seed)
-    xbig = torch.randn(r, d + 3, generator=g) * 2 + 0.5
-    x = xbig[:, 1:d + 1].to(dtype) if layout == "chunk" else (torch.randn(r, d, generator=g) * 2 + 0.5).to(dtype)
-    if layout == "chunk":  # shift, scale: column chunks of one (R, 3D) adaLN output (row stride 3D)
-        ada = torch.randn(r, 3 * d, generator=g).to(dtype)
-        shift, scale = ada[:, :d], ada[:, d:2 * d]
-        x = x.to(dtype)
-    elif layout == "broadcast":
-        shift, scale = torch.randn(1, d, generator=g).to(dtype), torch.randn(d, generator=g).to(dtype)
-    else:
-        shift, scale = torch.randn(r, d, generator=g).to(dtype), torch.randn(r, d, generator=g).to(dtype)
-    w = b = None
-    if affine:
-        w, b = torch.randn(d, generator=g) + 1, torch.randn(d, generator=g)
-    return x, shift, scale, w, b
-
-
-def _ref_lnm(x, shift, scale, w, b, out_dtype=None, eps=1e-6):
-    r, d = x.shape
-    return ref.layernorm_modulate(x, shift.expand(r, d), scale.expand(r, d), w, b, eps, out_dtype)
-
-
 @pytest.mark.parametrize("backend", backend_params("reference", "cpu"))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("which", ["weight", "bias"])
@@ -189,19 +159,6 @@ def test_layernorm_modulate_low_precision(backend, dtype, out_dtype, layout):
         got = fluid_ops.layernorm_modulate(x, shift, scale, weight=w, bias=b, out_dtype=out_dtype)
     assert got.dtype == od
     assert_lowp_close(got, ref64, ref_lowp, name=f"layernorm_modulate {dtype}->{od}")
-
-
-def _gr_inputs(r, d, layout, dtype=torch.float32, gdtype=None, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    h = torch.randn(r, d, generator=g).to(dtype)
-    y = torch.randn(r, d, generator=g).to(gdtype or dtype)
-    if layout == "chunk":
-        gate = torch.randn(r, 3 * d, generator=g).to(gdtype or dtype)[:, 2 * d:]
-    elif layout == "broadcast":
-        gate = torch.randn(1, d, generator=g).to(gdtype or dtype)
-    else:
-        gate = torch.randn(r, d, generator=g).to(gdtype or dtype)
-    return h, gate, y
 
 
 @pytest.mark.parametrize("backend", backend_params("reference", "cpu"))

@@ -6,43 +6,13 @@ from contextlib import redirect_stderr
 import numpy as np
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import fluid_ops
-from fluid_ops.reference import denoiser as rden
 from fluid_ops.reference import diffusion as rdiff
 from tests.conftest import requires_cuda
-
-C, D, Z, BLOCKS = 4, 64, 12, 2
-
-
-def _eps_net(seed=0, cls=rden.DenoiserMLP, ada_std=0.02):
-    """A small net whose eps output tracks x_t (so 10-20 step samples stay O(1-1000) instead of
-    exploding as with random weights): a large input-projection bias makes LN(h) nearly linear
-    in x, and the output layer is least-squares fitted to give x back; the blocks' adaLN layers
-    get small random weights so every block and the conditioning path are active."""
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    net = rden.DenoiserMLP(C, D, 2 * C, Z, BLOCKS)
-    with torch.no_grad():
-        net.input_proj.bias.copy_(torch.randn(D, generator=g) * 20)
-        for n, p in net.named_parameters():
-            if "adaLN" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * ada_std)
-        xs = torch.randn(2048, C, generator=g) * 2
-        t = torch.randint(0, 1000, (2048,), generator=g)
-        y = net.time_embed(t) + net.cond_embed(torch.randn(2048, Z, generator=g))
-        h = net.input_proj(xs)
-        for blk in net.res_blocks:
-            h = blk(h, y)
-        feats = torch.nn.functional.layer_norm(h, (D,), eps=1e-6)
-        net.final_layer.linear.weight[:C] = torch.linalg.lstsq(feats, xs).solution.T
-        net.final_layer.linear.weight[C:] = torch.randn(C, D, generator=g) * 0.01  # variance channel
-    if cls is rden.DenoiserMLP:
-        return net
-    out = cls(C, D, 2 * C, Z, BLOCKS)
-    out.load_state_dict(net.state_dict(), strict=True)
-    return out
+from tests.helpers import BLOCKS, C, D, Z
+from tests.helpers import RecordOps as _RecordOps, diffusion_inputs as _inputs, eps_net as _eps_net
+from tests.helpers import loop_events as _loop_events
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +21,6 @@ def nets():
     fast = fluid_ops.nn.DenoiserMLP(C, D, 2 * C, Z, BLOCKS)
     fast.load_state_dict(ref.state_dict(), strict=True)
     return ref, fast
-
-
-def _inputs(n, cfg, steps, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(2 * n if cfg != 1.0 else n, Z, generator=g)
-    noise = rdiff.draw_sampling_noise(n, C, steps, generator=g)
-    return z, noise
 
 
 def _close(got, want, rel=1e-4):
@@ -137,38 +100,6 @@ def test_deterministic_for_a_seed_and_noise_drawn_as_reference(nets):
     assert not torch.equal(a, c)
     noise = rdiff.draw_sampling_noise(5, C, 10, generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(fluid_ops.diffusion_sample(fast, z, num_steps=10, noise=noise), a, rtol=0, atol=0)
-
-
-class _RecordOps(TorchDispatchMode):
-    """Records every aten op that reads a value back to the host (.item() / tolist / bool(t))
-    or creates a tensor from host data or moves one across devices."""
-
-    HOST_DATA = ("aten._local_scalar_dense", "aten.lift_fresh", "aten.lift_fresh_copy", "aten.scalar_tensor")
-
-    def __init__(self):
-        super().__init__()
-        self.events = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        name = str(func.overloadpacket) if hasattr(func, "overloadpacket") else str(func)
-        out = func(*args, **kwargs)
-        if name in self.HOST_DATA:
-            self.events.append(name)
-        elif name in ("aten._to_copy", "aten.copy_", "aten.to"):
-            devs = {a.device.type for a in list(args) + list(kwargs.values()) if isinstance(a, torch.Tensor)}
-            if isinstance(out, torch.Tensor):
-                devs.add(out.device.type)
-            if len(devs) > 1:
-                self.events.append(f"{name} {sorted(devs)}")
-        return out
-
-
-def _loop_events(net, z, noise, steps, cfg, device="cpu", gemm_dtype=None):
-    mode = _RecordOps()
-    with mode:
-        fluid_ops.diffusion_sample(net, z, num_steps=steps, cfg=cfg, noise=noise, temperature=0.9, gemm_dtype=gemm_dtype)
-    return mode.events
 
 
 @pytest.mark.parametrize("fast_path", [True, False])

@@ -22,8 +22,9 @@ from fluid_ops.reference import categorical as rcat
 from fluid_ops.reference import denoiser as rden
 from fluid_ops.reference import diffusion as rdiff
 from tests.conftest import assert_lowp_close
-from tests.test_categorical import _assert_same_indices, _logits, _uniform
-from tests.test_denoiser import _gr_inputs, _lnm_inputs, _randomize, _ref_lnm
+from tests.helpers import assert_same_indices as _assert_same_indices, logits as _logits, uniform as _uniform
+from tests.helpers import gr_inputs as _gr_inputs, lnm_inputs as _lnm_inputs
+from tests.helpers import randomize as _randomize, ref_lnm as _ref_lnm
 
 HAVE_TRITON = importlib.util.find_spec("triton") is not None
 HAVE_GPU = torch.cuda.is_available()
@@ -493,7 +494,7 @@ def test_prologue_mode_choice(monkeypatch):
 
 
 def _eps_net_pair(device):
-    from tests.test_diffusion import _eps_net
+    from tests.helpers import eps_net as _eps_net
     ref = _eps_net()
     fast = fluid_ops.nn.DenoiserMLP(ref.in_channels, ref.model_channels, ref.out_channels, ref.z_channels,
                                     ref.num_res_blocks)
@@ -504,7 +505,7 @@ def _eps_net_pair(device):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("cfg", [1.0, 3.0])
 def test_diffusion_sample_on_triton_matches_reference_loop(device, cfg):
-    from tests.test_diffusion import _inputs
+    from tests.helpers import diffusion_inputs as _inputs
     ref, fast = _eps_net_pair(device)
     steps = 4
     z, noise = _inputs(13, cfg, steps)
@@ -520,7 +521,7 @@ def test_diffusion_sample_on_triton_matches_reference_loop(device, cfg):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_diffusion_sample_on_triton_does_no_host_transfer_per_step(device):
-    from tests.test_diffusion import _inputs, _loop_events
+    from tests.helpers import diffusion_inputs as _inputs, loop_events as _loop_events
     _, fast = _eps_net_pair(device)
     counts = {}
     with fluid_ops.use_backend("triton" if device == "cpu" else None):

@@ -13,10 +13,10 @@ strict=True.
   layer) as ONE concatenated GEMM per step, fused LN-modulate and in-place gated residual.
   With gemm_dtype=torch.bfloat16 the GEMMs run in bf16 (weights cast once and cached, fp32
   accumulation inside the GEMM) while the residual stream h, y and the LN statistics stay fp32.
-  Contract: exact in fp32, rounding-level with bf16 GEMMs. On CUDA tensors (and on CPU tensors
-  when the triton backend is forced) a step runs as a fused head: the CUDA one of
-  `fluid_ops.ops.head_cuda` (bf16 / fp16 GEMMs, where the compiled CUDA module has it), else the
-  Triton one of `fluid_ops.triton.denoiser` (same contract).
+  Contract: exact in fp32, rounding-level with bf16 GEMMs. The backend selector picks how a step
+  runs (op family `fluid_ops.ops.head`): on CUDA tensors (and on CPU tensors when the triton
+  backend is forced) a fused head, the CUDA one (bf16 / fp16 GEMMs, where the compiled CUDA
+  module has it), else the Triton one (same contract); else the eager GEMM path.
 """
 from __future__ import annotations
 
@@ -26,10 +26,9 @@ import torch
 import torch.nn.functional as F
 
 from fluid_ops.ops._checks import FLOAT_DTYPES, check_tensor
-from fluid_ops.ops.denoiser import gated_residual, gated_residual_, layernorm_modulate, layernorm_modulate_into
-from fluid_ops.ops.head_cuda import cuda_head_unusable
+from fluid_ops.ops.denoiser import gated_residual, layernorm_modulate
+from fluid_ops.ops.head import EagerHeadStep, head_step
 from fluid_ops.reference import denoiser as ref
-from fluid_ops.triton._util import fused_head_unusable
 
 __all__ = ["DenoiserMLP"]
 
@@ -116,52 +115,19 @@ class DenoiserSampler:
         self.ada = torch.empty(m, w.ada_wt.shape[1], dtype=gd, device=dev)
         self.h = torch.empty(m, d, device=dev)
         self.u = torch.empty(m, d, dtype=gd, device=dev)
-        # On CUDA one step runs as a fused head (3 + 2 * blocks GEMM launches with LN / SiLU /
-        # gates fused in), which needs no more workspace than the three above: the compiled CUDA
-        # head (fluid_ops.ops.head_cuda, bf16 / fp16 GEMMs) where it can run, else the Triton
-        # head of fluid_ops.triton.denoiser (also on CPU when triton is forced), in the order
-        # the op backends use (cuda, triton, ...), FLUID_OPS_BACKEND / use_backend respected.
-        self.fused = None
-        if cuda_head_unusable(dev, gd, d) is None:
-            from fluid_ops.ops.head_cuda import CudaHeadStep
-            self.fused = CudaHeadStep(self)
-            return
-        if fused_head_unusable(dev, gd) is None:
-            from fluid_ops.triton.denoiser import FusedHeadStep
-            self.fused = FusedHeadStep(self)
-            return
-        self.y = torch.empty(m, d, device=dev)
-        self.sy = self.y if gd == torch.float32 else torch.empty(m, d, dtype=gd, device=dev)
-        self.a = torch.empty(m, d, dtype=gd, device=dev)
-        self.v = torch.empty(m, d, dtype=gd, device=dev)
+        # One step: a fused head (3 + 2 * blocks GEMM launches with LN / SiLU / gates fused in,
+        # no workspace beyond the three above) or the eager GEMM path, as the backend selector
+        # picks for this device and GEMM dtype (fluid_ops.ops.head).
+        self.backend, self.head = head_step(self)
+
+    @property
+    def fused(self):
+        """The fused head step (CUDA or Triton) this sampler runs, None on the eager path."""
+        return None if isinstance(self.head, EagerHeadStep) else self.head
 
     @torch.no_grad()
     def __call__(self, x: torch.Tensor, step: int) -> torch.Tensor:
-        if self.fused is not None:
-            return self.fused(x, step)
-        w, d = self.w, self.d
-        torch.add(self.temb[step], self.cemb, out=self.y)  # (M, D) fp32; one temb row for all rows
-        F.silu(self.y, inplace=True)
-        if self.sy is not self.y:
-            self.sy.copy_(self.y)
-        ada = torch.addmm(w.ada_b, self.sy, w.ada_wt, out=self.ada)  # every adaLN linear at once
-        n = x.shape[0]
-        h = self.h
-        torch.addmm(self.in_b, x.float(), self.in_wt, out=h[:n])
-        if self.rows != n:
-            h[n:].copy_(h[:n])  # [x; x] for guidance, projected once
-        a, u, v = self.a, self.u, self.v
-        for i, ((w0t, b0, w2t, b2), (lw, lb, eps)) in enumerate(zip(w.mlp, w.ln)):
-            base = 3 * d * i
-            layernorm_modulate_into(h, ada[:, base:base + d], ada[:, base + d:base + 2 * d], a,
-                                    weight=lw, bias=lb, eps=eps)
-            F.silu(torch.addmm(b0, a, w0t, out=u), inplace=True)
-            gated_residual_(h, ada[:, base + 2 * d:base + 3 * d], torch.addmm(b2, u, w2t, out=v))
-        base = 3 * d * len(w.mlp)
-        layernorm_modulate_into(h, w.zero_shift, ada[:, base:base + d], a, eps=w.final_eps)
-        # final linear + (folded final shift and bias, from the adaLN GEMM); a fresh (M, out)
-        # tensor so callers may keep it across steps
-        return torch.addmm(ada[:, base + d:], a, w.final_wt)
+        return self.head(x, step)
 
 
 class DenoiserMLP(ref.DenoiserMLP):

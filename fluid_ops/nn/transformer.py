@@ -19,8 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import fluid_ops
-from fluid_ops.ops.attention import HEAD_DIMS
+from fluid_ops.ops.attention import HEAD_DIMS, attention, attention_kvcache
 
 __all__ = ["SelfAttention", "CrossAttention", "MLP", "TransformerBlock", "Transformer", "KVCache",
            "check_attention_shape"]
@@ -59,7 +58,7 @@ class SelfAttention(nn.Module):
         """x (B, N, C); key_padding_mask (B, N) bool, True = may be attended; causal: GPT-style."""
         b, n, c = x.shape
         q, k, v = self._qkv(x)
-        o = fluid_ops.attention(q, k, v, key_padding_mask=key_padding_mask, causal=causal)
+        o = attention(q, k, v, key_padding_mask=key_padding_mask, causal=causal)
         return self.proj(o.reshape(b, n, c))
 
     def decode(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -68,7 +67,7 @@ class SelfAttention(nn.Module):
         themselves; appends their K/V to the caches in place (the caller advances cache_seqlens)."""
         b, n, c = x.shape
         q, k, v = self._qkv(x)
-        o = fluid_ops.attention_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, causal=True)
+        o = attention_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, causal=True)
         return self.proj(o.reshape(b, n, c))
 
 
@@ -99,7 +98,7 @@ class CrossAttention(nn.Module):
         b, n, c = x.shape
         k, v = self.context_kv(context) if context_kv is None else context_kv
         q = self.q(x).view(b, n, self.num_heads, self.head_dim)
-        o = fluid_ops.attention(q, k, v, key_padding_mask=context_mask)
+        o = attention(q, k, v, key_padding_mask=context_mask)
         return self.proj(o.reshape(b, n, c))
 
 

@@ -15,7 +15,7 @@ import torch
 from fluid_ops import _compiled, backend
 from fluid_ops.ops._checks import FLOAT_DTYPES, check_finite_scalar, check_same_device, check_tensor
 from fluid_ops.reference import categorical as ref
-from fluid_ops.triton._util import cpu_rule
+from fluid_ops.backend import triton_cpu_rule
 
 __all__ = ["sample_categorical"]
 
@@ -63,7 +63,7 @@ def _sample_categorical_cuda(logits, uniform, temperature, top_k, top_p):
     return out
 
 
-@backend.register(OP, "triton", supports=lambda logits, *args: cpu_rule(logits))
+@backend.register(OP, "triton", supports=lambda logits, *args: triton_cpu_rule(logits))
 def _sample_categorical_triton(logits, uniform, temperature, top_k, top_p):
     from fluid_ops.triton import sampling  # imports triton: only when a Triton kernel runs
     return sampling.sample_categorical(logits, uniform, temperature, top_k, top_p)

@@ -10,7 +10,7 @@ import torch
 from fluid_ops import _compiled, backend
 from fluid_ops.ops._checks import FLOAT_DTYPES, check_finite_scalar, check_same_device, check_tensor
 from fluid_ops.reference import diffusion as ref
-from fluid_ops.triton._util import cpu_rule
+from fluid_ops.backend import triton_cpu_rule
 
 OP = "ddpm_step"
 OP_PARAMS = "ddpm_step_params"
@@ -47,7 +47,7 @@ def _ddpm_step_cuda(x, model_out, noise, table, step, temperature, cfg, clip_den
     return out
 
 
-@backend.register(OP, "triton", supports=lambda x, *args: cpu_rule(x))
+@backend.register(OP, "triton", supports=lambda x, *args: triton_cpu_rule(x))
 def _ddpm_step_triton(x, model_out, noise, table, step, temperature, cfg, clip_denoised):
     from fluid_ops.triton import sampling  # imports triton: only when a Triton kernel runs
     return sampling.ddpm_step(x, model_out, noise, table, step, temperature, cfg, clip_denoised=clip_denoised)
@@ -181,7 +181,7 @@ def _ddpm_step_params_cuda(x, model_out, noise, table, step, params, clip_denois
     return out
 
 
-@backend.register(OP_PARAMS, "triton", supports=lambda x, *args: cpu_rule(x))
+@backend.register(OP_PARAMS, "triton", supports=lambda x, *args: triton_cpu_rule(x))
 def _ddpm_step_params_triton(x, model_out, noise, table, step, params, clip_denoised):
     from fluid_ops.triton import sampling
     return sampling.ddpm_step(x, model_out, noise, table, step, 1.0, 1.0, params=params, clip_denoised=clip_denoised)

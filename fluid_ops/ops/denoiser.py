@@ -18,7 +18,8 @@ import torch
 from fluid_ops import _compiled, backend
 from fluid_ops.ops._checks import FLOAT_DTYPES, check_finite_scalar, check_same_device, check_tensor
 from fluid_ops.reference import denoiser as ref
-from fluid_ops.triton._util import MAX_ROW_WIDTH, cpu_rule
+from fluid_ops.backend import triton_cpu_rule
+from fluid_ops.triton._util import MAX_ROW_WIDTH
 
 __all__ = ["layernorm_modulate", "gated_residual", "gated_residual_"]
 
@@ -225,8 +226,8 @@ def _tk():
 
 
 def _triton_rows(x, *ts):
-    """cpu_rule, float64, and the row kernels' width limit."""
-    return cpu_rule(x) or _no_f64(x, *ts) or (
+    """triton_cpu_rule, float64, and the row kernels' width limit."""
+    return triton_cpu_rule(x) or _no_f64(x, *ts) or (
         None if x.shape[-1] <= MAX_ROW_WIDTH else
         f"the Triton row kernels take rows of at most {MAX_ROW_WIDTH} elements, got {x.shape[-1]}")
 
@@ -251,18 +252,18 @@ def _lnm_bwd_triton(x, scale, grad, weight, bias, eps):
     return _tk().layernorm_modulate_backward(x, scale, grad, weight, bias, eps)
 
 
-@backend.register(GR, "triton", supports=lambda h, gate, y: cpu_rule(h) or _no_f64(h, gate, y))
+@backend.register(GR, "triton", supports=lambda h, gate, y: triton_cpu_rule(h) or _no_f64(h, gate, y))
 def _gr_triton(h, gate, y):
     out = torch.empty(h.shape, dtype=h.dtype, device=h.device)
     return _tk().gated_residual(h, gate, y, out)
 
 
-@backend.register(GR_BWD, "triton", supports=lambda grad, gate, y: cpu_rule(grad) or _no_f64(grad, gate, y))
+@backend.register(GR_BWD, "triton", supports=lambda grad, gate, y: triton_cpu_rule(grad) or _no_f64(grad, gate, y))
 def _gr_bwd_triton(grad, gate, y):
     return _tk().gated_residual_backward(grad, gate, y)
 
 
-@backend.register(GR_INPLACE, "triton", supports=lambda h, gate, y: cpu_rule(h) or _no_f64(h, gate, y) or (
+@backend.register(GR_INPLACE, "triton", supports=lambda h, gate, y: triton_cpu_rule(h) or _no_f64(h, gate, y) or (
     None if h.shape[1] <= 1 or h.stride(1) == 1 else "h must have unit column stride to be updated in place"))
 def _gr_inplace_triton(h, gate, y):
     _tk().gated_residual(h, gate, y, h)

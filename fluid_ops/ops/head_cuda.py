@@ -3,9 +3,8 @@
 of csrc/cuda/head_gemm.cu (their header comment has the design; this file only sequences them).
 
 * `CudaHeadStep(sampler, mode=None)`: one step of a `DenoiserSampler` ((x, step) -> (M, out) in
-  the GEMM dtype). `DenoiserSampler` picks it on CUDA tensors when `cuda_head_unusable` returns
-  None (backend order cuda, triton, reference, as the ops use; `FLUID_OPS_BACKEND=triton` or
-  `fluid_ops.use_backend("triton")` still picks the Triton head).
+  the GEMM dtype): the cuda implementation of the head-step op family (`fluid_ops.ops.head`),
+  which the backend selector takes when `cuda_head_unusable` returns None.
 * `head_forward(net, x, t, c, gemm_dtype=None, prologue=None)`: `net(x, t, c)` of a
   fluid_ops.nn.DenoiserMLP through the same kernels, for any (x, t, c) (inference, no autograd).
 

@@ -11,10 +11,6 @@ from __future__ import annotations
 import os
 import sys
 
-import torch
-
-from fluid_ops import backend
-
 # The Triton row kernels (layernorm_modulate and its backward) keep a whole row in registers.
 MAX_ROW_WIDTH = 16384
 
@@ -35,36 +31,3 @@ def kernels_interpreted() -> bool:
         if mod is not None:
             return bool(mod.INTERPRETED)
     return interpreting()
-
-
-def cpu_rule(*tensors) -> str | None:
-    """The backend rule for Triton on CPU tensors: it runs there (under the interpreter) only when
-    forced with `use_backend("triton")` / FLUID_OPS_BACKEND=triton, never by automatic choice,
-    because the interpreter is orders of magnitude slower than the compiled CPU kernels."""
-    t = next((t for t in tensors if isinstance(t, torch.Tensor)), None)
-    if t is None or t.device.type != "cpu":
-        return None
-    if backend.forced_backend() != "triton":
-        return "on CPU tensors triton runs (interpreted) only when forced with use_backend('triton')"
-    if not kernels_interpreted():
-        return ("CPU tensors need Triton's interpreter, but the kernels are compiled for the GPU "
-                "(set TRITON_INTERPRET=1 before the first Triton call)")
-    return None
-
-
-def fused_head_unusable(device: torch.device, gemm_dtype: torch.dtype) -> str | None:
-    """Why the fused Triton head cannot serve `DenoiserSampler` on `device` (None: it can): the
-    same rule as the op backends (CUDA: unless another backend is forced; CPU: only when triton is
-    forced, and then under the interpreter, which computes tl.dot wrongly on bf16 inputs)."""
-    forced = backend.forced_backend()
-    if forced not in (None, "triton"):
-        return f"backend {forced!r} is forced"
-    if device.type not in ("cuda", "cpu"):
-        return f"triton does not run on {device.type} tensors"
-    if device.type == "cpu":
-        why = cpu_rule(torch.empty(0))
-        if why is not None:
-            return why
-        if gemm_dtype == torch.bfloat16:
-            return "the Triton interpreter computes tl.dot wrongly on bf16 inputs"
-    return backend._status("triton")
