@@ -268,6 +268,18 @@ def _config_dict(model):
     raise TypeError(f"model.config: expected a dataclass instance or a dict, got {type(cfg).__name__}")
 
 
+def _normalized_config(model, stored):
+    """The checkpoint's config in the model's current form (`model.normalize_config_dict`, when
+    it has one: e.g. an older flat Fluid config); unchanged when it cannot be read that way."""
+    normalize = getattr(model, "normalize_config_dict", None)
+    if not callable(normalize) or not isinstance(stored, dict):
+        return stored
+    try:
+        return normalize(stored)
+    except (TypeError, ValueError):  # reported as a config mismatch by _check_config
+        return stored
+
+
 def _plain(x):
     """Tuples -> lists, recursively: configs compare equal however they went through pickling."""
     if isinstance(x, dict):
@@ -506,7 +518,7 @@ def train(model: nn.Module, dataset, *, out_dir, steps: int | None = None, minut
         if state.get("format") != CHECKPOINT_FORMAT:
             raise CheckpointError(f"{ckpt_path}: checkpoint format {state.get('format')!r}, this version reads "
                                   f"{CHECKPOINT_FORMAT}")
-        _check_config(state["config"], config, ckpt_path)
+        _check_config(_normalized_config(model, state["config"]), config, ckpt_path)
         if not fsdp:
             model.load_state_dict(state["model"], strict=True)
     # DDP (any process group) or FSDP2; `fwd` is what the loop calls, `model` the plain module

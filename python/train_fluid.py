@@ -2,7 +2,7 @@
 
     python python/train_fluid.py --config tiny --out runs/a --minutes 10
     python python/train_fluid.py --config tiny --out runs/a --minutes 10    # again: resumes runs/a
-    python python/train_fluid.py --config tiny --set depth=6 --out runs/b --steps 2000 --lr 2e-3
+    python python/train_fluid.py --config tiny --set model.depth=6 --out runs/b --steps 2000 --lr 2e-3
 
 Writes runs/a/checkpoint.pt (+ checkpoint.prev.pt), history.json and loss.png. Kill it at any
 time: the next run with the same --out continues from the last checkpoint, exactly.

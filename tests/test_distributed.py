@@ -366,8 +366,8 @@ def test_prepared_cache_gives_the_images_loss_and_flipped_view(tmp_path, prepare
     other, _ = dist_worker.build({"set": {"patch_size": 8}})
     with pytest.raises(ValueError, match="patch_size"):
         ds.check_model_config(other.config)
-    layer = model.config.text_layer
-    assert model.config.text_encoder == "hash"          # no layers: another text_layer is the same cache
+    layer = model.config.text.layer
+    assert model.config.text.encoder == "hash"          # no layers: another text_layer is the same cache
     ds.check_model_config({**dataclasses.asdict(model.config), "text_layer": layer + 1})
     with pytest.raises(ValueError, match="text_encoder: cache 'hash', model 'minilm'"):
         ds.check_model_config({**dataclasses.asdict(model.config), "text_encoder": "minilm"})
