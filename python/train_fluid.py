@@ -32,7 +32,7 @@ ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
 ap.add_argument("--config", default="tiny", help="a name from fluid_ops.models.fluid.CONFIGS")
 ap.add_argument("--set", type=override, action="append", default=[], metavar="KEY=VALUE",
-                help="override a config field (repeatable)")
+                help="override a config field, e.g. model.depth=6 (repeatable; old flat names still work)")
 ap.add_argument("--out", required=True, help="run folder (resumed if it holds a checkpoint)")
 ap.add_argument("--steps", type=int, default=None, help="total optimizer steps")
 ap.add_argument("--minutes", type=float, default=None, help="wall-clock budget of this run")

@@ -63,7 +63,10 @@ class ImageConfig:
 @dataclass
 class TextConfig:
     """The caption: frozen encoder -> linear -> trainable aligner -> cross-attention in every
-    block; `pool_add` / `adaln` also feed a pooled caption vector to every position / block."""
+    block; `pool_add` / `adaln` also feed a pooled caption vector to every position / block.
+
+    adaln (no config sets it; tests/test_fluid.py::test_text_adaln_conditions_every_block): use it
+    when cross-attention and pool_add leave the caption's global attributes (colour, style) unread."""
     encoder: str = "minilm"             # "minilm" | "hash" | "t5:PATH" | PATH (fluid_ops.nn.text)
     max_length: int = 64
     layer: int = -1                     # which hidden state of a transformers encoder (-1: the last; 0: its
@@ -82,7 +85,11 @@ class TextConfig:
 
 @dataclass
 class HeadConfig:
-    """The per-token head: continuous -> MAR's diffusion head (DiffLoss); discrete -> logits."""
+    """The per-token head: continuous -> MAR's diffusion head (DiffLoss); discrete -> logits.
+
+    noise_shift (no config sets it; tests/test_fluid.py::test_noise_shift_trains_and_samples_on_the_
+    shifted_schedule): use k > 1 for high-resolution or finely patched tokens, whose content the
+    plain cosine schedule's noise leaves readable at most steps (SNR / k^2 at every step)."""
     depth: int = 3                      # diffusion head: residual blocks
     width: int = 1024                   # diffusion head: width
     diffusion_batch_mul: int = 4        # t-draws per token in the diffusion loss (MAR: 4)
@@ -102,7 +109,11 @@ class MaskingConfig:
 
 @dataclass
 class SamplingConfig:
-    """Defaults of `Fluid.generate` (each is also its keyword argument)."""
+    """Defaults of `Fluid.generate` (each is also its keyword argument).
+
+    clip_denoised (no config sets it; None picks by tokenizer; tests/test_fluid.py::
+    test_pixel_tokens_sample_with_the_predicted_x0_clamped): set False only for tokens not bounded
+    in [-1, 1]."""
     num_iter: int | None = None         # AR steps; None: 64 (random) / all tokens (raster)
     cfg: float | None = None            # CFG scale; None: the paper's value for the variant
     temperature: float | None = None    # None: the paper's value

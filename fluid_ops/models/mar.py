@@ -509,7 +509,7 @@ class MAR(nn.Module):
                       generator: torch.Generator | None = None) -> torch.Tensor:
         """Generate (bsz, vae_embed_dim, h, w) latents in `num_iter` steps (docs/contracts.md §2.4): random
         order per image, cosine mask schedule, CFG against the null class (`fake_latent`) with the
-        "linear" or "constant" schedule, `fluid_ops.diffusion_sample` for the tokens of each step.
+        "linear" or "constant" schedule, `fluid_ops.sampling.diffusion_sample` for the tokens of each step.
         labels None: unconditional (every row uses the null class). Call in eval mode (as MAR)."""
         if isinstance(bsz, bool) or not isinstance(bsz, int) or bsz < 0:
             raise ValueError(f"MAR.sample_tokens: bsz must be an int >= 0, got {bsz!r}")
