@@ -278,9 +278,8 @@ def _paper(depth, width, heads) -> FluidConfig:
 
 
 def _tiny(**overrides) -> FluidConfig:
-    # The recipe measured to learn fastest in 15 minutes on a 2-core CPU: every choice below
-    # (sizes, sin-cos and head positions, the pooled, standardised block-2 encoder text) is
-    # justified there; see docs/demo.md.
+    # The recipe measured to learn fastest in the demo's 15 CPU minutes; why each choice (sizes,
+    # positions, pooled block-2 encoder text): see docs/demo.md.
     base = FluidConfig(
         model=ModelConfig(width=128, depth=4, num_heads=2, pos_embed="sincos"),
         image=ImageConfig(size=32, patch_size=4),
