@@ -192,7 +192,7 @@ class FluidConfig:
             unknown = sorted(k for k in flat if k not in FLAT_NAMES and k not in REMOVED and "." not in k)
             if unknown:
                 raise TypeError(f"FluidConfig: unexpected field(s) {unknown}; valid: {', '.join(_paths())}")
-            self._apply(flat, stacklevel=3)
+            self._apply(flat, stacklevel=2)
 
     def _apply(self, overrides: dict, stacklevel: int) -> None:
         """Set fields in place from {top-level name | group name | "group.field" | old flat name: value}."""
