@@ -65,20 +65,14 @@ def _dataset(spec: str, *, image_size: int, seed: int, kinds=None):
 
 
 def load_model(path: str | os.PathLike, *, ema: bool = True, device=None):
-    """A Fluid model from a training run folder or checkpoint file (EMA weights by default)."""
-    import torch
-    from fluid_ops import checkpoint
-    from fluid_ops.models import Fluid
-    p = Path(path)
-    if p.is_dir():
-        p = p / "checkpoint.pt"
-    if not p.exists():
-        raise SystemExit(f"--ckpt: no checkpoint at {p} (give a training run folder or a checkpoint file)")
-    state = checkpoint.load_checkpoint(p)
-    model = Fluid.from_config_dict(state["config"])
-    weights = state["ema"] if ema and state.get("ema") is not None else state["model"]
-    model.load_state_dict(weights, strict=True)
-    return model.to(device or torch.device("cpu")).eval()
+    """A Fluid model from a training run folder or checkpoint file (EMA weights by default):
+    `fluid_ops.models.load_run` with its errors as the CLI's one-line exit."""
+    from fluid_ops.checkpoint import CheckpointError
+    from fluid_ops.models import load_run
+    try:
+        return load_run(path, ema=ema, device=device).model
+    except (FileNotFoundError, CheckpointError, ValueError) as e:
+        raise SystemExit(f"--ckpt: {e}") from None
 
 
 def _prompts(args) -> list[str]:
@@ -126,9 +120,9 @@ def cmd_train(args) -> int:
         raise SystemExit("train: give --steps and/or --minutes")
     torch.manual_seed(args.seed)
     model = Fluid(args.config, **_parse_overrides(args.set))
-    ds = _dataset(args.data, image_size=model.config.image_size, seed=args.seed)
+    ds = _dataset(args.data, image_size=model.config.image.size, seed=args.seed)
     if getattr(ds, "prepared", False):
-        ds.check_model_config(model.config)
+        ds.check_model_config(model.config.flat_dict())  # caches are keyed by the flat names
     device = None if args.device == "auto" else _device(args.device)  # None: one device per torchrun rank
     try:
         result = train(model, ds, out_dir=args.out, steps=args.steps, minutes=args.minutes,
@@ -150,7 +144,7 @@ def cmd_prepare(args) -> int:
     from fluid_ops.models.fluid import resolve_config
     from fluid_ops.prepare import prepare
     cfg = resolve_config(args.config, **_parse_overrides(args.set))
-    ds = _dataset(args.data, image_size=cfg.image_size, seed=args.seed)
+    ds = _dataset(args.data, image_size=cfg.image.size, seed=args.seed)
     if getattr(ds, "prepared", False):
         raise SystemExit(f"--data: {args.data!r} is already a prepared cache")
     flip = args.data != "shapes" if args.flip is None else args.flip  # shapes captions name left / right
@@ -224,7 +218,7 @@ def cmd_demo(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     model = Fluid(args.config, **_parse_overrides(args.set))
-    ds = _dataset("shapes", image_size=model.config.image_size, seed=args.seed, kinds=DEMO_KINDS)
+    ds = _dataset("shapes", image_size=model.config.image.size, seed=args.seed, kinds=DEMO_KINDS)
     print(f"[demo] training {args.config} ({sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M "
           f"trainable parameters) for {args.minutes:g} min on synthetic shapes; writing to {out}")
     result = train(model, ds, out_dir=out / "run", minutes=args.minutes, steps=args.steps,
@@ -272,7 +266,9 @@ def _add_common(p, *, sampling=False):
 
 def _add_train_knobs(p, *, minutes=None, steps=None, ema=0.999, batch_size=64, lr_decay=0.0):
     p.add_argument("--config", default="tiny", help="a name from fluid_ops.models.fluid.CONFIGS")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config field, e.g. model.depth=6 or text.encoder=hash (repeatable; the old flat "
+                        "names such as depth=6 still work, deprecated)")
     p.add_argument("--steps", type=int, default=steps)
     p.add_argument("--minutes", type=float, default=minutes)
     p.add_argument("--batch-size", type=int, default=batch_size)
@@ -304,7 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("prepare", help="encode a data set once: shards of cached tokens and text-encoder outputs")
     p.add_argument("--config", default="tiny", help="the model config the cache is for (tokenizer, text encoder)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field (repeatable)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config field, e.g. model.depth=6 or text.encoder=hash (repeatable; the old flat "
+                        "names such as depth=6 still work, deprecated)")
     p.add_argument("--data", default="shapes", help="'shapes', a folder of img.png + img.txt, or .tar shards")
     p.add_argument("--out", required=True, help="folder for shard-*.tar + prepared.json")
     p.add_argument("--limit", type=int, default=None, help="encode the first N samples only")

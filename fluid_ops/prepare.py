@@ -1,7 +1,7 @@
 """`fluid-ops prepare`: encode a data set once into shards of cached image tokens (VAE latents
 or pixel patches) and frozen text-encoder outputs, so training never runs either per step.
 
-    fluid-ops prepare --config fluid-166m --set tokenizer=vae --set vae_path=/models/kl16 \\
+    fluid-ops prepare --config fluid-166m --set image.tokenizer=vae --set image.vae_path=/models/kl16 \\
         --data /data/pairs --out /data/prepared
     torchrun --nproc_per_node 8 -m fluid_ops prepare ...      # each rank encodes its own shards
     fluid-ops train --config fluid-166m --set ... --data /data/prepared --out runs/a ...
@@ -30,7 +30,8 @@ from fluid_ops.data.shards import PREPARED_META, write_shards
 
 __all__ = ["prepare", "MODEL_FIELDS"]
 
-# The config fields a cache depends on (checked against the model at training time).
+# The config fields a cache depends on (checked against the model at training time), by the flat
+# names prepared.json has always used (FluidConfig.flat_dict).
 MODEL_FIELDS = ("tokenizer", "image_size", "patch_size", "vae_path", "text_encoder", "text_max_length", "text_layer")
 
 
@@ -45,9 +46,10 @@ def prepare(dataset, out_dir, config, *, flip: bool = True, batch_size: int = 64
     from fluid_ops.nn.text import build_text_encoder
     from fluid_ops.nn.tokenizers import build_tokenizer
     cfg = resolve_config(config) if isinstance(config, str) else config
-    if cfg.token_kind != "continuous" or cfg.tokenizer == "kmeans":
+    if cfg.token_kind != "continuous" or cfg.image.tokenizer == "kmeans":
         raise ValueError("prepare: caches continuous tokens (tokenizer 'patch' or 'vae'); the k-means tokenizer "
-                         f"is fitted per run, so its codes are not cached (config tokenizer={cfg.tokenizer!r})")
+                         f"is fitted per run, so its codes are not cached (config image.tokenizer="
+                         f"{cfg.image.tokenizer!r})")
     for name, v, lo in (("batch_size", batch_size, 1), ("samples_per_shard", samples_per_shard, 1)):
         if not isinstance(v, int) or isinstance(v, bool) or v < lo:
             raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
@@ -62,10 +64,10 @@ def prepare(dataset, out_dir, config, *, flip: bool = True, batch_size: int = 64
     if ctx.is_main:
         (out / PREPARED_META).unlink(missing_ok=True)  # incomplete until written again
     ctx.barrier()
-    tokenizer = build_tokenizer(cfg.tokenizer, image_size=cfg.image_size, patch_size=cfg.patch_size,
-                                codebook_size=cfg.codebook_size, vae_path=cfg.vae_path).to(device)
-    text = build_text_encoder(cfg.text_encoder, max_length=cfg.text_max_length, cache_size=0,
-                              layer=cfg.text_layer).to(device)
+    im, tx = cfg.image, cfg.text
+    tokenizer = build_tokenizer(im.tokenizer, image_size=im.size, patch_size=im.patch_size,
+                                codebook_size=im.codebook_size, vae_path=im.vae_path).to(device)
+    text = build_text_encoder(tx.encoder, max_length=tx.max_length, cache_size=0, layer=tx.layer).to(device)
     from fluid_ops.data.folder import collate
     collate_fn = collate_fn or collate
     n_shards = math.ceil(n / samples_per_shard)
@@ -113,7 +115,7 @@ def prepare(dataset, out_dir, config, *, flip: bool = True, batch_size: int = 64
         meta = {"format": "fluid_ops.prepared/1", "n": n, "views": 2 if flip else 1, "flip": bool(flip),
                 "shards": shards, "samples_per_shard": samples_per_shard,
                 "token_shape": [tokenizer.num_tokens, tokenizer.token_dim], "text_dim": text.dim,
-                "model": {k: getattr(cfg, k) for k in MODEL_FIELDS}, "source": repr(dataset),
+                "model": {k: v for k, v in cfg.flat_dict().items() if k in MODEL_FIELDS}, "source": repr(dataset),
                 "seconds": round(time.monotonic() - t0, 2), "world_size": ctx.world_size,
                 "torch_version": torch.__version__}
         tmp = out / f".{PREPARED_META}.tmp"

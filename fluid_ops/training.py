@@ -268,6 +268,18 @@ def _config_dict(model):
     raise TypeError(f"model.config: expected a dataclass instance or a dict, got {type(cfg).__name__}")
 
 
+def _normalized_config(model, stored):
+    """The checkpoint's config in the model's current form (`model.normalize_config_dict`, when
+    it has one: e.g. an older flat Fluid config); unchanged when it cannot be read that way."""
+    normalize = getattr(model, "normalize_config_dict", None)
+    if not callable(normalize) or not isinstance(stored, dict):
+        return stored
+    try:
+        return normalize(stored)
+    except (TypeError, ValueError):  # reported as a config mismatch by _check_config
+        return stored
+
+
 def _plain(x):
     """Tuples -> lists, recursively: configs compare equal however they went through pickling."""
     if isinstance(x, dict):
@@ -437,293 +449,382 @@ def train(model: nn.Module, dataset, *, out_dir, steps: int | None = None, minut
               warmup_steps=warmup_steps, lr_decay=lr_decay, weight_decay=weight_decay, betas=betas,
               grad_clip=grad_clip, ema_decay=ema_decay, ckpt_every=ckpt_every, seed=seed, amp=amp,
               num_workers=num_workers, log_every=log_every, callback=callback)
-    t_call = time.monotonic()
-    ctx, device = D.setup(device, fsdp=fsdp)
-    device = _resolve_device(device)
-    if fsdp and not ctx.enabled:
-        raise ValueError("fsdp=True needs a process group: launch with torchrun (torchrun --nproc_per_node N "
-                         "-m fluid_ops train ... --fsdp; --nproc_per_node 1 works too)")
-    if batch_size % ctx.world_size:
-        raise ValueError(f"batch_size: the global batch {batch_size} must be divisible by the number of ranks "
-                         f"({ctx.world_size})")
-    local_batch = batch_size // ctx.world_size
-    split = ctx.world_size > 1
-    if split and not getattr(model, "supports_batch_slice", False) and ctx.is_main:
-        warnings.warn(f"{type(model).__name__} does not draw its randomness per global batch (no "
-                      "supports_batch_slice): each rank draws its own, so this run is statistically, not "
-                      "exactly, the one-process run", stacklevel=2)
-    amp_dtype = torch.bfloat16 if amp == "bf16" or (amp == "auto" and device.type == "cuda") else None
-    collate_fn = collate_fn or default_collate
-    n_data = len(dataset)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt_path = out_dir / CHECKPOINT_NAME
-    dcp_dir = D.latest_dcp_dir(out_dir)
+    run = _Run(model, dataset, _Settings(
+        out_dir=Path(out_dir), steps=steps, minutes=minutes, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+        lr_decay=lr_decay, weight_decay=weight_decay, betas=tuple(betas), grad_clip=grad_clip, ema_decay=ema_decay,
+        ckpt_every=ckpt_every, seed=seed, device=device, amp=amp, num_workers=num_workers, progress=progress,
+        resume=resume, log_every=log_every, callback=callback, collate_fn=collate_fn or default_collate,
+        tokenizer_fit_images=tokenizer_fit_images, fsdp=fsdp))
+    run.restore(run.read_checkpoint())   # a fresh start when there is none
+    run.start_clock()
+    if steps is not None and run.step >= steps:
+        return run.result("already_done")
+    run.open_stream()
+    try:
+        while run.stopped_by is None:
+            run.train_step(*next(run.batches))
+            run.end_of_step()   # stop checks, history, callback, checkpoint
+    finally:
+        run.close()
+    return run.result(run.stopped_by)
 
-    # -- where do we start? --
-    state = None
-    if fsdp and ckpt_path.exists() and dcp_dir is None:
-        raise CheckpointError(f"{ckpt_path} is a single-file checkpoint of a run without --fsdp; resume it "
-                              "without fsdp, or train with fsdp in another out_dir")
-    if not fsdp and dcp_dir is not None:
-        raise CheckpointError(f"{out_dir} holds an FSDP checkpoint ({dcp_dir.name}): resume it with fsdp=True "
-                              "(--fsdp), or write a single file with fluid_ops.distributed.consolidate "
-                              "(fluid-ops consolidate) for generate / evaluate")
-    if fsdp:
-        if dcp_dir is not None:
-            if not resume:
-                raise FileExistsError(f"{dcp_dir} exists and resume=False: pass resume=True to continue that "
-                                      "run, or choose another out_dir (nothing was overwritten)")
-            state = D.load_dcp_meta(dcp_dir)
-    elif ckpt_path.exists():
-        if not resume:
-            raise FileExistsError(f"{ckpt_path} exists and resume=False: pass resume=True to continue that run, "
-                                  "or choose another out_dir (nothing was overwritten)")
-        state = load_checkpoint(ckpt_path)  # raises CheckpointError for a bad file: never start over silently
-    elif previous_path(ckpt_path).exists():
-        raise CheckpointError(f"{ckpt_path} is missing but {previous_path(ckpt_path)} exists: the run's "
-                              f"latest checkpoint was removed. To resume from the previous one, copy it to "
-                              f"{ckpt_path}; to start over, use another out_dir")
-    if ctx.is_main:
-        remove_stale_temporaries(ckpt_path)
-        for leftover in (*out_dir.glob(".history.json.*.tmp"), *out_dir.glob(".loss.png.*.tmp.png")):
-            leftover.unlink(missing_ok=True)  # from a killed run
-    config = _config_dict(model)
-    _check_payload(config, "model.config")  # fail now, not at the first checkpoint
-    was_training = model.training
-    model.to(device)
 
-    if state is None:
-        _seed_everything(seed)
+@dataclass
+class _Settings:
+    """`train`'s arguments, validated."""
+    out_dir: Path
+    steps: int | None
+    minutes: float | None
+    batch_size: int
+    lr: float
+    warmup_steps: int
+    lr_decay: float
+    weight_decay: float
+    betas: tuple
+    grad_clip: float | None
+    ema_decay: float
+    ckpt_every: int
+    seed: int
+    device: Any
+    amp: str
+    num_workers: int
+    progress: bool
+    resume: bool
+    log_every: int
+    callback: Callable | None
+    collate_fn: Callable
+    tokenizer_fit_images: int
+    fsdp: bool
+
+
+class _Run:
+    """One call of `train`: the state its steps share (model, optimizer, EMA, step, data
+    position, history, clock) and the steps themselves, in the order `train` calls them."""
+
+    # ---- opening the run: devices, ranks, the run folder --------------------------------------
+    def __init__(self, model: nn.Module, dataset, a: _Settings):
+        self.model, self.dataset, self.a = model, dataset, a
+        self.t_call = time.monotonic()
+        self.ctx, device = D.setup(a.device, fsdp=a.fsdp)
+        self.device = _resolve_device(device)
+        ctx = self.ctx
+        if a.fsdp and not ctx.enabled:
+            raise ValueError("fsdp=True needs a process group: launch with torchrun (torchrun --nproc_per_node N "
+                             "-m fluid_ops train ... --fsdp; --nproc_per_node 1 works too)")
+        if a.batch_size % ctx.world_size:
+            raise ValueError(f"batch_size: the global batch {a.batch_size} must be divisible by the number of ranks "
+                             f"({ctx.world_size})")
+        self.local_batch = a.batch_size // ctx.world_size
+        self.split = ctx.world_size > 1
+        if self.split and not getattr(model, "supports_batch_slice", False) and ctx.is_main:
+            warnings.warn(f"{type(model).__name__} does not draw its randomness per global batch (no "
+                          "supports_batch_slice): each rank draws its own, so this run is statistically, not "
+                          "exactly, the one-process run", stacklevel=3)
+        use_bf16 = a.amp == "bf16" or (a.amp == "auto" and self.device.type == "cuda")
+        self.amp_dtype = torch.bfloat16 if use_bf16 else None
+        self.n_data = len(dataset)
+        a.out_dir.mkdir(parents=True, exist_ok=True)
+        self.ckpt_path = a.out_dir / CHECKPOINT_NAME
+        self.dcp_dir = D.latest_dcp_dir(a.out_dir)
+        self.stopped_by = None
+
+    def read_checkpoint(self):
+        """The checkpoint to resume from (None: a fresh run); refuses every ambiguous case."""
+        a, ckpt_path, dcp_dir, state = self.a, self.ckpt_path, self.dcp_dir, None
+        if a.fsdp and ckpt_path.exists() and dcp_dir is None:
+            raise CheckpointError(f"{ckpt_path} is a single-file checkpoint of a run without --fsdp; resume it "
+                                  "without fsdp, or train with fsdp in another out_dir")
+        if not a.fsdp and dcp_dir is not None:
+            raise CheckpointError(f"{a.out_dir} holds an FSDP checkpoint ({dcp_dir.name}): resume it with fsdp=True "
+                                  "(--fsdp), or write a single file with fluid_ops.distributed.consolidate "
+                                  "(fluid-ops consolidate) for generate / evaluate")
+        if a.fsdp:
+            if dcp_dir is not None:
+                if not a.resume:
+                    raise FileExistsError(f"{dcp_dir} exists and resume=False: pass resume=True to continue that "
+                                          "run, or choose another out_dir (nothing was overwritten)")
+                state = D.load_dcp_meta(dcp_dir)
+        elif ckpt_path.exists():
+            if not a.resume:
+                raise FileExistsError(f"{ckpt_path} exists and resume=False: pass resume=True to continue that run, "
+                                      "or choose another out_dir (nothing was overwritten)")
+            state = load_checkpoint(ckpt_path)  # raises CheckpointError for a bad file: never start over silently
+        elif previous_path(ckpt_path).exists():
+            raise CheckpointError(f"{ckpt_path} is missing but {previous_path(ckpt_path)} exists: the run's "
+                                  f"latest checkpoint was removed. To resume from the previous one, copy it to "
+                                  f"{ckpt_path}; to start over, use another out_dir")
+        if self.ctx.is_main:
+            remove_stale_temporaries(ckpt_path)
+            for leftover in (*a.out_dir.glob(".history.json.*.tmp"), *a.out_dir.glob(".loss.png.*.tmp.png")):
+                leftover.unlink(missing_ok=True)  # from a killed run
+        return state
+
+    # ---- restoring: model, optimizer, EMA, position, history, RNG -----------------------------
+    def restore(self, state) -> None:
+        model, a = self.model, self.a
+        self.config = _config_dict(model)
+        _check_payload(self.config, "model.config")  # fail now, not at the first checkpoint
+        self.was_training = model.training
+        model.to(self.device)
+        if state is None:
+            self._fresh_model()
+        else:
+            if state.get("format") != CHECKPOINT_FORMAT:
+                raise CheckpointError(f"{self.ckpt_path}: checkpoint format {state.get('format')!r}, this version "
+                                      f"reads {CHECKPOINT_FORMAT}")
+            _check_config(_normalized_config(model, state["config"]), self.config, self.ckpt_path)
+            if not a.fsdp:
+                model.load_state_dict(state["model"], strict=True)
+        # DDP (any process group) or FSDP2; `fwd` is what the loop calls, `model` the plain module
+        self.fwd = D.wrap_model(model, self.ctx, self.device, fsdp=a.fsdp) if self.ctx.enabled else model
+        self.trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self.params = [p for _, p in self.trainable]
+        groups = param_groups(model, a.weight_decay)
+        for g in groups:
+            g.pop("names")
+        fused = self.device.type == "cuda" and all(p.is_floating_point() for p in self.params)
+        self.opt = torch.optim.AdamW(groups, lr=a.lr, betas=a.betas, fused=True if fused else None)
+        if state is None:
+            self.ema = {name: p.detach().float().clone() for name, p in self.trainable}
+            self.step, self.epoch, self.index, self.elapsed_before = 0, 0, 0, 0.0
+            self.history = {k: [] for k in _HISTORY_KEYS}
+        else:
+            self._restore_progress(state)
+        self.ema_list = [self.ema[name] for name, _ in self.trainable]
+
+    def _fresh_model(self) -> None:
+        a, model = self.a, self.model
+        _seed_everything(a.seed)
         if getattr(model, "needs_tokenizer_fit", False):
             fit = getattr(model, "fit_tokenizer", None)
             if not callable(fit):
                 raise TypeError("model.needs_tokenizer_fit is True but the model has no fit_tokenizer(images)")
-            fit(_tokenizer_fit_images(dataset, tokenizer_fit_images, seed, collate_fn, device))
-        if ctx.rank > 0:  # the same fit on every rank, then distinct global RNGs (e.g. dropout)
-            _seed_everything(_derive_seed(seed, f"rank{ctx.rank}", 0))
-    else:
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise CheckpointError(f"{ckpt_path}: checkpoint format {state.get('format')!r}, this version reads "
-                                  f"{CHECKPOINT_FORMAT}")
-        _check_config(state["config"], config, ckpt_path)
-        if not fsdp:
-            model.load_state_dict(state["model"], strict=True)
-    # DDP (any process group) or FSDP2; `fwd` is what the loop calls, `model` the plain module
-    fwd = D.wrap_model(model, ctx, device, fsdp=fsdp) if ctx.enabled else model
+            fit(_tokenizer_fit_images(self.dataset, a.tokenizer_fit_images, a.seed, a.collate_fn, self.device))
+        if self.ctx.rank > 0:  # the same fit on every rank, then distinct global RNGs (e.g. dropout)
+            _seed_everything(_derive_seed(a.seed, f"rank{self.ctx.rank}", 0))
 
-    trainable = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
-    params = [p for _, p in trainable]
-    groups = param_groups(model, weight_decay)
-    for g in groups:
-        g.pop("names")
-    opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(betas),
-                            fused=True if device.type == "cuda" and all(p.is_floating_point() for p in params) else None)
-    if state is None:
-        ema = {name: p.detach().float().clone() for name, p in trainable}
-        step, epoch, index, elapsed_before = 0, 0, 0, 0.0
-        history = {k: [] for k in _HISTORY_KEYS}
-    else:
-        if fsdp:  # every rank reads its (resharded) part of model, AdamW state and EMA
-            ema = {name: p.detach().float().clone() for name, p in trainable}
-            D.load_dcp_checkpoint(dcp_dir, model, opt, ema)
+    def _restore_progress(self, state) -> None:
+        a, ctx, opt = self.a, self.ctx, self.opt
+        if a.fsdp:  # every rank reads its (resharded) part of model, AdamW state and EMA
+            self.ema = {name: p.detach().float().clone() for name, p in self.trainable}
+            D.load_dcp_checkpoint(self.dcp_dir, self.model, opt, self.ema)
         else:
             opt.load_state_dict(state["optimizer"])
-            ema = {name: state["ema"][name].to(device=device, dtype=torch.float32).clone() for name, _ in trainable}
-        for g, wd in zip(opt.param_groups, (weight_decay, 0.0)):  # this call's hyperparameters win
-            g["weight_decay"], g["betas"] = wd, tuple(betas)
-        step = int(state["step"])
-        epoch, index = int(state["data"]["epoch"]), int(state["data"]["index"])
-        if int(state["data"]["seed"]) != seed:
-            warnings.warn(f"seed {seed} differs from the checkpoint's {state['data']['seed']}: data order and "
-                          "per-step randomness from here on follow the new seed", stacklevel=2)
-        if int(state["data"]["dataset_len"]) != n_data:
-            warnings.warn(f"dataset has {n_data} items, the checkpoint's had {state['data']['dataset_len']}: "
-                          "the data order after resuming is not the original run's", stacklevel=2)
-            epoch, index = (epoch + 1, 0) if index >= n_data else (epoch, index)
-        elapsed_before = float(state["elapsed_s"])
-        history = {k: list(state["history"][k]) for k in _HISTORY_KEYS}
+            self.ema = {name: state["ema"][name].to(device=self.device, dtype=torch.float32).clone()
+                        for name, _ in self.trainable}
+        for g, wd in zip(opt.param_groups, (a.weight_decay, 0.0)):  # this call's hyperparameters win
+            g["weight_decay"], g["betas"] = wd, a.betas
+        self.step = int(state["step"])
+        self.epoch, self.index = int(state["data"]["epoch"]), int(state["data"]["index"])
+        if int(state["data"]["seed"]) != a.seed:
+            warnings.warn(f"seed {a.seed} differs from the checkpoint's {state['data']['seed']}: data order and "
+                          "per-step randomness from here on follow the new seed", stacklevel=4)
+        if int(state["data"]["dataset_len"]) != self.n_data:
+            warnings.warn(f"dataset has {self.n_data} items, the checkpoint's had {state['data']['dataset_len']}: "
+                          "the data order after resuming is not the original run's", stacklevel=4)
+            if self.index >= self.n_data:
+                self.epoch, self.index = self.epoch + 1, 0
+        self.elapsed_before = float(state["elapsed_s"])
+        self.history = {k: list(state["history"][k]) for k in _HISTORY_KEYS}
         per_rank = state.get("rng_per_rank") or [state["rng"]]
         if ctx.rank < len(per_rank):
             _set_rng_state(per_rank[ctx.rank])
         else:  # more ranks than the run had: a fresh, distinct global RNG for this one
-            _seed_everything(_derive_seed(seed, f"rank{ctx.rank}", step))
-    ema_names = [name for name, _ in trainable]
-    ema_list = [ema[name] for name in ema_names]
-    del state
+            _seed_everything(_derive_seed(a.seed, f"rank{ctx.rank}", self.step))
 
-    def save():
-        bad = [name for name, p in trainable if not bool(torch.isfinite(D.local_tensor(p)).all())]
-        if D.any_rank(ctx, bool(bad)):
-            raise FloatingPointError(f"parameters {bad[:5]} are not finite at step {step}; checkpoint not written, "
-                                     f"the last good one ({ckpt_path}) is kept")
-        rng_all = D.all_gather_object(ctx, _rng_state()) if ctx.enabled else None
-        payload = {"format": CHECKPOINT_FORMAT, "step": step,
-                   "data": {"epoch": epoch, "index": index, "dataset_len": n_data, "seed": seed},
-                   "lr_schedule": {"kind": "linear_warmup_stable_decay" if lr_decay else "linear_warmup_constant",
-                                   "base_lr": float(lr), "warmup_steps": int(warmup_steps),
-                                   "decay": float(lr_decay), "step": step},
-                   "rng": _rng_state(), "config": config,
-                   "history": {k: list(v) for k, v in history.items()},
-                   "elapsed_s": elapsed(), "torch_version": str(torch.__version__),
-                   "train_args": {"batch_size": batch_size, "lr": float(lr), "warmup_steps": warmup_steps,
-                                  "lr_decay": float(lr_decay),
-                                  "weight_decay": float(weight_decay), "betas": [float(b) for b in betas],
-                                  "grad_clip": None if grad_clip is None else float(grad_clip),
-                                  "ema_decay": float(ema_decay), "seed": seed, "amp": amp}}
-        if ctx.enabled:
-            payload["world_size"] = ctx.world_size
-            payload["rng_per_rank"] = rng_all
-        if fsdp:
-            D.save_dcp_checkpoint(ctx, out_dir, step, model, opt, ema, payload)
-        elif ctx.is_main:
-            # frozen parameters and buffers of the EMA state dict share storage with "model"
-            payload.update({"model": model.state_dict(), "ema": _ema_state_dict(model, ema),
-                            "optimizer": opt.state_dict()})
-            save_checkpoint(payload, ckpt_path)
-        if ctx.is_main:
-            _write_history(history, out_dir)
-        ctx.barrier()
-        return step
+    # ---- the clock ---------------------------------------------------------------------------
+    def start_clock(self) -> None:
+        self.t_start = time.monotonic()
+        # The clock share is measured once per step, after it: the deadline check and the next
+        # step's LR both read it.
+        self.share = self.clock_share() if self.a.minutes is not None else 0.0
+        self.last_ckpt_step = self.step
 
-    t_start = time.monotonic()
+    def elapsed(self) -> float:
+        return self.elapsed_before + (time.monotonic() - self.t_start)
 
-    def elapsed() -> float:
-        return elapsed_before + (time.monotonic() - t_start)
-
-    def clock_share() -> float:
+    def clock_share(self) -> float:
         """This call's share of its `minutes` budget spent so far, the same on every rank (the
         largest): one scalar all-reduce under torch.distributed."""
-        return D.max_over_ranks(ctx, (time.monotonic() - t_call) / (60.0 * minutes))
+        return D.max_over_ranks(self.ctx, (time.monotonic() - self.t_call) / (60.0 * self.a.minutes))
 
-    # The clock share is measured once per step, after it: the deadline check and the next step's
-    # LR both read it.
-    share = clock_share() if minutes is not None else 0.0
-
-    def run_progress() -> float:
+    def run_progress(self) -> float:
         """Fraction of the run done before this step: step / steps and / or this call's share of
         its `minutes` budget, at most 1."""
-        p = step / steps if steps is not None else 0.0
-        return min(max(p, share), 1.0)
+        p = self.step / self.a.steps if self.a.steps is not None else 0.0
+        return min(max(p, self.share), 1.0)
 
-    last_ckpt_step = step
-    if steps is not None and step >= steps:
-        model.train(was_training)
-        return TrainResult(model, step, epoch, index, history, ema, out_dir, ckpt_path, elapsed_before,
-                           "already_done")
+    # ---- the step ----------------------------------------------------------------------------
+    def open_stream(self) -> None:
+        """The data (a resumable, deterministic stream of full batches), the progress bar, the
+        per-step generator, and the buffers of values not yet flushed to `history`."""
+        a, ctx, device = self.a, self.ctx, self.device
+        loader = torch.utils.data.DataLoader(
+            self.dataset, collate_fn=a.collate_fn, num_workers=a.num_workers, pin_memory=device.type == "cuda",
+            batch_sampler=D.RankSlicedBatches(_BatchStream(self.n_data, a.batch_size, a.seed, self.epoch,
+                                                           self.index), ctx),
+            generator=torch.Generator().manual_seed(_derive_seed(a.seed, "loader", self.step)))
+        self.batches = iter(loader)
+        from tqdm.auto import tqdm
+        self.bar = tqdm(total=a.steps, initial=self.step, unit="step", dynamic_ncols=True, file=sys.stderr,
+                        disable=True if not a.progress or not ctx.is_main else None, desc="train")
+        self.step_generator = torch.Generator(device=device)
+        self.autocast = (torch.autocast(device_type=device.type, dtype=self.amp_dtype)
+                         if self.amp_dtype is not None else contextlib.nullcontext())
+        # Per-step losses and grad norms stay on the device until a flush (one sync per
+        # `log_every` steps instead of one per step).
+        self.pending: list[tuple[int, float, float]] = []  # (step, lr, time) not yet flushed
+        self.pending_loss: list[torch.Tensor] = []
+        self.pending_gnorm: list[torch.Tensor] = []
+        # Detached views share storage with the parameters, so the optimizer's in-place updates
+        # show through; parameters kept in low precision get an fp32 copy per step instead.
+        self.ema_sources = [p.detach() for p in self.params]
+        self.ema_sources_fp32 = all(p.dtype == torch.float32 for p in self.params)
+        self.smoothed = None
+        self.model.train()
 
-    # -- data: a resumable, deterministic stream of full batches --
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=D.RankSlicedBatches(_BatchStream(n_data, batch_size, seed, epoch, index), ctx),
-        collate_fn=collate_fn,
-        num_workers=num_workers, pin_memory=device.type == "cuda",
-        generator=torch.Generator().manual_seed(_derive_seed(seed, "loader", step)))
-    batches = iter(loader)
+    def train_step(self, images, captions) -> None:
+        """One optimizer step on one batch, then the EMA; advances step and data position."""
+        a, step = self.a, self.step
+        images = images.to(self.device, non_blocking=True)
+        cur_lr = lr_at(step, a.lr, a.warmup_steps, a.lr_decay, self.run_progress() if a.lr_decay else 0.0)
+        for g in self.opt.param_groups:
+            g["lr"] = cur_lr
+        self.step_generator.manual_seed(_derive_seed(a.seed, "step", step))
+        kw = {}
+        if self.split and getattr(self.model, "supports_batch_slice", False):
+            kw["batch_slice"] = (self.ctx.rank * self.local_batch, a.batch_size)  # draw for the global batch
+        elif self.split:
+            self.step_generator.manual_seed(_derive_seed(a.seed, f"step/rank{self.ctx.rank}", step))
+        with self.autocast:
+            loss = self.fwd(images, captions, generator=self.step_generator, **kw)
+        _check_loss(loss, step)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if a.grad_clip is not None:
+            gnorm = nn.utils.clip_grad_norm_(self.params, a.grad_clip)  # a DTensor under FSDP2
+            self.pending_gnorm.append(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
+        self.opt.step()
+        with torch.no_grad():
+            src = self.ema_sources if self.ema_sources_fp32 else [p.float() for p in self.ema_sources]
+            torch._foreach_lerp_(self.ema_list, src, 1.0 - a.ema_decay)
+        self.pending_loss.append(loss.detach().float().reshape(()))
+        self.step += 1
+        self.epoch, self.index = divmod(self.epoch * self.n_data + self.index + a.batch_size, self.n_data)
+        self.pending.append((self.step, cur_lr, self.elapsed()))
+        self.bar.update(1)
 
-    from tqdm.auto import tqdm
-    bar = tqdm(total=steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr,
-               disable=True if not progress or not ctx.is_main else None, desc="train")
-    step_generator = torch.Generator(device=device)
-    autocast = (torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None
-                else contextlib.nullcontext())
-    # Per-step losses and grad norms stay on the device until a flush (one sync per `log_every`
-    # steps instead of one per step).
-    pending: list[tuple[int, float, float]] = []  # (step, lr, time) not yet flushed
-    pending_loss: list[torch.Tensor] = []
-    pending_gnorm: list[torch.Tensor] = []
-    # Detached views share storage with the parameters, so the optimizer's in-place updates show
-    # through; parameters kept in low precision get an fp32 copy per step instead.
-    ema_sources = [p.detach() for p in params]
-    ema_sources_fp32 = all(p.dtype == torch.float32 for p in params)
-    smoothed = None
-    stopped_by = None
-    model.train()
+    def end_of_step(self) -> None:
+        """Whether to stop (steps, minutes, the callback), history every `log_every` steps, and a
+        checkpoint every `ckpt_every` steps and at the end."""
+        a = self.a
+        if a.steps is not None and self.step >= a.steps:
+            self.stopped_by = "steps"
+        elif a.minutes is not None:
+            self.share = self.clock_share()
+            if self.share >= 1.0:
+                self.stopped_by = "minutes"
+        checkpoint_due = self.stopped_by is not None or self.step % a.ckpt_every == 0
+        if len(self.pending) == a.log_every or checkpoint_due:
+            if self.flush() and self.stopped_by is None:
+                self.stopped_by, checkpoint_due = "callback", True
+        if checkpoint_due:
+            self.last_ckpt_step = self.save()
 
-    def flush() -> bool:
+    # ---- history -----------------------------------------------------------------------------
+    def flush(self) -> bool:
         """Move pending per-step values into `history`; check them; returns the callback's stop request."""
-        nonlocal smoothed
-        if not pending:
+        if not self.pending:
             return False
-        k = len(pending)
-        losses = D.all_reduce_mean(ctx, torch.stack(pending_loss)).tolist()  # the global batch's mean
-        gnorms = torch.stack(pending_gnorm).tolist() if pending_gnorm else [None] * k
-        pending_loss.clear()
-        pending_gnorm.clear()
-        for (s, lr_s, t_s), loss_v, gn in zip(pending, losses, gnorms):
+        a, history, k = self.a, self.history, len(self.pending)
+        losses = D.all_reduce_mean(self.ctx, torch.stack(self.pending_loss)).tolist()  # the global batch's mean
+        gnorms = torch.stack(self.pending_gnorm).tolist() if self.pending_gnorm else [None] * k
+        self.pending_loss.clear()
+        self.pending_gnorm.clear()
+        for (s, lr_s, t_s), loss_v, gn in zip(self.pending, losses, gnorms):
             if not math.isfinite(loss_v):
                 raise FloatingPointError(
                     f"the loss at step {s} is {loss_v}: training stopped. The last good checkpoint "
-                    f"(step {last_ckpt_step}) is kept at {ckpt_path}; lower lr or check the data and model.")
-            if grad_clip is not None and not math.isfinite(gn):
+                    f"(step {self.last_ckpt_step}) is kept at {self.ckpt_path}; lower lr or check the data and model.")
+            if a.grad_clip is not None and not math.isfinite(gn):
                 raise FloatingPointError(
                     f"the gradient norm at step {s} is {gn} (loss {loss_v:.4g}): training stopped. The last good "
-                    f"checkpoint (step {last_ckpt_step}) is kept at {ckpt_path}.")
-            for key, v in zip(_HISTORY_KEYS, (s, loss_v, lr_s, t_s, gn if grad_clip is not None else None)):
+                    f"checkpoint (step {self.last_ckpt_step}) is kept at {self.ckpt_path}.")
+            for key, v in zip(_HISTORY_KEYS, (s, loss_v, lr_s, t_s, gn if a.grad_clip is not None else None)):
                 history[key].append(v)
-            smoothed = loss_v if smoothed is None else 0.9 * smoothed + 0.1 * loss_v
-        pending.clear()
-        bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{history['lr'][-1]:.2e}", refresh=False)
-        if callback is not None:
+            self.smoothed = loss_v if self.smoothed is None else 0.9 * self.smoothed + 0.1 * loss_v
+        self.pending.clear()
+        self.bar.set_postfix(loss=f"{self.smoothed:.4f}", lr=f"{history['lr'][-1]:.2e}", refresh=False)
+        if a.callback is not None:
             info = StepInfo(step=history["step"][-1], loss=sum(losses) / k, lr=history["lr"][-1],
-                            elapsed_s=history["time"][-1], model=model)
-            return D.any_rank(ctx, bool(callback(info)))
+                            elapsed_s=history["time"][-1], model=self.model)
+            return D.any_rank(self.ctx, bool(a.callback(info)))
         return False
 
-    try:
-        while True:
-            images, captions = next(batches)
-            images = images.to(device, non_blocking=True)
-            cur_lr = lr_at(step, lr, warmup_steps, lr_decay, run_progress() if lr_decay else 0.0)
-            for g in opt.param_groups:
-                g["lr"] = cur_lr
-            step_generator.manual_seed(_derive_seed(seed, "step", step))
-            kw = {}
-            if split and getattr(model, "supports_batch_slice", False):
-                kw["batch_slice"] = (ctx.rank * local_batch, batch_size)  # draw for the global batch
-            elif split:
-                step_generator.manual_seed(_derive_seed(seed, f"step/rank{ctx.rank}", step))
-            with autocast:
-                loss = fwd(images, captions, generator=step_generator, **kw)
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.is_floating_point():
-                got = (f"a {loss.dtype} tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor)
-                       else type(loss).__name__)
-                raise TypeError(f"model forward at step {step} returned {got}; expected a scalar floating-point "
-                                "loss tensor")
-            if not loss.requires_grad:
-                raise RuntimeError(f"the loss at step {step} does not require grad: no trainable parameter "
-                                   "contributes to it")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if grad_clip is not None:
-                gnorm = nn.utils.clip_grad_norm_(params, grad_clip)  # a DTensor under FSDP2
-                pending_gnorm.append(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
-            opt.step()
-            with torch.no_grad():
-                torch._foreach_lerp_(ema_list, ema_sources if ema_sources_fp32 else [p.float() for p in ema_sources],
-                                     1.0 - ema_decay)
-            pending_loss.append(loss.detach().float().reshape(()))
-            step += 1
-            epoch, index = divmod(epoch * n_data + index + batch_size, n_data)
-            pending.append((step, cur_lr, elapsed()))
-            bar.update(1)
+    # ---- checkpointing -----------------------------------------------------------------------
+    def save(self) -> int:
+        """Write the checkpoint of this step (refused if a parameter is not finite) and the
+        history; returns the step."""
+        ctx, a, model = self.ctx, self.a, self.model
+        bad = [name for name, p in self.trainable if not bool(torch.isfinite(D.local_tensor(p)).all())]
+        if D.any_rank(ctx, bool(bad)):
+            raise FloatingPointError(f"parameters {bad[:5]} are not finite at step {self.step}; checkpoint not "
+                                     f"written, the last good one ({self.ckpt_path}) is kept")
+        rng_all = D.all_gather_object(ctx, _rng_state()) if ctx.enabled else None
+        payload = self._payload()
+        if ctx.enabled:
+            payload["world_size"] = ctx.world_size
+            payload["rng_per_rank"] = rng_all
+        if a.fsdp:
+            D.save_dcp_checkpoint(ctx, a.out_dir, self.step, model, self.opt, self.ema, payload)
+        elif ctx.is_main:
+            # frozen parameters and buffers of the EMA state dict share storage with "model"
+            payload.update({"model": model.state_dict(), "ema": _ema_state_dict(model, self.ema),
+                            "optimizer": self.opt.state_dict()})
+            save_checkpoint(payload, self.ckpt_path)
+        if ctx.is_main:
+            _write_history(self.history, a.out_dir)
+        ctx.barrier()
+        return self.step
 
-            if steps is not None and step >= steps:
-                stopped_by = "steps"
-            elif minutes is not None:
-                share = clock_share()
-                if share >= 1.0:
-                    stopped_by = "minutes"
-            checkpoint_due = stopped_by is not None or step % ckpt_every == 0
-            if len(pending) == log_every or checkpoint_due:
-                if flush() and stopped_by is None:
-                    stopped_by, checkpoint_due = "callback", True
-            if checkpoint_due:
-                last_ckpt_step = save()
-            if stopped_by is not None:
-                break
-    finally:
-        bar.close()
-        del batches  # shuts down loader workers
-        model.train(was_training)
+    def _payload(self) -> dict:
+        a, step = self.a, self.step
+        return {"format": CHECKPOINT_FORMAT, "step": step,
+                "data": {"epoch": self.epoch, "index": self.index, "dataset_len": self.n_data, "seed": a.seed},
+                "lr_schedule": {"kind": "linear_warmup_stable_decay" if a.lr_decay else "linear_warmup_constant",
+                                "base_lr": float(a.lr), "warmup_steps": int(a.warmup_steps),
+                                "decay": float(a.lr_decay), "step": step},
+                "rng": _rng_state(), "config": self.config,
+                "history": {k: list(v) for k, v in self.history.items()},
+                "elapsed_s": self.elapsed(), "torch_version": str(torch.__version__),
+                "train_args": {"batch_size": a.batch_size, "lr": float(a.lr), "warmup_steps": a.warmup_steps,
+                               "lr_decay": float(a.lr_decay), "weight_decay": float(a.weight_decay),
+                               "betas": [float(b) for b in a.betas],
+                               "grad_clip": None if a.grad_clip is None else float(a.grad_clip),
+                               "ema_decay": float(a.ema_decay), "seed": a.seed, "amp": a.amp}}
 
-    return TrainResult(model, step, epoch, index, history, ema, out_dir, ckpt_path, elapsed(), stopped_by)
+    # ---- closing -----------------------------------------------------------------------------
+    def close(self) -> None:
+        self.bar.close()
+        del self.batches  # shuts down loader workers
+        self.model.train(self.was_training)
+
+    def result(self, stopped_by: str) -> TrainResult:
+        if stopped_by == "already_done":
+            self.model.train(self.was_training)
+            elapsed = self.elapsed_before
+        else:
+            elapsed = self.elapsed()
+        return TrainResult(self.model, self.step, self.epoch, self.index, self.history, self.ema, self.a.out_dir,
+                           self.ckpt_path, elapsed, stopped_by)
+
+
+def _check_loss(loss, step: int) -> None:
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1 or not loss.is_floating_point():
+        got = (f"a {loss.dtype} tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor)
+               else type(loss).__name__)
+        raise TypeError(f"model forward at step {step} returned {got}; expected a scalar floating-point "
+                        "loss tensor")
+    if not loss.requires_grad:
+        raise RuntimeError(f"the loss at step {step} does not require grad: no trainable parameter "
+                           "contributes to it")

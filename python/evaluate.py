@@ -8,7 +8,7 @@ import json
 import torch
 
 import fluid_ops
-from fluid_ops.cli import load_model
+from fluid_ops.models import load_run
 from fluid_ops.eval import evaluate, geneval_prompts
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -22,7 +22,7 @@ ap.add_argument("--out", default="eval.json")
 args = ap.parse_args()
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
-model = load_model(args.ckpt, device=device)
+model = load_run(args.ckpt, device=device).model
 prompts = geneval_prompts(per_category=args.per_category, seed=args.seed,
                           categories=args.categories.split(",") if args.categories else None)
 kw = {k: v for k, v in dict(cfg=args.cfg, temperature=args.temperature).items() if v is not None}

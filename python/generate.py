@@ -8,7 +8,7 @@ import argparse
 import torch
 
 import fluid_ops
-from fluid_ops.cli import load_model
+from fluid_ops.models import load_run
 from fluid_ops.viz import save_image_grid
 
 ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -24,7 +24,7 @@ ap.add_argument("--out", default="grid.png")
 args = ap.parse_args()
 
 device = "cuda" if torch.cuda.is_available() else "cpu"
-model = load_model(args.ckpt, ema=not args.raw_weights, device=device)
+model = load_run(args.ckpt, ema=not args.raw_weights, device=device).model
 prompts = [p for p in args.prompt for _ in range(args.n)]
 kw = {k: v for k, v in dict(num_iter=args.num_iter, cfg=args.cfg, temperature=args.temperature).items() if v is not None}
 images = fluid_ops.generate(model, prompts, seed=args.seed, **kw)

@@ -2,7 +2,7 @@
 
     python python/train_fluid.py --config tiny --out runs/a --minutes 10
     python python/train_fluid.py --config tiny --out runs/a --minutes 10    # again: resumes runs/a
-    python python/train_fluid.py --config tiny --set depth=6 --out runs/b --steps 2000 --lr 2e-3
+    python python/train_fluid.py --config tiny --set model.depth=6 --out runs/b --steps 2000 --lr 2e-3
 
 Writes runs/a/checkpoint.pt (+ checkpoint.prev.pt), history.json and loss.png. Kill it at any
 time: the next run with the same --out continues from the last checkpoint, exactly.
@@ -32,7 +32,7 @@ ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                              formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
 ap.add_argument("--config", default="tiny", help="a name from fluid_ops.models.fluid.CONFIGS")
 ap.add_argument("--set", type=override, action="append", default=[], metavar="KEY=VALUE",
-                help="override a config field (repeatable)")
+                help="override a config field, e.g. model.depth=6 (repeatable; old flat names still work)")
 ap.add_argument("--out", required=True, help="run folder (resumed if it holds a checkpoint)")
 ap.add_argument("--steps", type=int, default=None, help="total optimizer steps")
 ap.add_argument("--minutes", type=float, default=None, help="wall-clock budget of this run")

@@ -10,7 +10,7 @@ import torch
 
 from fluid_ops import cli
 
-TINY = ["--config", "tiny", "--set", "text_encoder=hash", "--set", "num_iter=4", "--batch-size", "8",
+TINY = ["--config", "tiny", "--set", "text.encoder=hash", "--set", "sampling.num_iter=4", "--batch-size", "8",
         "--warmup", "1", "--no-progress"]
 
 
@@ -76,6 +76,17 @@ def test_load_model_uses_ema_by_default(run_dir):
     ema, raw = cli.load_model(run_dir), cli.load_model(run_dir, ema=False)
     diffs = [not torch.equal(a, b) for a, b in zip(ema.state_dict().values(), raw.state_dict().values())]
     assert any(diffs)
+
+
+def test_set_takes_grouped_and_old_flat_names(run_dir):
+    """--set takes "group.field"; the old flat names (deprecated) set the same fields."""
+    assert cli.load_model(run_dir).config.text.encoder == "hash"
+    with pytest.warns(DeprecationWarning, match="depth -> model.depth"):
+        flat = cli._parse_overrides(["depth=3", "text_encoder=hash"])
+        from fluid_ops.models import Fluid
+        a = Fluid("tiny", **flat).config
+    b = Fluid("tiny", **cli._parse_overrides(["model.depth=3", "text.encoder=hash"])).config
+    assert a == b and b.model.depth == 3
 
 
 def test_bad_input_clear_errors(tmp_path):

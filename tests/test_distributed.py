@@ -8,7 +8,6 @@ blocks); the one-process references run in this process with `tests/dist_worker.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import itertools
 import json
@@ -365,7 +364,7 @@ def test_prepared_cache_gives_the_images_loss_and_flipped_view(tmp_path, prepare
     src = ShapesDataset(size=32, length=48, seed=2)
     ds = ShardDataset(prepared)
     assert ds.prepared and len(ds) == 48 and json.loads((prepared / "prepared.json").read_text())["views"] == 2
-    ds.check_model_config(model.config)
+    ds.check_model_config(model.config.flat_dict())  # caches are keyed by the flat names
     items = [ds[i] for i in range(6)]
     images = torch.stack([src[i][0] for i in range(6)])
     caps = [src[i][1] for i in range(6)]
@@ -378,14 +377,14 @@ def test_prepared_cache_gives_the_images_loss_and_flipped_view(tmp_path, prepare
                                atol=1e-6, rtol=1e-6)
     other, _ = dist_worker.build({"set": {"patch_size": 8}})
     with pytest.raises(ValueError, match="patch_size"):
-        ds.check_model_config(other.config)
-    layer = model.config.text_layer
-    assert model.config.text_encoder == "hash"          # no layers: another text_layer is the same cache
-    ds.check_model_config({**dataclasses.asdict(model.config), "text_layer": layer + 1})
+        ds.check_model_config(other.config.flat_dict())
+    layer = model.config.text.layer
+    assert model.config.text.encoder == "hash"          # no layers: another text_layer is the same cache
+    ds.check_model_config({**model.config.flat_dict(), "text_layer": layer + 1})
     with pytest.raises(ValueError, match="text_encoder: cache 'hash', model 'minilm'"):
-        ds.check_model_config({**dataclasses.asdict(model.config), "text_encoder": "minilm"})
+        ds.check_model_config({**model.config.flat_dict(), "text_encoder": "minilm"})
     ds.meta["model"]["text_encoder"] = "minilm"        # as if prepared with a transformers encoder
-    minilm = {**dataclasses.asdict(model.config), "text_encoder": "minilm"}
+    minilm = {**model.config.flat_dict(), "text_encoder": "minilm"}
     ds.check_model_config(minilm)
     with pytest.raises(ValueError, match=f"text_layer: cache {layer}, model {layer + 1}"):  # another hidden state
         ds.check_model_config({**minilm, "text_layer": layer + 1})

@@ -15,8 +15,9 @@ from fluid_ops.reference import diffusion as ref_diffusion
 VARIANTS = ["tiny", "tiny-raster", "tiny-discrete", "tiny-raster-discrete"]
 # Smaller than "tiny" so each test takes a fraction of a second; every structural choice of the
 # named config (order, token kind, sin-cos positions, pooled text, head positions) is kept.
-SMALL = dict(text_encoder="hash", image_size=16, patch_size=4, width=64, depth=2, num_heads=2, aligner_depth=1,
-             head_depth=2, head_width=64, codebook_size=16, num_sampling_steps=5)
+SMALL = {"text.encoder": "hash", "image.size": 16, "image.patch_size": 4, "image.codebook_size": 16,
+         "model.width": 64, "model.depth": 2, "model.num_heads": 2, "text.aligner_depth": 1, "head.depth": 2,
+         "head.width": 64, "sampling.num_diffusion_steps": 5}
 CAPTIONS = ["a red circle at the top left", "a blue square", "a green triangle at the bottom", "a red square"]
 
 
@@ -27,7 +28,7 @@ def gen(seed):
 def small(name, **kw):
     torch.manual_seed(0)
     if "raster" not in name:
-        kw.setdefault("num_iter", 4)
+        kw.setdefault("sampling.num_iter", 4)
     m = Fluid(name, **{**SMALL, **kw})
     if m.needs_tokenizer_fit:
         m.fit_tokenizer(images(), iters=5, generator=gen(9))
@@ -53,15 +54,15 @@ def randomize_head(m, seed=123):
 
 
 def spy_sampling(monkeypatch, kwarg):
-    """Record the `kwarg` argument of every fluid_ops.diffusion_sample call (which still runs)."""
+    """Record the `kwarg` argument of every fluid_ops.sampling.diffusion_sample call (which still runs)."""
     seen = []
-    real = fluid_ops.diffusion_sample
+    real = fluid_ops.sampling.diffusion_sample
 
     def spy(*args, **kwargs):
         seen.append(kwargs[kwarg])
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(fluid_ops, "diffusion_sample", spy)
+    monkeypatch.setattr(fluid_ops.sampling, "diffusion_sample", spy)
     return seen
 
 
@@ -197,7 +198,7 @@ def test_head_pos_embed_puts_the_position_into_the_head_input():
     parameter (in the state dict, trained)."""
     m = small("tiny", head_pos_embed=True)
     assert m.head_pos is m.pos_embed and "head_pos" not in m.state_dict()
-    z = torch.zeros(2, m.seq_len, m.config.width)
+    z = torch.zeros(2, m.seq_len, m.config.model.width)
     torch.testing.assert_close(m._head_input(z), m.pos_embed.expand(2, -1, -1))
     torch.testing.assert_close(m._head_input(z[:, :1], positions=[5])[:, 0], m.pos_embed[:, 5].expand(2, -1))
     off = small("tiny", head_pos_embed=False)
@@ -300,7 +301,7 @@ def test_text_pool_encoder_standardises_the_frozen_encoder_mean():
     again.load_state_dict(m.state_dict())
     again.eval()
     torch.testing.assert_close(again.generate(CAPTIONS[:2], generator=gen(2)), a)
-    with pytest.raises(ValueError, match="text_pool must be one of"):
+    with pytest.raises(ValueError, match="text.pool must be one of"):
         Fluid("tiny", text_encoder="hash", text_pool="max")
 
 
@@ -342,7 +343,7 @@ def test_bad_input_gets_clear_errors():
         Fluid("tiny", text_encoder="hash", token_kind="discrete")
     with pytest.raises(ValueError, match="unknown config field"):
         Fluid.from_config_dict({"depht": 3})
-    with pytest.raises(ValueError, match="text_layer must be an int"):
+    with pytest.raises(ValueError, match="text.layer must be an int"):
         Fluid("tiny", text_encoder="hash", text_layer=True)
     m = small("tiny")
     with pytest.raises(ValueError, match="prompts is empty"):
@@ -391,7 +392,7 @@ def _generate_all_masked_uncond(m, prompts, generator):
         idx = orders[:, after[k]:n_before]
         zc, zu = (z[rows][bidx, idx].reshape(-1, z.shape[-1]) for rows in (slice(0, b), slice(b, None)))
         new = m._sample_rows(zc, zu if scales[k] != 1.0 else None, scales[k], d["temperature"],
-                             m.config.num_sampling_steps, generator, None)
+                             m.config.sampling.num_diffusion_steps, generator, None)
         tokens[bidx, idx] = new.reshape(b, idx.shape[1], *tokens.shape[2:]).to(tokens.dtype)
         known[bidx, idx] = True
         n_before = after[k]
@@ -470,7 +471,7 @@ def test_noise_shift_trains_and_samples_on_the_shifted_schedule(monkeypatch, tmp
     path = tmp_path / "m.pt"
     torch.save({"config": dataclasses.asdict(shifted.config)}, path)
     again = Fluid.from_config_dict(torch.load(path)["config"])
-    assert again.config.noise_shift == 4.0 and again.head.train_schedule.noise_shift == 4.0
+    assert again.config.head.noise_shift == 4.0 and again.head.train_schedule.noise_shift == 4.0
     for bad in (0, -1.0, float("inf"), "8"):
         with pytest.raises(ValueError, match="noise_shift must be a finite number > 0"):
             Fluid("tiny", text_encoder="hash", noise_shift=bad)
@@ -522,3 +523,68 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients():
     loss_at(m2).backward()
     for n, p in m2.named_parameters():
         torch.testing.assert_close(p.grad, grads[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+# ---- the grouped config and its deprecated flat names ----------------------------------------
+def test_config_groups_and_one_name_per_quantity():
+    from fluid_ops.models.fluid_config import FLAT_NAMES, REMOVED
+    c = CONFIGS["tiny"]
+    assert (c.model.width, c.image.size, c.text.layer, c.head.width, c.sampling.num_diffusion_steps) == \
+        (128, 32, 2, 256, 100)
+    # every old flat name maps to exactly one grouped field, and every grouped field has one
+    paths = {(g, n) for g, n in FLAT_NAMES.values()}
+    grouped = {(None, f.name) for f in dataclasses.fields(c) if not dataclasses.is_dataclass(getattr(c, f.name))}
+    grouped |= {(f.name, g.name) for f in dataclasses.fields(c) if dataclasses.is_dataclass(getattr(c, f.name))
+                for g in dataclasses.fields(getattr(c, f.name))}
+    assert len(paths) == len(FLAT_NAMES) == 34 - len(REMOVED) and paths == grouped
+    m = Fluid("tiny", **{**SMALL, "model.depth": 3, "text": {"pool": "aligned"}})
+    assert m.config.model.depth == 3 and m.config.text.pool == "aligned" and m.config.text.layer == 2
+    with pytest.raises(ValueError, match=r"unknown config field\(s\) \['text.encodr'\]"):
+        Fluid("tiny", **{"text.encodr": "hash"})
+
+
+def test_flat_config_names_still_work_and_warn():
+    """Deprecated for one release: FluidConfig(**flat), Fluid(name, **flat), flat attribute reads,
+    and the flat config dicts of older checkpoints (with removed knobs at their old default)."""
+    with pytest.warns(DeprecationWarning, match="width -> model.width"):
+        c = FluidConfig(width=64, num_heads=2, text_encoder="hash", num_sampling_steps=7)
+    assert (c.model.width, c.model.num_heads, c.text.encoder, c.sampling.num_diffusion_steps) == (64, 2, "hash", 7)
+    with pytest.warns(DeprecationWarning, match="num_sampling_steps -> sampling.num_diffusion_steps"):
+        assert c.num_sampling_steps == 7
+    with pytest.warns(DeprecationWarning):
+        m = Fluid("tiny", text_encoder="hash", depth=1)
+    assert m.config.model.depth == 1
+    new = Fluid("tiny", **SMALL)
+    flat = {**new.config.flat_dict(), "mask_ratio_kind": "truncnorm"}   # as the old code saved it
+    assert len(flat) == 34
+    with pytest.warns(DeprecationWarning):
+        old = Fluid.from_config_dict(flat)
+    assert old.config == new.config
+    assert Fluid.from_config_dict(dataclasses.asdict(new.config)).config == new.config
+    with pytest.raises(ValueError, match="mask_ratio_kind was removed"):
+        with pytest.warns(DeprecationWarning):
+            Fluid.from_config_dict({**flat, "mask_ratio_kind": "uniform"})
+
+
+def test_old_flat_checkpoint_loads_and_resumes(tmp_path):
+    """A run folder whose checkpoint holds a flat config (the old format) loads with load_run
+    and resumes training with a model built from today's grouped config."""
+    from fluid_ops.checkpoint import load_checkpoint, save_checkpoint
+    from fluid_ops.data import ShapesDataset
+    from fluid_ops.models import load_run
+    from fluid_ops.training import train
+    m = small("tiny")
+    ds = ShapesDataset(size=16, length=8, seed=0)
+    train(m, ds, out_dir=tmp_path, steps=1, batch_size=2, progress=False, warmup_steps=1)
+    path = tmp_path / "checkpoint.pt"
+    ck = load_checkpoint(path)
+    ck["config"] = {**m.config.flat_dict(), "mask_ratio_kind": "truncnorm"}
+    save_checkpoint(ck, path)
+    with pytest.warns(DeprecationWarning):
+        run = load_run(tmp_path)
+    assert run.config == m.config and run.step == 1 and run.weights == "ema"
+    with pytest.warns(DeprecationWarning):
+        res = train(small("tiny"), ds, out_dir=tmp_path, steps=2, batch_size=2, progress=False, warmup_steps=1)
+    assert res.step == 2
+    with pytest.raises(FileNotFoundError, match="no checkpoint at"):
+        load_run(tmp_path / "nowhere")

@@ -1,44 +1,44 @@
 """Fluid (Fan et al., arXiv 2410.13863): text-to-image autoregressive generation on fluid_ops'
 ops (docs/contracts.md §1, §2.3, §2.4), in its four variants {continuous, discrete} x {random, raster} order.
 
-    model = Fluid("tiny")                                  # or Fluid("fluid-369m"), Fluid(cfg, depth=6)
+    model = Fluid("tiny")                                  # or Fluid("fluid-369m"), Fluid(cfg, **{"model.depth": 6})
     loss = model(images, captions, generator=g)            # images (B, 3, H, W) in [0, 1]
     images = model.generate(["a red circle at the top left"], generator=g)
 
-The pieces:
+The pieces (config names: `fluid_ops.models.fluid_config`):
 * image tokens: `fluid_ops.nn.tokenizers` (pixel patches by default; k-means VQ of patches for
   the discrete variant, `fit_tokenizer` first; a local diffusers VAE);
 * text: a frozen encoder (`fluid_ops.nn.text`, never in the state_dict) -> linear to the width ->
-  a trainable text aligner (`aligner_depth` bidirectional blocks with the key-padding mask) ->
-  cross-attention in every block of the image transformer. A learned null text embedding (one
+  a trainable text aligner (`text.aligner_depth` bidirectional blocks with the key-padding mask)
+  -> cross-attention in every block of the image transformer. A learned null text embedding (one
   vector, as a one-token text) replaces the text of dropped rows in training (p =
-  `text_drop_prob`) and is the unconditional branch of classifier-free guidance;
-  `text_pool_add` also adds a linear map of the mask-mean of the aligned text to every image
-  position (measured to make tiny CPU models learn the condition much faster); with
-  `text_pool="encoder"` that pooled text is instead the frozen encoder's own mask-mean,
-  standardised per feature with running statistics of the training captions (`RunningStandardize`),
-  so the words that tell captions apart are not drowned by what every caption shares; `text_adaln`
-  instead (or as well) lets that pooled text shift and scale every block's norms (DiT's adaLN,
-  zero-initialised); `head_pos_embed` adds the position embedding to what the head reads (MAR's
-  diffusion_pos_embed);
+  `text.drop_prob`) and is the unconditional branch of classifier-free guidance;
+  `text.pool_add` also adds a linear map of the mask-mean of the aligned text to every image
+  position; with `text.pool="encoder"` that pooled text is instead the frozen encoder's own
+  mask-mean, standardised per feature with running statistics of the training captions
+  (`RunningStandardize`), so the words that tell captions apart are not drowned by what every
+  caption shares; `text.adaln` lets that pooled text shift and scale every block's norms (DiT's
+  adaLN, zero-initialised); `head.pos_embed` adds the position embedding to what the head reads
+  (MAR's diffusion_pos_embed);
 * random order (MAR / MaskGIT, bidirectional): masked positions are a learned [MASK] embedding;
-  training masks ceil(L * r) tokens of a random order (r: truncated normal on [mask_ratio_min, 1]
-  as docs/contracts.md §2.4, or uniform), the head runs on the MASKED positions only (gathered by order: the
-  masked ones are orders[:, :num_masked], no `nonzero`); sampling reveals tokens over `num_iter`
-  steps on the cosine schedule with a linear CFG schedule (`fluid_ops.reference.schedules`); CFG's
-  unconditional branch is the null text with the known tokens (MAR), or with `cfg_uncond="all"`
-  the null text with every token masked, so the guidance also pulls each new token toward the
-  tokens already drawn (that branch is the same at every step: one pass per generation);
+  training masks ceil(L * r) tokens of a random order (r: truncated normal on
+  [masking.ratio_min, 1] as docs/contracts.md §2.4), the head runs on the MASKED positions only
+  (gathered by order: the masked ones are orders[:, :num_masked], no `nonzero`); sampling reveals
+  tokens over `sampling.num_iter` steps on the cosine schedule with a linear CFG schedule
+  (`fluid_ops.reference.schedules`); CFG's unconditional branch is the null text with the known
+  tokens (MAR), or with `sampling.cfg_uncond="all"` the null text with every token masked, so the
+  guidance also pulls each new token toward the tokens already drawn (that branch is the same at
+  every step: one pass per generation);
 * raster order (GPT, causal): a learned start token, token i predicted from tokens < i; sampling
-  one token per step through a KV cache (`fluid_ops.attention_kvcache`), the text K/V of every
+  one token per step through a KV cache (`fluid_ops.ops.attention_kvcache`), the text K/V of every
   cross-attention computed once per generation;
-* heads: continuous -> MAR's DiffLoss (`fluid_ops.nn.DenoiserMLP`, IDDPM loss with
-  `diffusion_batch_mul` t-draws per token through `fluid_ops.nn.diffusion_loss` (z embedded once
-  per token, not repeated), sampled by `fluid_ops.diffusion_sample` with CFG on
-  [cond; uncond] rows and a temperature; `noise_shift` k trains and samples on the cosine
-  schedule with every SNR divided by k^2, `fluid_ops.reference.diffusion.cosine_alpha_bar`);
-  discrete -> a linear map to codebook logits, cross-entropy, sampled by
-  `fluid_ops.sample_categorical` with CFG on the logits.
+* heads: continuous -> MAR's DiffLoss (`fluid_ops.nn.DiffLoss`: `fluid_ops.nn.DenoiserMLP`, IDDPM
+  loss with `head.diffusion_batch_mul` t-draws per token through `fluid_ops.nn.diffusion_loss` (z
+  embedded once per token, not repeated), sampled by `fluid_ops.sampling.diffusion_sample` in
+  `sampling.num_diffusion_steps` steps with CFG on [cond; uncond] rows and a temperature;
+  `head.noise_shift` k trains and samples on the cosine schedule with every SNR divided by k^2,
+  `fluid_ops.reference.diffusion.cosine_alpha_bar`); discrete -> a linear map to codebook
+  logits, cross-entropy, sampled by `fluid_ops.ops.sample_categorical` with CFG on the logits.
 
 All randomness comes from the `generator` argument, drawn in a fixed order (training: generation
 order, mask ratio, text dropout, then the head's t and noise; sampling: orders, then each step's
@@ -57,32 +57,24 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import fluid_ops
-from fluid_ops.models.mar import DiffLoss
+from fluid_ops import sampling
+from fluid_ops.models.fluid_config import (  # noqa: F401  (re-exported: their old home)
+    CONFIGS, PAPER_SAMPLING, FluidConfig, check_cfg_uncond, config_from_dict, resolve_config, validate_config)
+from fluid_ops.nn.diffloss import DiffLoss
 from fluid_ops.nn.diffusion import diffusion_loss
 from fluid_ops.nn.prepared import PreparedText, PreparedTokens
 from fluid_ops.nn.text import build_text_encoder
 from fluid_ops.nn.tokenizers import build_tokenizer
-from fluid_ops.nn.transformer import Transformer, check_attention_shape
+from fluid_ops.nn.transformer import Transformer
+from fluid_ops.ops.categorical import sample_categorical
 from fluid_ops.reference import schedules
-from fluid_ops.reference.diffusion import check_noise_shift
 
 __all__ = ["Fluid", "FluidConfig", "CONFIGS", "PAPER_SAMPLING", "RunningStandardize"]
-
-# The paper's sampling settings (CFG scale, temperature) per variant (docs/contracts.md §1).
-PAPER_SAMPLING = {
-    ("continuous", "random"): (5.0, 0.975),
-    ("continuous", "raster"): (4.5, 0.975),
-    ("discrete", "random"): (1.6, 1.05),
-    ("discrete", "raster"): (2.5, 0.95),
-}
-
 
 class RunningStandardize(nn.Module):
     """Standardises features (B, D) per feature with running statistics of what it saw in training
@@ -123,218 +115,6 @@ class RunningStandardize(nn.Module):
         return (x - self.mean) * torch.rsqrt(var + self.eps)
 
 
-@dataclass
-class FluidConfig:
-    """Everything that defines a Fluid model (saved with checkpoints as `dataclasses.asdict`)."""
-    token_kind: str = "continuous"      # "continuous" (diffusion head) | "discrete" (codebook logits)
-    order: str = "random"               # "random" (bidirectional, MaskGIT/MAR) | "raster" (causal, GPT)
-    image_size: int = 256
-    patch_size: int = 16                # in pixels ("patch", "kmeans") or latent pixels ("vae")
-    tokenizer: str = "patch"            # "patch" | "kmeans" (discrete) | "vae" (needs vae_path)
-    vae_path: str | None = None
-    codebook_size: int = 256            # discrete: k-means codebook size
-    width: int = 768
-    depth: int = 12
-    num_heads: int = 12
-    mlp_ratio: float = 4.0
-    text_encoder: str = "minilm"        # "minilm" | "hash" | "t5:PATH" | PATH (fluid_ops.nn.text)
-    text_max_length: int = 64
-    text_layer: int = -1                # which hidden state of a transformers text encoder (-1: the last;
-                                        # 0: its embeddings; k: block k's output; "hash" has no layers and
-                                        # ignores it); see fluid_ops.nn.text
-    aligner_depth: int = 6              # text aligner blocks (paper: 6)
-    head_depth: int = 3                 # diffusion head: residual blocks
-    head_width: int = 1024              # diffusion head: width
-    diffusion_batch_mul: int = 4        # t-draws per token in the diffusion loss (MAR: 4)
-    num_sampling_steps: int = 100       # diffusion steps per token when sampling (train: 1000, cosine)
-    noise_shift: float = 1.0            # continuous: the cosine schedule's SNR divided by noise_shift ** 2
-                                        # (shifted cosine, training and sampling); 1 = MAR's schedule
-    mask_ratio_kind: str = "truncnorm"  # "truncnorm" (docs/contracts.md §2.4, mean 1 std 0.25) | "uniform"
-    mask_ratio_min: float = 0.7
-    text_drop_prob: float = 0.1
-    pos_embed: str = "learned"          # "learned" | "sincos" (fixed 2D sin-cos)
-    text_pool_add: bool = False         # add linear(mean-pooled aligned text) to every image position
-    text_adaln: bool = False            # adaLN: the pooled text shifts and scales every block's norms
-    text_pool: str = "aligned"          # what is pooled for text_pool_add / text_adaln: "aligned" (the aligner's
-                                        # output) | "encoder" (the frozen encoder's output, standardised per
-                                        # feature with running statistics of the training captions)
-    head_pos_embed: bool = False        # add a position embedding to the transformer output the head reads
-                                        # (MAR's diffusion_pos_embed): the input table if sincos, else learned
-    num_iter: int | None = None         # sampling AR steps; None: 64 (random) / all tokens (raster)
-    cfg: float | None = None            # sampling CFG scale; None: the paper's value for the variant
-    temperature: float | None = None    # sampling temperature; None: the paper's value
-    cfg_uncond: str = "text"            # random order: what CFG's unconditional branch drops: "text" (the null
-                                        # text, the known tokens kept: MAR, Fluid) | "all" (the null text and every
-                                        # known token, all [MASK]: the guidance then also pulls each new token toward
-                                        # what the tokens already drawn imply; that branch is the same at every step,
-                                        # so it runs once per generation)
-    clip_denoised: bool | None = None   # sampling: clamp each diffusion step's predicted x_0 to [-1, 1];
-                                        # None: on for pixel-patch tokens (they lie in [-1, 1]), off for VAE
-    grad_checkpointing: bool = False
-
-    def sampling_defaults(self) -> dict:
-        """num_iter, cfg, temperature, cfg_uncond after resolving the None defaults for this variant."""
-        cfg, temp = PAPER_SAMPLING[(self.token_kind, self.order)]
-        return {"num_iter": self.num_iter, "cfg": cfg if self.cfg is None else self.cfg,
-                "temperature": temp if self.temperature is None else self.temperature,
-                "cfg_uncond": self.cfg_uncond}
-
-
-def _paper(depth, width, heads) -> FluidConfig:
-    return FluidConfig(depth=depth, width=width, num_heads=heads)
-
-
-def _tiny(**kw) -> FluidConfig:
-    # The recipe measured to learn fastest on a 2-core CPU (docs/measured.md, 2026-11-25): 32x32
-    # images, patch 4 (64 tokens x 48), width 192 (now 128: below), 4 blocks, head 3 x 256, one
-    # t-draw per token, fixed 2D sin-cos positions, the condition added to every position; trained
-    # with lr 2e-3; sampled in 16 AR steps. Plus the position at the head's input (head_pos_embed, as MAR):
-    # without it this model washed position out of the transformer output within 100 steps
-    # (variance over positions 1e-5 of that over captions) and could not even learn where one
-    # fixed caption's object goes in 150 steps; with it, it could (measured 2026-12-01). And the
-    # pooled text taken from the frozen encoder and standardised (text_pool="encoder"): pooled from
-    # the aligner, the caption's position words were never read in 600 steps (the aligner's output
-    # lost them: a position swap moved it 0.04 of its norm, MiniLM's own mean 0.26). And that encoder
-    # output taken from MiniLM's block 2 of 6 (text_layer=2): standardised, the position words explain
-    # 46% of its variance across the demo's captions, against 15% at the last layer, and the model
-    # reads them as fast as it reads an oracle's separate N(0, 1) colour / shape / cell embeddings
-    # (a position swap raised the t=950 loss 3% / 6% / 20% at steps 300 / 400 / 500, the oracle 3% /
-    # 9% / 22%; the last layer 0% / 0% / 1%) (2026-12-01).
-    # Width 128 (2 heads of 64) instead of 192: 1.43x the steps in the same minutes, about as good per
-    # step (1400 steps, constant LR: overall 0.26 against 0.28); the demo with it made 1839 steps in
-    # its 15 minutes and scored overall 0.55 (single-object 0.60, colour prompts 0.50), against 0.34
-    # (1278 steps) at width 192 with the same sampling and LR decay (one run each, 2026-12-01); two
-    # more demo runs at width 128: 0.52 (1747 steps) and 0.55 (1710 steps).
-    base = dict(image_size=32, patch_size=4, width=128, depth=4, num_heads=2, aligner_depth=1,
-                text_max_length=32, text_layer=2, head_depth=3, head_width=256, diffusion_batch_mul=1,
-                pos_embed="sincos", text_pool_add=True, text_pool="encoder", head_pos_embed=True, num_iter=16)
-    base.update(kw)
-    return FluidConfig(**base)
-
-
-CONFIGS: dict[str, FluidConfig] = {
-    # docs/contracts.md §1 table; 256x256 pixels in 16x16 patches = 256 tokens (the paper: 256 VAE tokens).
-    "fluid-166m": _paper(12, 768, 12),
-    "fluid-369m": _paper(16, 1024, 16),
-    "fluid-665m": _paper(20, 1280, 16),
-    "fluid-1.1b": _paper(24, 1536, 16),
-    "fluid-3.1b": _paper(32, 2304, 24),
-    "fluid-10.5b": _paper(34, 4096, 64),
-    # CPU-sized variants
-    # sampled with CFG 3 at temperature 0.7, the unconditional branch seeing no known token
-    # (cfg_uncond="all"). On two checkpoints trained as the demo trains (LR decayed over the last
-    # 30%), 48 prompts each of single-object / colour: a 1400-step one scored overall 0.50 (0.48 /
-    # 0.49 at temperature 0.6 / 0.5; 0.43 at 0.85; CFG 2 / 4: 0.42 / 0.44; a constant CFG schedule
-    # at 0.6: 0.38) against 0.29 with the paper's sampling (CFG 5, temperature 0.975, the null text
-    # only) and 0.40 with CFG 3 at 0.7 on the null text only; the demo's 1346-step one 0.37 (0.35 at
-    # 0.6). Where the caption names no colour, the tokens already drawn are what keeps an object one
-    # colour, and guiding on them is what makes it so (2026-12-01)
-    "tiny": _tiny(cfg=3.0, temperature=0.7, cfg_uncond="all"),
-    "tiny-raster": _tiny(order="raster", num_iter=None),
-    "tiny-discrete": _tiny(token_kind="discrete", tokenizer="kmeans"),
-    "tiny-raster-discrete": _tiny(token_kind="discrete", tokenizer="kmeans", order="raster", num_iter=None),
-}
-
-_FIELDS = tuple(f.name for f in dataclasses.fields(FluidConfig))
-
-
-def _check_choice(name, v, choices):
-    if v not in choices:
-        raise ValueError(f"FluidConfig: {name} must be one of {choices}, got {v!r}")
-
-
-def _check_int(name, v, minimum):
-    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
-        raise ValueError(f"FluidConfig: {name} must be an int >= {minimum}, got {v!r}")
-
-
-def _check_number(name, v, lo=None, hi=None, *, allow_none=False):
-    if v is None and allow_none:
-        return
-    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-    ok = ok and (lo is None or v >= lo) and (hi is None or v <= hi)
-    if not ok:
-        rng = f" in [{lo}, {hi}]" if lo is not None and hi is not None else (f" >= {lo}" if lo is not None else "")
-        raise ValueError(f"FluidConfig: {name} must be a finite number{rng}{' or None' if allow_none else ''}, "
-                         f"got {v!r}")
-
-
-def validate_config(c: FluidConfig) -> FluidConfig:
-    """Raise a ValueError naming the first bad field; returns c."""
-    _check_choice("token_kind", c.token_kind, ("continuous", "discrete"))
-    _check_choice("order", c.order, ("random", "raster"))
-    _check_choice("tokenizer", c.tokenizer, ("patch", "kmeans", "vae"))
-    if (c.token_kind == "discrete") != (c.tokenizer == "kmeans"):
-        raise ValueError(f"FluidConfig: token_kind 'discrete' goes with tokenizer 'kmeans' and 'continuous' with "
-                         f"'patch' or 'vae', got token_kind={c.token_kind!r}, tokenizer={c.tokenizer!r}")
-    if c.tokenizer == "vae" and not c.vae_path:
-        raise ValueError("FluidConfig: tokenizer 'vae' needs vae_path, a local diffusers AutoencoderKL folder")
-    for name in ("image_size", "patch_size", "width", "num_heads", "text_max_length", "head_width",
-                 "diffusion_batch_mul"):
-        _check_int(name, getattr(c, name), 1)
-    _check_int("codebook_size", c.codebook_size, 2)
-    for name in ("depth", "aligner_depth", "head_depth"):
-        _check_int(name, getattr(c, name), 0)
-    _check_int("num_sampling_steps", c.num_sampling_steps, 1)
-    if c.num_sampling_steps > 1000:
-        raise ValueError(f"FluidConfig: num_sampling_steps must be <= 1000 (respaced from the 1000 training "
-                         f"steps), got {c.num_sampling_steps}")
-    check_noise_shift("FluidConfig", c.noise_shift)
-    check_attention_shape(f"FluidConfig (width={c.width}, num_heads={c.num_heads})", c.width, c.num_heads)
-    _check_number("mlp_ratio", c.mlp_ratio, 1e-6)
-    if not isinstance(c.text_encoder, str) or not c.text_encoder:
-        raise ValueError(f"FluidConfig: text_encoder must be a non-empty str ('minilm', 'hash', 't5:PATH' or a "
-                         f"folder), got {c.text_encoder!r}")
-    if isinstance(c.text_layer, bool) or not isinstance(c.text_layer, int):
-        raise ValueError(f"FluidConfig: text_layer must be an int (-1: the encoder's last hidden state), "
-                         f"got {c.text_layer!r}")
-    _check_choice("mask_ratio_kind", c.mask_ratio_kind, ("truncnorm", "uniform"))
-    _check_number("mask_ratio_min", c.mask_ratio_min, 0.0, 1.0)
-    if c.mask_ratio_min >= 1.0:
-        raise ValueError(f"FluidConfig: mask_ratio_min must be < 1, got {c.mask_ratio_min}")
-    _check_number("text_drop_prob", c.text_drop_prob, 0.0, 1.0)
-    _check_choice("pos_embed", c.pos_embed, ("learned", "sincos"))
-    _check_choice("text_pool", c.text_pool, ("aligned", "encoder"))
-    if c.pos_embed == "sincos" and c.width % 4:
-        raise ValueError(f"FluidConfig: pos_embed 'sincos' needs width divisible by 4, got {c.width}")
-    for name in ("text_pool_add", "text_adaln", "head_pos_embed", "grad_checkpointing"):
-        if not isinstance(getattr(c, name), bool):
-            raise ValueError(f"FluidConfig: {name} must be a bool, got {getattr(c, name)!r}")
-    if c.clip_denoised is not None and not isinstance(c.clip_denoised, bool):
-        raise ValueError(f"FluidConfig: clip_denoised must be a bool or None, got {c.clip_denoised!r}")
-    if c.clip_denoised and c.tokenizer == "vae":
-        raise ValueError("FluidConfig: clip_denoised clamps tokens to [-1, 1]; VAE latents are not bounded there")
-    if c.num_iter is not None:
-        _check_int("num_iter", c.num_iter, 1)
-    _check_number("cfg", c.cfg, allow_none=True)
-    _check_number("temperature", c.temperature, 0.0, allow_none=True)
-    _check_cfg_uncond("FluidConfig", c.cfg_uncond, c.order)
-    return c
-
-
-def _check_cfg_uncond(where, v, order):
-    if v not in ("text", "all"):
-        raise ValueError(f"{where}: cfg_uncond must be 'text' (the null text) or 'all' (the null text and no known "
-                         f"tokens), got {v!r}")
-    if v == "all" and order != "random":
-        raise ValueError(f"{where}: cfg_uncond 'all' is for random order (an unconditional branch with every token "
-                         f"masked); raster order guides on the null text only ('text'), got order {order!r}")
-
-
-def resolve_config(config: FluidConfig | str = "tiny", **overrides) -> FluidConfig:
-    """A config name from CONFIGS or a FluidConfig, with field overrides; validated."""
-    if isinstance(config, str):
-        if config not in CONFIGS:
-            raise ValueError(f"Fluid: unknown config {config!r}; valid names: {', '.join(CONFIGS)}")
-        config = CONFIGS[config]
-    elif not isinstance(config, FluidConfig):
-        raise TypeError(f"Fluid: config must be a FluidConfig or one of {list(CONFIGS)}, got {type(config).__name__}")
-    unknown = sorted(set(overrides) - set(_FIELDS))
-    if unknown:
-        raise ValueError(f"Fluid: unknown config field(s) {unknown}; valid fields: {', '.join(_FIELDS)}")
-    return validate_config(dataclasses.replace(config, **overrides))
-
-
 def sincos_2d(grid: int, dim: int) -> torch.Tensor:
     """(grid * grid, dim) fixed 2D sin-cos position embedding, row-major positions: the first half
     of the channels encodes the row, the second the column, each as [sin(p w_i), cos(p w_i)],
@@ -372,34 +152,34 @@ class Fluid(nn.Module):
     def ddp_find_unused_parameters(self) -> bool:
         """True when a training step leaves a trainable parameter unused (no text dropout: the
         null embedding), so DDP must look for unused parameters (fluid_ops.distributed)."""
-        return not self.config.text_drop_prob > 0
+        return not self.config.text.drop_prob > 0
 
     def __init__(self, config: FluidConfig | str = "tiny", **overrides):
         super().__init__()
         cfg = self.config = resolve_config(config, **overrides)
-        w = cfg.width
+        w = cfg.model.width
 
         # frozen text encoder: holds no parameters or state (see fluid_ops.nn.text)
-        self.text_encoder = build_text_encoder(cfg.text_encoder, max_length=cfg.text_max_length, layer=cfg.text_layer)
-        self.tokenizer = build_tokenizer(cfg.tokenizer, image_size=cfg.image_size, patch_size=cfg.patch_size,
-                                         codebook_size=cfg.codebook_size, vae_path=cfg.vae_path)
+        self.text_encoder = build_text_encoder(cfg.text.encoder, max_length=cfg.text.max_length, layer=cfg.text.layer)
+        self.tokenizer = build_tokenizer(cfg.image.tokenizer, image_size=cfg.image.size, patch_size=cfg.image.patch_size,
+                                         codebook_size=cfg.image.codebook_size, vae_path=cfg.image.vae_path)
         self.seq_len = self.tokenizer.num_tokens
         self.token_dim = self.tokenizer.token_dim
         self.grid = math.isqrt(self.seq_len)
         if self.grid * self.grid != self.seq_len:
             raise ValueError(f"Fluid: the tokenizer must give a square grid of tokens, got {self.seq_len}")
-        if cfg.order == "raster" and cfg.num_iter not in (None, self.seq_len):
+        if cfg.order == "raster" and cfg.sampling.num_iter not in (None, self.seq_len):
             raise ValueError(f"Fluid: raster order generates one token per step; num_iter must be None or "
-                             f"{self.seq_len} (the number of tokens), got {cfg.num_iter}")
+                             f"{self.seq_len} (the number of tokens), got {cfg.sampling.num_iter}")
 
         # text path: encoder dim -> width -> aligner (bidirectional, key-padding mask) -> null vector
         self.text_proj = nn.Linear(self.text_encoder.dim, w)
-        self.text_aligner = Transformer(w, cfg.aligner_depth, cfg.num_heads, cfg.mlp_ratio)
+        self.text_aligner = Transformer(w, cfg.text.aligner_depth, cfg.model.num_heads, cfg.model.mlp_ratio)
         self.null_text = nn.Parameter(torch.zeros(1, w))
         self.text_pool_proj = None
         self.text_pool_norm = None
-        if cfg.text_pool_add or cfg.text_adaln:
-            if cfg.text_pool == "encoder":
+        if cfg.text.pool_add or cfg.text.adaln:
+            if cfg.text.pool == "encoder":
                 self.text_pool_norm = RunningStandardize(self.text_encoder.dim)
                 self.text_pool_proj = nn.Linear(self.text_encoder.dim, w)
             else:
@@ -409,47 +189,53 @@ class Fluid(nn.Module):
         if cfg.token_kind == "continuous":
             self.token_embed = nn.Linear(self.token_dim, w)
         else:
-            self.token_embed = nn.Embedding(cfg.codebook_size, w)
+            self.token_embed = nn.Embedding(cfg.image.codebook_size, w)
         if cfg.order == "random":
             self.mask_token = nn.Parameter(torch.zeros(1, 1, w))
         else:
             self.start_token = nn.Parameter(torch.zeros(1, 1, w))
-        if cfg.pos_embed == "learned":
+        if cfg.model.pos_embed == "learned":
             self.pos_embed = nn.Parameter(torch.zeros(1, self.seq_len, w))
         else:  # fixed: a buffer, not saved (recomputed from the config)
             self.register_buffer("pos_embed", sincos_2d(self.grid, w)[None], persistent=False)
         self.head_pos = None
-        if cfg.head_pos_embed:
+        if cfg.head.pos_embed:
             # learned positions get their own table (MAR: diffusion_pos_embed_learned); fixed sin-cos reuses it
-            self.head_pos = nn.Parameter(torch.zeros(1, self.seq_len, w)) if cfg.pos_embed == "learned" \
+            self.head_pos = nn.Parameter(torch.zeros(1, self.seq_len, w)) if cfg.model.pos_embed == "learned" \
                 else self.pos_embed
-        self.transformer = Transformer(w, cfg.depth, cfg.num_heads, cfg.mlp_ratio, cross_attention=True,
-                                       grad_checkpointing=cfg.grad_checkpointing,
-                                       cond_dim=w if cfg.text_adaln else None)
-        self.text_aligner.grad_checkpointing = cfg.grad_checkpointing
+        self.transformer = Transformer(w, cfg.model.depth, cfg.model.num_heads, cfg.model.mlp_ratio, cross_attention=True,
+                                       grad_checkpointing=cfg.model.grad_checkpointing,
+                                       cond_dim=w if cfg.text.adaln else None)
+        self.text_aligner.grad_checkpointing = cfg.model.grad_checkpointing
         self._init_weights()
         for blk in self.transformer.blocks:   # adaLN starts as the identity (after the xavier init)
             blk.reset_modulation()
 
         # heads keep their own init (DenoiserMLP: zero-initialised adaLN and output layers, as MAR)
         if cfg.token_kind == "continuous":
-            self.head = DiffLoss(self.token_dim, w, cfg.head_depth, cfg.head_width, cfg.num_sampling_steps,
-                                 cfg.grad_checkpointing, noise_shift=cfg.noise_shift)
+            self.head = DiffLoss(self.token_dim, w, cfg.head.depth, cfg.head.width, cfg.sampling.num_diffusion_steps,
+                                 cfg.model.grad_checkpointing, noise_shift=cfg.head.noise_shift)
         else:
-            self.head = nn.Linear(w, cfg.codebook_size)
+            self.head = nn.Linear(w, cfg.image.codebook_size)
             nn.init.xavier_uniform_(self.head.weight)
             nn.init.zeros_(self.head.bias)
 
     @classmethod
     def from_config_dict(cls, d: dict) -> "Fluid":
-        """Rebuild from `dataclasses.asdict(model.config)` (as checkpoints store it)."""
+        """Rebuild from `dataclasses.asdict(model.config)` (as checkpoints store it); the flat
+        dicts of older checkpoints are read too (deprecated)."""
         if not isinstance(d, dict):
             raise TypeError(f"Fluid.from_config_dict: d must be a dict, got {type(d).__name__}")
-        unknown = sorted(set(d) - set(_FIELDS))
-        if unknown:
-            raise ValueError(f"Fluid.from_config_dict: unknown config field(s) {unknown}; valid fields: "
-                             f"{', '.join(_FIELDS)}")
-        return cls(FluidConfig(), **d)
+        try:
+            return cls(config_from_dict(d))
+        except ValueError as e:
+            raise ValueError(f"Fluid.from_config_dict: {e}") from None
+
+    @staticmethod
+    def normalize_config_dict(d):
+        """A checkpoint's config dict in today's grouped form (flat dicts of older checkpoints
+        converted), for comparing with `dataclasses.asdict(model.config)` on resume."""
+        return dataclasses.asdict(config_from_dict(d))
 
     def _init_weights(self):
         """MAR's init: N(0, 0.02) embeddings and learned tokens, xavier-uniform linears with zero
@@ -486,7 +272,7 @@ class Fluid(nn.Module):
         """Fit the discrete variant's k-means codebook on training images (B, 3, H, W) in [0, 1]."""
         if self.config.token_kind != "discrete":
             raise ValueError(f"Fluid.fit_tokenizer: only the discrete variant has a tokenizer to fit; this model's "
-                             f"tokenizer is {self.config.tokenizer!r}")
+                             f"tokenizer is {self.config.image.tokenizer!r}")
         self._check_images("fit_tokenizer", images)
         self.tokenizer.fit(images.to(self.device), iters=iters, generator=generator, progress=progress)
         return self
@@ -495,7 +281,7 @@ class Fluid(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
     def _check_images(self, op, images):
-        s = self.config.image_size
+        s = self.config.image.size
         if not isinstance(images, torch.Tensor) or images.dim() != 4 or tuple(images.shape[1:]) != (3, s, s) \
                 or not images.is_floating_point():
             got = f"{tuple(images.shape)} {images.dtype}" if isinstance(images, torch.Tensor) else type(images).__name__
@@ -534,7 +320,7 @@ class Fluid(nn.Module):
 
     def null_context(self, batch: int, length: int = 1):
         """The unconditional text: (B, length, W) with the null vector at position 0, mask True there only."""
-        ctx = torch.zeros(batch, length, self.config.width, device=self.device, dtype=self.null_text.dtype)
+        ctx = torch.zeros(batch, length, self.config.model.width, device=self.device, dtype=self.null_text.dtype)
         ctx[:, 0] = self.null_text
         mask = torch.zeros(batch, length, dtype=torch.bool, device=self.device)
         mask[:, 0] = True
@@ -574,7 +360,7 @@ class Fluid(nn.Module):
     def _add_position_and_text(self, x, pooled, positions=None):
         """x (B, N, W) + position embedding (of `positions`, default 0..N-1) + pooled text."""
         x = x + self._at(self.pos_embed, x.shape[1], positions).to(x.dtype)
-        if pooled is not None and self.config.text_pool_add:
+        if pooled is not None and self.config.text.pool_add:
             x = x + pooled[:, None, :].to(x.dtype)
         return x
 
@@ -594,7 +380,7 @@ class Fluid(nn.Module):
 
     def _cond(self, pooled):
         """The transformer's adaLN condition (text_adaln) or None."""
-        return pooled if self.config.text_adaln else None
+        return pooled if self.config.text.adaln else None
 
     def _embed_tokens(self, tokens):
         if self.config.token_kind == "continuous":
@@ -603,14 +389,8 @@ class Fluid(nn.Module):
 
     # ---- training --------------------------------------------------------------------------
     def _draw_mask_count(self, generator) -> int:
-        """ceil(L * r) masked tokens, r from the configured mask-ratio distribution (one per batch)."""
-        c = self.config
-        if c.mask_ratio_kind == "truncnorm":
-            r = schedules.mask_ratio(generator=generator, min_ratio=c.mask_ratio_min)
-        else:
-            dev = generator.device if generator is not None else torch.device("cpu")
-            u = float(torch.rand(1, dtype=torch.float64, generator=generator, device=dev)[0])
-            r = c.mask_ratio_min + (1.0 - c.mask_ratio_min) * u
+        """ceil(L * r) masked tokens, r ~ truncated normal on [masking.ratio_min, 1] (one per batch)."""
+        r = schedules.mask_ratio(generator=generator, min_ratio=self.config.masking.ratio_min)
         return min(self.seq_len, max(1, int(math.ceil(self.seq_len * r))))
 
     def _outputs(self, images, captions, generator, batch_slice=None):
@@ -640,8 +420,8 @@ class Fluid(nn.Module):
             num_masked = self._draw_mask_count(generator)
             index = orders[:, :num_masked]            # the masked tokens are a prefix of the order
         drop = None
-        if self.training and c.text_drop_prob > 0:
-            drop = schedules.null_condition_mask(total, c.text_drop_prob, generator=generator)[rows].to(self.device)
+        if self.training and c.text.drop_prob > 0:
+            drop = schedules.null_condition_mask(total, c.text.drop_prob, generator=generator)[rows].to(self.device)
         ctx, cmask, pooled = self.encode_text(captions, drop)
         x = self._embed_tokens(tokens)
         if c.order == "random":
@@ -670,7 +450,7 @@ class Fluid(nn.Module):
     def draw_head_inputs(self, rows: int, generator, device=None):
         """The diffusion loss's t (rows * diffusion_batch_mul,) and noise (same rows, token_dim),
         drawn in this order from `generator`; row j * rows + i is the j-th draw of row i."""
-        n = rows * self.config.diffusion_batch_mul
+        n = rows * self.config.head.diffusion_batch_mul
         dev = generator.device if generator is not None else torch.device("cpu")
         t = torch.randint(0, self.head.train_schedule.num_steps, (n,), generator=generator, device=dev)
         noise = torch.randn(n, self.token_dim, generator=generator, device=dev)
@@ -688,9 +468,9 @@ class Fluid(nn.Module):
         # fluid_ops.nn.diffusion_loss: z embedded once per token and broadcast to the t-draws;
         # with grad checkpointing the head's activations (the largest) are recomputed
         return diffusion_loss(self.head.net, target.to(z.dtype), z, mask,
-                              diffusion_batch_mul=self.config.diffusion_batch_mul, t=t,
+                              diffusion_batch_mul=self.config.head.diffusion_batch_mul, t=t,
                               noise=noise.to(z.dtype), schedule=self.head.train_schedule,
-                              checkpoint=self.config.grad_checkpointing and self.training)
+                              checkpoint=self.config.model.grad_checkpointing and self.training)
 
     def forward(self, images: torch.Tensor | PreparedTokens, captions: list[str] | PreparedText, *,
                 generator: torch.Generator | None = None, batch_slice: tuple[int, int] | None = None) -> torch.Tensor:
@@ -721,7 +501,7 @@ class Fluid(nn.Module):
             start, total = batch_slice
             per_row = zs.shape[0] // b                # masked tokens per image (or all L)
             t, noise = self.draw_head_inputs(total * per_row, generator)
-            mul = self.config.diffusion_batch_mul    # draw j*rows + i: view (mul, total, per_row)
+            mul = self.config.head.diffusion_batch_mul    # draw j*rows + i: view (mul, total, per_row)
             t = t.view(mul, total, per_row)[:, start:start + b].reshape(-1)
             noise = noise.view(mul, total, per_row, -1)[:, start:start + b].reshape(-1, noise.shape[-1])
         return self.head_loss(zs, targets, generator, t=t, noise=noise)
@@ -740,7 +520,7 @@ class Fluid(nn.Module):
                              f"got {type(text).__name__}")
         if text.emb.shape[-1] != self.text_encoder.dim:
             raise ValueError(f"Fluid.forward: prepared text embeddings have dim {text.emb.shape[-1]}, this model's "
-                             f"text encoder {self.config.text_encoder!r} gives {self.text_encoder.dim}")
+                             f"text encoder {self.config.text.encoder!r} gives {self.text_encoder.dim}")
 
     # ---- sampling --------------------------------------------------------------------------
     def _check_sampling_args(self, prompts, num_iter, cfg, cfg_schedule, temperature, num_diffusion_steps,
@@ -755,8 +535,8 @@ class Fluid(nn.Module):
         cfg = d["cfg"] if cfg is None else cfg
         temperature = d["temperature"] if temperature is None else temperature
         cfg_uncond = d["cfg_uncond"] if cfg_uncond is None else cfg_uncond
-        _check_cfg_uncond("Fluid.generate", cfg_uncond, self.config.order)
-        steps = self.config.num_sampling_steps if num_diffusion_steps is None else num_diffusion_steps
+        check_cfg_uncond("Fluid.generate", cfg_uncond, self.config.order)
+        steps = self.config.sampling.num_diffusion_steps if num_diffusion_steps is None else num_diffusion_steps
         if self.config.order == "raster":
             if num_iter is not None and num_iter != self.seq_len:
                 raise ValueError(f"Fluid.generate: raster order generates one token per step, so num_iter must be "
@@ -781,22 +561,22 @@ class Fluid(nn.Module):
         """Tokens for rows z_cond (N, W); CFG with scale w against z_uncond when given."""
         if self.config.token_kind == "continuous":
             z = z_cond if z_uncond is None else torch.cat([z_cond, z_uncond])
-            clip = self.config.clip_denoised
+            clip = self.config.sampling.clip_denoised
             if clip is None:
                 # Pixel-patch tokens lie in [-1, 1]. Clamping the predicted x_0 there keeps the first
                 # steps from t ~ 1000 (1/sqrt(alpha_bar) ~ 2e4 amplifies the head's eps error) from
                 # throwing x out of range: without it a tiny head trained 600 steps sampled noise of
-                # magnitude ~1e3 (measured 2026-12-01), with it the right colours on a clean background.
-                clip = self.config.tokenizer == "patch"
-            return fluid_ops.diffusion_sample(self.head.net, z, num_steps=steps, temperature=temperature,
+                # magnitude ~1e3, with it the right colours on a clean background.
+                clip = self.config.image.tokenizer == "patch"
+            return sampling.diffusion_sample(self.head.net, z, num_steps=steps, temperature=temperature,
                                               cfg=1.0 if z_uncond is None else w, generator=generator,
                                               gemm_dtype=gemm_dtype, clip_denoised=clip,
-                                              noise_shift=self.config.noise_shift)
+                                              noise_shift=self.config.head.noise_shift)
         logits = self.head(z_cond).float()
         if z_uncond is not None:
             lu = self.head(z_uncond).float()
             logits = lu + w * (logits - lu)
-        return fluid_ops.sample_categorical(logits, temperature=temperature, generator=generator)
+        return sample_categorical(logits, temperature=temperature, generator=generator)
 
     def _empty_tokens(self, b):
         if self.config.token_kind == "continuous":

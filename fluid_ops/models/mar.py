@@ -45,9 +45,7 @@ Host syncs that remain: the training mask ratio (`mask_ratio` returns a Python f
 """
 from __future__ import annotations
 
-import argparse
 import math
-import os
 from functools import partial
 from pathlib import Path
 
@@ -56,11 +54,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import fluid_ops
 from fluid_ops.models import io as model_io
-from fluid_ops.nn.denoiser import DenoiserMLP
-from fluid_ops.nn.diffusion import diffusion_loss
-from fluid_ops.reference import diffusion as ref_diffusion
+from fluid_ops.models import mar_checkpoint as _ckpt
+from fluid_ops.nn.diffloss import DiffLoss
+from fluid_ops.ops.attention import attention
 from fluid_ops.reference import schedules
 
 __all__ = ["MAR", "DiffLoss", "Block", "mar_base", "mar_large", "mar_huge", "mar_tiny", "FACTORIES"]
@@ -94,7 +91,7 @@ class Attention(nn.Module):
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                                attn_mask=mask, dropout_p=self.attn_drop).transpose(1, 2)
         else:
-            o = fluid_ops.attention(q, k, v, key_padding_mask=key_padding_mask)
+            o = attention(q, k, v, key_padding_mask=key_padding_mask)
         return self.proj_drop(self.proj(o.reshape(b, n, c)))
 
 
@@ -125,35 +122,6 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x), key_padding_mask)
         return x + self.mlp(self.norm2(x))
-
-
-class DiffLoss(nn.Module):
-    """MAR's diffusion head: `net` is the denoiser MLP (names `diffloss.net.*`)."""
-
-    def __init__(self, target_channels: int, z_channels: int, depth: int, width: int,
-                 num_sampling_steps: int, grad_checkpointing: bool = False, noise_shift: float = 1.0):
-        super().__init__()
-        self.in_channels = target_channels
-        self.num_sampling_steps = num_sampling_steps
-        self.grad_checkpointing = grad_checkpointing
-        self.net = DenoiserMLP(target_channels, width, 2 * target_channels, z_channels, depth)
-        # noise_shift != 1 (Fluid's option, never MAR's): the shifted cosine schedule, in training and sampling
-        self.train_schedule = ref_diffusion.DiffusionSchedule(None, noise_shift=noise_shift)
-        self.noise_shift = self.train_schedule.noise_shift
-
-    def forward(self, target, z, mask=None, *, diffusion_batch_mul: int = 1, generator=None, index=None):
-        """Mean diffusion loss over rows with mask 1, each row with diffusion_batch_mul t-draws
-        (`fluid_ops.nn.diffusion_loss`: the same value and draws as MAR's loss, the head run on
-        the masked rows only, z not repeated). index: the rows with mask 1, if known (no sync)."""
-        # grad checkpointing: the head's activations are recomputed too, as MAR does
-        return diffusion_loss(self.net, target, z, mask, index=index, diffusion_batch_mul=diffusion_batch_mul,
-                              generator=generator, schedule=self.train_schedule,
-                              checkpoint=self.grad_checkpointing and self.training)
-
-    def sample(self, z, temperature=1.0, cfg=1.0, generator=None):
-        return fluid_ops.diffusion_sample(self.net, z, num_steps=self.num_sampling_steps,
-                                          temperature=temperature, cfg=cfg, generator=generator,
-                                          noise_shift=self.noise_shift)
 
 
 def _shape_of(t):
@@ -285,10 +253,7 @@ class MAR(nn.Module):
         naming every tensor of the wrong shape (and, strict, the missing / unexpected ones)
         before anything is copied. Returns load_state_dict's result.
         To build the model from the checkpoint instead, use `MAR.from_checkpoint`."""
-        state_dict, _ = _read_mar_checkpoint("MAR.load_mar_checkpoint", checkpoint, ema)
-        model_io.check_state_dict(self, state_dict, source=f"MAR.load_mar_checkpoint({_describe(checkpoint)})",
-                                  strict=strict)
-        return self.load_state_dict(state_dict, strict=strict)
+        return _ckpt.load_mar_checkpoint(self, checkpoint, ema=ema, strict=strict)
 
     # ---- building from files ----------------------------------------------------------------
     @classmethod
@@ -331,27 +296,7 @@ class MAR(nn.Module):
         Errors: FileNotFoundError (no file), ValueError (not a torch checkpoint, no weights,
         wrong shapes: every such tensor named with both shapes), KeyError (no 'model_ema' /
         'model' entry, or it is None)."""
-        op = "MAR.from_checkpoint"
-        state_dict, ckpt_args = _read_mar_checkpoint(op, checkpoint, ema)
-        if model is not None and model not in FACTORIES:
-            raise ValueError(f"{op}: model must be one of {sorted(FACTORIES)} or None, got {model!r}")
-        kwargs = _infer_mar_kwargs(op, state_dict, ckpt_args, mar_kwargs)
-        name = model or (ckpt_args.get("model") if ckpt_args.get("model") in FACTORIES else None) \
-            or _factory_of_shapes(state_dict)
-        if name is not None:
-            build = partial(FACTORIES[name], **kwargs)
-        else:
-            kwargs = {**_size_from_shapes(state_dict), **kwargs}
-            missing = [k for k in ("encoder_num_heads", "decoder_num_heads") if k not in kwargs]
-            if missing:
-                raise ValueError(f"{op}: the weights are none of {sorted(FACTORIES)} (encoder width "
-                                 f"{kwargs['encoder_embed_dim']}, depth {kwargs['encoder_depth']}): pass "
-                                 f"{' and '.join(missing)} (the number of heads is not in the weights) or model=")
-            kwargs.setdefault("norm_layer", partial(nn.LayerNorm, eps=1e-6))  # as MAR's factories
-            build = partial(cls, **kwargs)
-        if not isinstance(checkpoint, (str, bytes, os.PathLike)):
-            state_dict = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in state_dict.items()}
-        return model_io.build_with_weights(build, state_dict, source=f"{op}({_describe(checkpoint)})", strict=strict).eval()
+        return _ckpt.from_checkpoint(cls, checkpoint, ema, model, strict=strict, **mar_kwargs)
 
     def save(self, path) -> Path:
         """Write this model to `path` as safetensors: the weights (their dtype kept) and the
@@ -564,7 +509,7 @@ class MAR(nn.Module):
                       generator: torch.Generator | None = None) -> torch.Tensor:
         """Generate (bsz, vae_embed_dim, h, w) latents in `num_iter` steps (docs/contracts.md §2.4): random
         order per image, cosine mask schedule, CFG against the null class (`fake_latent`) with the
-        "linear" or "constant" schedule, `fluid_ops.diffusion_sample` for the tokens of each step.
+        "linear" or "constant" schedule, `fluid_ops.sampling.diffusion_sample` for the tokens of each step.
         labels None: unconditional (every row uses the null class). Call in eval mode (as MAR)."""
         if isinstance(bsz, bool) or not isinstance(bsz, int) or bsz < 0:
             raise ValueError(f"MAR.sample_tokens: bsz must be an int >= 0, got {bsz!r}")
@@ -663,21 +608,6 @@ def mar_tiny(**kwargs) -> MAR:
 
 # name -> factory (MAR's `mar.__dict__[args.model]`), used by `MAR.from_checkpoint`
 FACTORIES = {"mar_base": mar_base, "mar_large": mar_large, "mar_huge": mar_huge, "mar_tiny": mar_tiny}
-# name -> (width, depth) of encoder and decoder, to recognise a checkpoint's size by its weights
-_FACTORY_SIZES = {"mar_base": (768, 12), "mar_large": (1024, 16), "mar_huge": (1280, 20), "mar_tiny": (64, 2)}
-
-# MAR's training arguments (main_mar.py) that its factories take
-_CKPT_ARG_KEYS = ("img_size", "vae_stride", "patch_size", "vae_embed_dim", "mask_ratio_min", "label_drop_prob",
-                  "class_num", "attn_dropout", "proj_dropout", "buffer_size", "diffloss_d", "diffloss_w",
-                  "num_sampling_steps", "diffusion_batch_mul", "grad_checkpointing")
-
-
-def _describe(checkpoint) -> str:
-    if isinstance(checkpoint, (str, bytes, os.PathLike)):
-        return str(checkpoint)
-    return f"<{type(checkpoint).__name__}>"
-
-
 def _describe_norm_layer(norm_layer):
     """{"type": "LayerNorm", "eps": e} for nn.LayerNorm or partial(nn.LayerNorm, eps=e); else None."""
     if norm_layer is nn.LayerNorm:
@@ -697,106 +627,8 @@ def _norm_layer_from_description(desc):
     return partial(nn.LayerNorm, eps=float(desc["eps"]))
 
 
-def _read_mar_checkpoint(op, checkpoint, ema):
-    """(state dict, MAR's training args as a dict or {}) from a path or a loaded checkpoint."""
-    if isinstance(checkpoint, bytes):
-        checkpoint = checkpoint.decode()
-    if isinstance(checkpoint, (str, os.PathLike)):
-        path = Path(checkpoint)
-        if not path.is_file():
-            raise FileNotFoundError(f"{op}: no such file: {path}")
-        # MAR's training checkpoints carry its argparse Namespace as 'args': plain data, allowed
-        # explicitly so that weights_only loading (no arbitrary code) still reads them.
-        safe = getattr(torch.serialization, "safe_globals", None)  # torch >= 2.5
-        try:
-            if safe is not None:
-                with safe([argparse.Namespace]):
-                    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-            else:  # torch 2.4: only the process-wide allow-list exists
-                torch.serialization.add_safe_globals([argparse.Namespace])
-                checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # zip / pickle errors on a corrupt file, refused globals, ...
-            raise ValueError(f"{op}: cannot read {path} as a torch checkpoint with weights_only=True "
-                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
-    if not isinstance(checkpoint, dict):
-        raise TypeError(f"{op}: checkpoint must be a path or a dict, got {type(checkpoint).__name__}")
-    args = {}
-    if "model" in checkpoint or "model_ema" in checkpoint:
-        key = "model_ema" if ema else "model"
-        if checkpoint.get(key) is None:
-            why = "no" if key not in checkpoint else "a None"
-            raise KeyError(f"{op}: the checkpoint has {why} {key!r} entry (keys: {sorted(checkpoint)}); "
-                           f"pass ema={not ema}")
-        raw_args = checkpoint.get("args")
-        if isinstance(raw_args, argparse.Namespace):
-            args = vars(raw_args)
-        elif isinstance(raw_args, dict):
-            args = raw_args
-        checkpoint = checkpoint[key]
-    if not isinstance(checkpoint, dict) or not checkpoint:
-        raise ValueError(f"{op}: the checkpoint holds no weights (expected a state dict, got "
-                         f"{type(checkpoint).__name__} of length {len(checkpoint) if hasattr(checkpoint, '__len__') else '?'})")
-    return checkpoint, args
-
-
-def _shape(state_dict, name, op="MAR.from_checkpoint"):
-    t = state_dict.get(name)
-    if not isinstance(t, torch.Tensor):
-        raise ValueError(f"{op}: the weights have no tensor {name!r}: not a MAR state dict")
-    return tuple(t.shape)
-
-
-def _count_blocks(state_dict, prefix):
-    """Number of blocks `prefix.{i}.` in the state dict (max index + 1)."""
-    idx = [int(k[len(prefix):].split(".", 1)[0]) for k in state_dict
-           if k.startswith(prefix) and k[len(prefix):].split(".", 1)[0].isdigit()]
-    return max(idx) + 1 if idx else 0
-
-
-def _factory_of_shapes(state_dict):
-    width = _shape(state_dict, "class_emb.weight")[1]
-    dec_width = _shape(state_dict, "mask_token")[2]
-    enc, dec = _count_blocks(state_dict, "encoder_blocks."), _count_blocks(state_dict, "decoder_blocks.")
-    for name, (w, d) in _FACTORY_SIZES.items():
-        if (width, enc, dec_width, dec) == (w, d, w, d):
-            return name
-    return None
-
-
-def _size_from_shapes(state_dict):
-    """Width / depth / mlp_ratio arguments of a MAR of no published size, read from its weights."""
-    width = _shape(state_dict, "class_emb.weight")[1]
-    out = dict(encoder_embed_dim=width, encoder_depth=_count_blocks(state_dict, "encoder_blocks."),
-               decoder_embed_dim=_shape(state_dict, "mask_token")[2],
-               decoder_depth=_count_blocks(state_dict, "decoder_blocks."))
-    fc1 = state_dict.get("encoder_blocks.0.mlp.fc1.weight", state_dict.get("decoder_blocks.0.mlp.fc1.weight"))
-    if isinstance(fc1, torch.Tensor):
-        out["mlp_ratio"] = fc1.shape[0] / fc1.shape[1]
-    return out
-
-
-def _infer_mar_kwargs(op, state_dict, ckpt_args, mar_kwargs):
-    """Factory keyword arguments: mar_kwargs, then the checkpoint's args, then the weights' shapes."""
-    kw = {k: ckpt_args[k] for k in _CKPT_ARG_KEYS if k in ckpt_args}
-    kw.update(mar_kwargs)
-    class_num, _ = _shape(state_dict, "class_emb.weight")
-    seq_len = _shape(state_dict, "diffusion_pos_embed_learned")[1]
-    token_dim = _shape(state_dict, "z_proj.weight")[1]
-    kw.setdefault("class_num", class_num)
-    kw.setdefault("buffer_size", _shape(state_dict, "encoder_pos_embed_learned")[1] - seq_len)
-    kw.setdefault("diffloss_d", _count_blocks(state_dict, "diffloss.net.res_blocks."))
-    kw.setdefault("diffloss_w", _shape(state_dict, "diffloss.net.input_proj.weight")[0])
-    patch = kw.get("patch_size", 1)
-    side = math.isqrt(seq_len)
-    if "img_size" not in kw:
-        if side * side != seq_len:
-            raise ValueError(f"{op}: the weights have {seq_len} tokens, not a square grid: pass img_size, "
-                             f"vae_stride and patch_size")
-        kw["img_size"] = side * patch * kw.get("vae_stride", 16)
-    if "vae_embed_dim" not in kw:
-        if not isinstance(patch, int) or patch < 1 or token_dim % (patch * patch):
-            raise ValueError(f"{op}: token width {token_dim} is not vae_embed_dim * patch_size^2 for "
-                             f"patch_size={patch!r}: pass vae_embed_dim and patch_size")
-        kw["vae_embed_dim"] = token_dim // (patch * patch)
-    return kw
-
+# Checkpoint reading lives in fluid_ops.models.mar_checkpoint; these names stay importable from
+# here (deprecated aliases, for one release).
+from fluid_ops.models.mar_checkpoint import (  # noqa: E402,F401
+    _CKPT_ARG_KEYS, _FACTORY_SIZES, _count_blocks, _describe, _factory_of_shapes, _infer_mar_kwargs,
+    _read_mar_checkpoint, _shape, _size_from_shapes)
