@@ -18,4 +18,4 @@ from fluid_ops import data, eval  # noqa: F401,E402  (fluid_ops.eval: the GenEva
 # fluid_ops.train(model, dataset, ...): the training loop (module fluid_ops.training)
 from fluid_ops.training import train  # noqa: F401,E402
 
-__version__ = "0.1.0"
+from fluid_ops._version import __version__  # noqa: F401,E402

@@ -42,8 +42,8 @@ FORMAT_VERSION = 1
 
 
 def _version() -> str:
-    import fluid_ops
-    return getattr(fluid_ops, "__version__", "unknown")
+    from fluid_ops._version import __version__
+    return __version__
 
 
 def _as_path(op: str, path) -> Path:
