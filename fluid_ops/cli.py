@@ -236,9 +236,7 @@ def cmd_demo(args) -> int:
     report["demo"] = {"config": args.config, "minutes": args.minutes, "steps": result.step,
                       "seconds_total": round(time.time() - t0, 1), "seed": args.seed}
     (out / "eval.json").write_text(json.dumps(report, indent=1))
-    loss_png = out / "run" / "loss.png"
-    if loss_png.exists():
-        (out / "loss.png").write_bytes(loss_png.read_bytes())
+    (out / "loss.png").write_bytes((out / "run" / "loss.png").read_bytes())
     _print_report(report)
     print(f"[demo] {result.step} steps; wrote {out / 'grid.png'}, {out / 'loss.png'}, {out / 'eval.json'} "
           f"in {time.time() - t0:.0f} s")

@@ -357,11 +357,8 @@ def _smooth(values: list[float], span: float) -> list[float]:
 
 
 def _write_loss_plot(history: dict, path: Path) -> None:
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:  # plotting is optional; history.json has the numbers
-        return
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # a core dependency: every run has loss.png
+    from matplotlib.figure import Figure
     steps, losses = history["step"], history["loss"]
     fig = Figure(figsize=(7, 4), dpi=100)
     FigureCanvasAgg(fig)  # Figure + Agg canvas directly: pyplot's global state stays untouched
