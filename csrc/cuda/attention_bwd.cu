@@ -21,7 +21,7 @@
 
 #include "../common/dispatch.h"
 #include "attention_common.cuh"
-#include "attention_ops.h"
+#include "attention.h"
 
 namespace fluid {
 namespace cuda {

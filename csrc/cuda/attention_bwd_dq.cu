@@ -6,7 +6,7 @@
 // Needs the preprocess of attention_bwd.cu (delta, lse2) to have run on the same stream.
 #include "../common/dispatch.h"
 #include "attention_common.cuh"
-#include "attention_ops.h"
+#include "attention.h"
 
 namespace fluid {
 namespace cuda {

@@ -1,5 +1,6 @@
-// Device helpers of the tensor-core attention kernels (attention_fwd.cu, attention_bwd.cu):
-// mma.sync m16n8k16 (fp16 / bf16 in, fp32 accumulate), ldmatrix, cp.async, tile loads.
+// Device helpers of the attention family's tensor-core kernels (attention_fwd.cu,
+// attention_bwd.cu, attention_bwd_dq.cu): mma.sync m16n8k16 (fp16 / bf16 in, fp32 accumulate),
+// ldmatrix, cp.async, tile loads. Host entry points: attention.h.
 //
 // Choice recorded here (issue 3): the kernels use mma.sync + ldmatrix + cp.async, which run on
 // sm_80, sm_89 and sm_90 alike. No wgmma / TMA path for sm_90a was written: the mma.sync version

@@ -67,7 +67,7 @@
 #include <climits>
 
 #include "common.cuh"
-#include "head_gemm.h"
+#include "head.h"
 
 namespace fluid {
 namespace cuda {
