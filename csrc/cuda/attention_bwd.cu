@@ -283,15 +283,11 @@ void attention_bwd(const TensorView& dout, const TensorView& q, const TensorView
   const int64_t rows = s.b * s.h * s.nq;
   const int64_t pre_blocks = (rows + attn::kThreads / 32 - 1) / (attn::kThreads / 32);
   FLUID_CHECK(pre_blocks < (int64_t{1} << 31), "B * H * Nq too large");
-  if (q.dtype == DType::F16) {
-    attn::attn_bwd_pre_kernel<__half><<<static_cast<unsigned>(pre_blocks), attn::kThreads, 0, st>>>(p, d, rows);
+  FLUID_DISPATCH_CUDA_HALF(q.dtype, T, {
+    attn::attn_bwd_pre_kernel<T><<<static_cast<unsigned>(pre_blocks), attn::kThreads, 0, st>>>(p, d, rows);
     check_launch("attention_bwd (preprocess)");
-    attn::dispatch_dkdv<__half>(p, d, b, st);
-  } else {
-    attn::attn_bwd_pre_kernel<__nv_bfloat16><<<static_cast<unsigned>(pre_blocks), attn::kThreads, 0, st>>>(p, d, rows);
-    check_launch("attention_bwd (preprocess)");
-    attn::dispatch_dkdv<__nv_bfloat16>(p, d, b, st);
-  }
+    attn::dispatch_dkdv<T>(p, d, b, st);
+  });
   check_launch("attention_bwd (dk/dv)");
   if (dq_accum == nullptr) {  // deterministic: the separate dq pass
     attn::launch_bwd_dq(p, q.dtype, d, b, st);

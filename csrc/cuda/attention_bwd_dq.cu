@@ -150,10 +150,7 @@ void dispatch_dq(const BwdParams& p, int d, int b, cudaStream_t stream) {
 }  // namespace
 
 void launch_bwd_dq(const BwdParams& p, DType dtype, int d, int b, cudaStream_t stream) {
-  if (dtype == DType::F16)
-    dispatch_dq<__half>(p, d, b, stream);
-  else
-    dispatch_dq<__nv_bfloat16>(p, d, b, stream);
+  FLUID_DISPATCH_CUDA_HALF(dtype, T, dispatch_dq<T>(p, d, b, stream));
 }
 
 }  // namespace attn
