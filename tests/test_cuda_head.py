@@ -1,4 +1,4 @@
-"""The CUDA fused head (csrc/cuda/head_gemm.cu, fluid_ops/ops/head_cuda.py) against the reference.
+"""The CUDA fused head (csrc/cuda/head.cu, fluid_ops/ops/head_cuda.py) against the reference.
 
 The same checks as tests/test_triton_head.py's GEMM / head tests, on CUDA tensors: the plain
 tensor-core GEMM first (it pins the mma / ldmatrix fragment mapping), then each prologue /
@@ -159,7 +159,7 @@ class _View(tuple):
 def _emulated_kernels(real):
     """Stand-ins for the CUDA head's kernels that first call the real binding (its C++ validation
     must accept the views; the launch then fails: no driver here) and then compute the documented
-    contract of csrc/cuda/head_gemm.h with torch, on the tensors behind the views."""
+    contract of csrc/cuda/head.h with torch, on the tensors behind the views."""
     F = torch.nn.functional
 
     def validated(name, *args):

@@ -1,18 +1,22 @@
+// attention family (fluid_ops/ops/attention.py: fwd, bwd, kvcache) in fluid_ops._C:
+// csrc/cpu/attention.h. The KV-cache op is attention_fwd with seqlens_k.
 #include "../cpu/attention.h"
 #include "pyview.h"
 
 namespace py = pybind11;
 
 namespace fluid {
-void bind_cpu_attention(py::module_& m) {
-  m.def("attention_fwd", &cpu::attention_fwd, nogil(), py::arg("q"), py::arg("k"), py::arg("v"),
+namespace cpu {
+void bind_attention(py::module_& m) {
+  m.def("attention_fwd", &attention_fwd, nogil(), py::arg("q"), py::arg("k"), py::arg("v"),
         py::arg("key_padding_mask"), py::arg("seqlens_k"), py::arg("o"), py::arg("lse"),
         py::arg("causal"), py::arg("softmax_scale"), py::arg("nthreads"), py::arg("impl") = 0);
-  m.def("attention_bwd", &cpu::attention_bwd, nogil(), py::arg("dout"), py::arg("q"), py::arg("k"),
+  m.def("attention_bwd", &attention_bwd, nogil(), py::arg("dout"), py::arg("q"), py::arg("k"),
         py::arg("v"), py::arg("o"), py::arg("lse"), py::arg("key_padding_mask"), py::arg("dq"),
         py::arg("dk"), py::arg("dv"), py::arg("causal"), py::arg("softmax_scale"), py::arg("nthreads"),
         py::arg("impl") = 0);
-  m.def("attention_fwd_isa", &cpu::attention_fwd_isa);
-  m.def("attention_fwd_isas", &cpu::attention_fwd_isas);
+  m.def("attention_fwd_isa", &attention_fwd_isa);
+  m.def("attention_fwd_isas", &attention_fwd_isas);
 }
+}  // namespace cpu
 }  // namespace fluid

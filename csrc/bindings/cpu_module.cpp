@@ -1,4 +1,5 @@
-// fluid_ops._C: the CPU kernels. Each op family binds itself in its own file (cpu_*.cpp).
+// fluid_ops._C: the CPU kernels. Each op family binds itself in cpu_<family>.cpp (see
+// csrc/README.md); this file holds only module-level things.
 #include <thread>
 
 #include "pyview.h"
@@ -6,18 +7,20 @@
 namespace py = pybind11;
 
 namespace fluid {
-void bind_cpu_sampling(py::module_& m);
-void bind_cpu_attention(py::module_& m);
-void bind_cpu_denoiser(py::module_& m);
-void bind_cpu_categorical(py::module_& m);
+namespace cpu {
+void bind_attention(py::module_& m);    // cpu_attention.cpp
+void bind_denoiser(py::module_& m);     // cpu_denoiser.cpp
+void bind_ddpm(py::module_& m);         // cpu_ddpm.cpp
+void bind_categorical(py::module_& m);  // cpu_categorical.cpp
+}  // namespace cpu
 }  // namespace fluid
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fluid_ops CPU kernels (C++17). Called through fluid_ops.ops, not directly.";
   py::register_exception<fluid::CheckError>(m, "KernelArgumentError", PyExc_ValueError);
   m.def("hardware_threads", [] { return static_cast<int>(std::thread::hardware_concurrency()); });
-  fluid::bind_cpu_sampling(m);
-  fluid::bind_cpu_attention(m);
-  fluid::bind_cpu_denoiser(m);
-  fluid::bind_cpu_categorical(m);
+  fluid::cpu::bind_attention(m);
+  fluid::cpu::bind_denoiser(m);
+  fluid::cpu::bind_ddpm(m);
+  fluid::cpu::bind_categorical(m);
 }

@@ -1,19 +1,24 @@
-// fluid_ops._C_cuda: the CUDA kernels. Imports on machines with no GPU or driver: nothing here
-// touches the device until a kernel is called, and device_status() says what is missing.
+// fluid_ops._C_cuda: the CUDA kernels. Each op family binds itself in cuda_<family>.cpp (see
+// csrc/README.md); this file holds only module-level things. Imports on machines with no GPU or
+// driver: nothing here touches the device until a kernel is called, and device_status() says
+// what is missing.
 #include <cuda_runtime_api.h>
 
-#include <optional>
+#include <string>
 
-#include "../cuda/denoiser_ops.h"
-#include "../cuda/ops.h"
 #include "pyview.h"
 
 namespace py = pybind11;
-namespace fluid { void register_cuda_attention(pybind11::module_& m); }  // cuda_attention.cpp
-using fluid::TensorView;
-void register_sampling(py::module& m);  // cuda_sampling.cpp
 
-void register_denoiser(py::module& m);  // cuda_denoiser.cpp: the fused head GEMMs
+namespace fluid {
+namespace cuda {
+void bind_attention(py::module_& m);    // cuda_attention.cpp
+void bind_denoiser(py::module_& m);     // cuda_denoiser.cpp
+void bind_head(py::module_& m);         // cuda_head.cpp
+void bind_ddpm(py::module_& m);         // cuda_ddpm.cpp
+void bind_categorical(py::module_& m);  // cuda_categorical.cpp
+}  // namespace cuda
+}  // namespace fluid
 
 namespace {
 
@@ -41,22 +46,9 @@ PYBIND11_MODULE(_C_cuda, m) {
   cudaRuntimeGetVersion(&rt);  // static cudart: answers without a driver
   m.attr("cuda_runtime_version") = rt;
   m.attr("compiled_archs") = FLUID_CUDA_ARCHS;
-  m.def("ddpm_step", &fluid::cuda::ddpm_step, fluid::nogil(), py::arg("x"), py::arg("model_out"),
-        py::arg("noise"), py::arg("table"), py::arg("step"), py::arg("temperature"),
-        py::arg("cfg"), py::arg("clip_denoised"), py::arg("out"), py::arg("stream"));
-  m.def(
-      "layernorm_modulate",
-      [](const TensorView& x, std::optional<TensorView> w, std::optional<TensorView> b,
-         const TensorView& shift, const TensorView& scale, float eps, const TensorView& out,
-         uintptr_t stream) {
-        fluid::cuda::layernorm_modulate(x, w ? &*w : nullptr, b ? &*b : nullptr, shift, scale,
-                                        eps, out, stream);
-      },
-      fluid::nogil(), py::arg("x"), py::arg("weight"), py::arg("bias"), py::arg("shift"),
-      py::arg("scale"), py::arg("eps"), py::arg("out"), py::arg("stream"));
-  fluid::register_cuda_attention(m);
-  m.def("gated_residual", &fluid::cuda::gated_residual, fluid::nogil(), py::arg("h"),
-        py::arg("gate"), py::arg("y"), py::arg("out"), py::arg("stream"));
-  register_denoiser(m);
-  register_sampling(m);
+  fluid::cuda::bind_attention(m);
+  fluid::cuda::bind_denoiser(m);
+  fluid::cuda::bind_head(m);
+  fluid::cuda::bind_ddpm(m);
+  fluid::cuda::bind_categorical(m);
 }

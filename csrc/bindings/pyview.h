@@ -1,6 +1,8 @@
 // pybind11 conversion: Python tuple (data_ptr, dtype_code, shape, strides) -> fluid::TensorView.
 // fluid_ops/_compiled.py builds the tuples; that is the whole compiled boundary.
 #pragma once
+#include <optional>
+
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -41,4 +43,7 @@ struct type_caster<fluid::TensorView> {
 namespace fluid {
 // Every binding releases the GIL: kernels never touch Python objects.
 using nogil = pybind11::call_guard<pybind11::gil_scoped_release>;
+
+// An optional view (Python None) as the kernels' `const TensorView*` (nullptr).
+inline const TensorView* opt(const std::optional<TensorView>& t) { return t ? &*t : nullptr; }
 }  // namespace fluid

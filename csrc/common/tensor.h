@@ -24,6 +24,17 @@ inline const char* dtype_name(DType d) {
   return "unknown";
 }
 
+// Bytes per element (a table, not a dispatch: every code has a size).
+inline int64_t dtype_size(DType d) {
+  switch (d) {
+    case DType::F16: case DType::BF16: return 2;
+    case DType::F32: case DType::I32: return 4;
+    case DType::F64: case DType::I64: return 8;
+    case DType::BOOL: case DType::U8: return 1;
+  }
+  return 1;
+}
+
 constexpr int kMaxDims = 6;
 
 struct TensorView {

@@ -451,6 +451,7 @@ std::vector<std::string> attention_fwd_isas() {
 }
 
 namespace {
+// A runtime ISA choice, not a FLUID_DISPATCH case list: each impl names a kernel file.
 const char* isa_of_impl(int impl) {
   switch (impl) {
     case 0: return kernel_choice().name;

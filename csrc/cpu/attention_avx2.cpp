@@ -4,6 +4,7 @@
 // compiled for AVX2, and attention.cpp calls in only after __builtin_cpu_supports("avx2"/"fma").
 #include <cstdint>
 
+#include "../common/dispatch.h"
 #include "attention.h"
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))

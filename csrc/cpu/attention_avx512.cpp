@@ -3,6 +3,7 @@
 // the CPU has them. 16 lanes, 8 query rows per register tile (16 + 2 + 1 of the 32 zmm).
 #include <cstdint>
 
+#include "../common/dispatch.h"
 #include "attention.h"
 
 #if defined(__AVX512F__) && defined(__AVX512DQ__)

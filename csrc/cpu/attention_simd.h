@@ -10,6 +10,7 @@
 // accumulators (broadcast q, two K vectors from the packed chunks), then the online softmax
 // update (max, exp2, rescale), then O += P V as MR x (2 vectors of D) accumulators.
 #pragma once
+#include "../common/dispatch.h"
 #include "attention.h"
 
 namespace fluid {
@@ -175,16 +176,10 @@ void forward_d(const FwdItem& it) {
 }
 
 // The head dim is a compile-time constant inside the kernels (fixed trip counts and offsets).
+// NOTHROW: this header is built with AVX2 / AVX-512 enabled; attention.cpp admits only these dims.
 template <class V, int MR>
 void forward(const FwdItem& it) {
-  switch (it.d) {
-    case 32: return forward_d<V, MR, 32>(it);
-    case 64: return forward_d<V, MR, 64>(it);
-    case 80: return forward_d<V, MR, 80>(it);
-    case 96: return forward_d<V, MR, 96>(it);
-    case 128: return forward_d<V, MR, 128>(it);
-    default: return;  // attention.cpp admits only these head dims
-  }
+  FLUID_DISPATCH_HEAD_DIM_NOTHROW(it.d, kD, forward_d<V, MR, kD>(it));
 }
 
 // ---- backward ------------------------------------------------------------------------------
@@ -277,14 +272,7 @@ void backward_d(const BwdItem& it) {
 
 template <class V, int MR>
 void backward(const BwdItem& it) {
-  switch (it.d) {
-    case 32: return backward_d<V, MR, 32>(it);
-    case 64: return backward_d<V, MR, 64>(it);
-    case 80: return backward_d<V, MR, 80>(it);
-    case 96: return backward_d<V, MR, 96>(it);
-    case 128: return backward_d<V, MR, 128>(it);
-    default: return;
-  }
+  FLUID_DISPATCH_HEAD_DIM_NOTHROW(it.d, kD, backward_d<V, MR, kD>(it));
 }
 
 }  // namespace simd

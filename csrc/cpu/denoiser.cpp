@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "../common/dispatch.h"
 #include "../common/half.h"
 #include "../common/parallel.h"
 
@@ -48,30 +49,22 @@ void store_row<float>(const float* src, void* dst, int64_t n) {
 }
 
 LoadRow loader(DType d) {
-  switch (d) {
-    case DType::F32: return &load_row<float>;
-    case DType::F16: return &load_row<f16_t>;
-    case DType::BF16: return &load_row<bf16_t>;
-    default: throw CheckError(std::string("unsupported dtype ") + dtype_name(d));
-  }
+  LoadRow f = nullptr;
+  FLUID_DISPATCH_FLOAT(d, T, f = &load_row<T>);
+  return f;
 }
 StoreRow storer(DType d) {
-  switch (d) {
-    case DType::F32: return &store_row<float>;
-    case DType::F16: return &store_row<f16_t>;
-    case DType::BF16: return &store_row<bf16_t>;
-    default: throw CheckError(std::string("unsupported dtype ") + dtype_name(d));
-  }
+  StoreRow f = nullptr;
+  FLUID_DISPATCH_FLOAT(d, T, f = &store_row<T>);
+  return f;
 }
-
-size_t elem_size(DType d) { return d == DType::F32 ? 4 : 2; }
 
 // Byte address of row r of a (R, D) view.
 inline const void* row_ptr(const TensorView& t, int64_t r) {
-  return static_cast<const char*>(t.data) + r * t.stride[0] * static_cast<int64_t>(elem_size(t.dtype));
+  return static_cast<const char*>(t.data) + r * t.stride[0] * dtype_size(t.dtype);
 }
 inline void* row_ptr_mut(const TensorView& t, int64_t r) {
-  return static_cast<char*>(t.data) + r * t.stride[0] * static_cast<int64_t>(elem_size(t.dtype));
+  return static_cast<char*>(t.data) + r * t.stride[0] * dtype_size(t.dtype);
 }
 
 // Sum with 16 independent accumulators: vectorises without -ffast-math and is more accurate

@@ -13,15 +13,15 @@
 // 2. dk/dv: one block per (64-key tile, head, batch), warp w owns keys 16w .. 16w+15; K and V
 //    stay in shared memory, query tiles of 32 rows stream through. Computed transposed so the
 //    results land in the accumulators' layout: Sᵀ = K Qᵀ, dPᵀ = V dOᵀ, Pᵀ = exp2(Sᵀ·scale·log2 e
-//    - lse2), dSᵀ = Pᵀ ∘ (dPᵀ - delta), dV += Pᵀ dO, dK += dSᵀ Q (· scale at the end). Key tiles
-//    that are all padding write zeros and load nothing; causal starts at the first query that
-//    sees the tile's first key.
+//    - lse2), dSᵀ = Pᵀ ∘ (dPᵀ - delta) (bwd_scores / bwd_probs of attention_common.cuh, as the dq
+//    pass), dV += Pᵀ dO, dK += dSᵀ Q (· scale at the end). Key tiles that are all padding write
+//    zeros and load nothing; causal starts at the first query that sees the tile's first key.
 // Pᵀ and dSᵀ are rounded to the input dtype for the two GEMMs that consume them (as flash-attn).
 #include <cmath>
 
 #include "../common/dispatch.h"
 #include "attention_common.cuh"
-#include "attention_ops.h"
+#include "attention.h"
 
 namespace fluid {
 namespace cuda {
@@ -102,39 +102,18 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dkdv_kernel(const BwdParams
       __syncthreads();
 
       float st[BQ / 8][4], dpt[BQ / 8][4];
-#pragma unroll
-      for (int i = 0; i < BQ / 8; ++i)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) st[i][e] = dpt[i][e] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t ka[4], va[4];
-        ldsm_x4(ka, sK + a_offset<LDS>(warp * 16, kk * 16, lane));
-        ldsm_x4(va, sV + a_offset<LDS>(warp * 16, kk * 16, lane));
-#pragma unroll
-        for (int np = 0; np < BQ / 16; ++np) {
-          uint32_t bq[4], bd[4];
-          ldsm_x4(bq, sQ + bnk_offset<LDS>(np * 16, kk * 16, lane));
-          Mma<T>::run(st[2 * np], ka, bq[0], bq[1]);
-          Mma<T>::run(st[2 * np + 1], ka, bq[2], bq[3]);
-          ldsm_x4(bd, sdO + bnk_offset<LDS>(np * 16, kk * 16, lane));
-          Mma<T>::run(dpt[2 * np], va, bd[0], bd[1]);
-          Mma<T>::run(dpt[2 * np + 1], va, bd[2], bd[3]);
-        }
-      }
-      // Pᵀ and dSᵀ: rows are keys (key_r), columns queries
-#pragma unroll
-      for (int nt = 0; nt < BQ / 8; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int ql = nt * 8 + t4 * 2 + (e & 1), qi = q0 + ql, r = e >> 1;
-          bool ok = key_ok[r] && qi < nq;
-          if (p.causal) ok = ok && key_r[r] <= qi + diag;
-          const float pv = ok ? exp2f(st[nt][e] * p.scale_log2 - sL[ql]) : 0.f;
-          dpt[nt][e] = pv * (dpt[nt][e] - sDl[ql]);
-          st[nt][e] = pv;
-        }
-      }
+      bwd_scores<T, D, BQ>(st, dpt, sK, sV, sQ, sdO, warp, lane);
+      // Pᵀ and dSᵀ: rows are keys (key_r), columns queries (q0 + 8 nt + 2 t4 + (e & 1))
+      bwd_probs(
+          st, dpt, p.scale_log2,
+          [&](int nt, int e) {
+            const int qi = q0 + nt * 8 + t4 * 2 + (e & 1), r = e >> 1;
+            bool ok = key_ok[r] && qi < nq;
+            if (p.causal) ok = ok && key_r[r] <= qi + diag;
+            return ok;
+          },
+          [&](int nt, int e) { return sL[nt * 8 + t4 * 2 + (e & 1)]; },
+          [&](int nt, int e) { return sDl[nt * 8 + t4 * 2 + (e & 1)]; });
 #pragma unroll
       for (int kk = 0; kk < BQ / 16; ++kk) {
         const uint32_t ap[4] = {Mma<T>::pack(st[2 * kk][0], st[2 * kk][1]), Mma<T>::pack(st[2 * kk][2], st[2 * kk][3]),
@@ -283,15 +262,11 @@ void attention_bwd(const TensorView& dout, const TensorView& q, const TensorView
   const int64_t rows = s.b * s.h * s.nq;
   const int64_t pre_blocks = (rows + attn::kThreads / 32 - 1) / (attn::kThreads / 32);
   FLUID_CHECK(pre_blocks < (int64_t{1} << 31), "B * H * Nq too large");
-  if (q.dtype == DType::F16) {
-    attn::attn_bwd_pre_kernel<__half><<<static_cast<unsigned>(pre_blocks), attn::kThreads, 0, st>>>(p, d, rows);
+  FLUID_DISPATCH_CUDA_HALF(q.dtype, T, {
+    attn::attn_bwd_pre_kernel<T><<<static_cast<unsigned>(pre_blocks), attn::kThreads, 0, st>>>(p, d, rows);
     check_launch("attention_bwd (preprocess)");
-    attn::dispatch_dkdv<__half>(p, d, b, st);
-  } else {
-    attn::attn_bwd_pre_kernel<__nv_bfloat16><<<static_cast<unsigned>(pre_blocks), attn::kThreads, 0, st>>>(p, d, rows);
-    check_launch("attention_bwd (preprocess)");
-    attn::dispatch_dkdv<__nv_bfloat16>(p, d, b, st);
-  }
+    attn::dispatch_dkdv<T>(p, d, b, st);
+  });
   check_launch("attention_bwd (dk/dv)");
   if (dq_accum == nullptr) {  // deterministic: the separate dq pass
     attn::launch_bwd_dq(p, q.dtype, d, b, st);

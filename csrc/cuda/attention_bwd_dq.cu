@@ -2,11 +2,12 @@
 // One block of 4 warps per (64-query tile, head, batch), warp w owns rows 16w .. 16w+15. Q and dO
 // stay in shared memory; K / V tiles of 64 keys stream through (the key range, causal limit and
 // padding-tile skipping are those of the forward). Per tile: S = Q Kᵀ, dP = dO Vᵀ,
-// P = exp2(S·scale·log2 e - lse2), dS = P ∘ (dP - delta), dQ += dS K; dq = dQ · scale.
+// P = exp2(S·scale·log2 e - lse2), dS = P ∘ (dP - delta) (both steps shared with the dk/dv pass:
+// bwd_scores / bwd_probs of attention_common.cuh), dQ += dS K; dq = dQ · scale.
 // Needs the preprocess of attention_bwd.cu (delta, lse2) to have run on the same stream.
 #include "../common/dispatch.h"
 #include "attention_common.cuh"
-#include "attention_ops.h"
+#include "attention.h"
 
 namespace fluid {
 namespace cuda {
@@ -67,39 +68,19 @@ __global__ void __launch_bounds__(kThreads) attn_bwd_dq_kernel(const BwdParams p
     cp_async_wait<0>();
     __syncthreads();
     float s[BN / 8][4], dp[BN / 8][4];
-#pragma unroll
-    for (int i = 0; i < BN / 8; ++i)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
-#pragma unroll
-    for (int kk = 0; kk < D / 16; ++kk) {
-      uint32_t qa[4], da[4];
-      ldsm_x4(qa, sQ + a_offset<LDS>(warp * 16, kk * 16, lane));
-      ldsm_x4(da, sdO + a_offset<LDS>(warp * 16, kk * 16, lane));
-#pragma unroll
-      for (int np = 0; np < BN / 16; ++np) {
-        uint32_t bk[4], bv[4];
-        ldsm_x4(bk, sK + bnk_offset<LDS>(np * 16, kk * 16, lane));
-        Mma<T>::run(s[2 * np], qa, bk[0], bk[1]);
-        Mma<T>::run(s[2 * np + 1], qa, bk[2], bk[3]);
-        ldsm_x4(bv, sV + bnk_offset<LDS>(np * 16, kk * 16, lane));
-        Mma<T>::run(dp[2 * np], da, bv[0], bv[1]);
-        Mma<T>::run(dp[2 * np + 1], da, bv[2], bv[3]);
-      }
-    }
+    bwd_scores<T, D, BN>(s, dp, sQ, sdO, sK, sV, warp, lane);
+    // P and dS (dS scaled at the end): rows are queries (row_r), columns keys (col)
     const int n0 = j * BN;
-#pragma unroll
-    for (int nt = 0; nt < BN / 8; ++nt) {
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int col = n0 + nt * 8 + t4 * 2 + (e & 1), r = e >> 1;
-        bool ok = col < nk;
-        if (ok && mrow != nullptr) ok = mrow[col * p.m_sn] != 0;
-        if (ok && p.causal) ok = col <= row_r[r] + diag;
-        const float pv = ok ? exp2f(s[nt][e] * p.scale_log2 - lse2_r[r]) : 0.f;
-        dp[nt][e] = pv * (dp[nt][e] - delta_r[r]);  // dS (scale applied at the end)
-      }
-    }
+    bwd_probs(
+        s, dp, p.scale_log2,
+        [&](int nt, int e) {
+          const int col = n0 + nt * 8 + t4 * 2 + (e & 1), r = e >> 1;
+          bool ok = col < nk;
+          if (ok && mrow != nullptr) ok = mrow[col * p.m_sn] != 0;
+          if (ok && p.causal) ok = col <= row_r[r] + diag;
+          return ok;
+        },
+        [&](int, int e) { return lse2_r[e >> 1]; }, [&](int, int e) { return delta_r[e >> 1]; });
 #pragma unroll
     for (int kk = 0; kk < BN / 16; ++kk) {
       const uint32_t a[4] = {Mma<T>::pack(dp[2 * kk][0], dp[2 * kk][1]), Mma<T>::pack(dp[2 * kk][2], dp[2 * kk][3]),
@@ -150,10 +131,7 @@ void dispatch_dq(const BwdParams& p, int d, int b, cudaStream_t stream) {
 }  // namespace
 
 void launch_bwd_dq(const BwdParams& p, DType dtype, int d, int b, cudaStream_t stream) {
-  if (dtype == DType::F16)
-    dispatch_dq<__half>(p, d, b, stream);
-  else
-    dispatch_dq<__nv_bfloat16>(p, d, b, stream);
+  FLUID_DISPATCH_CUDA_HALF(dtype, T, dispatch_dq<T>(p, d, b, stream));
 }
 
 }  // namespace attn

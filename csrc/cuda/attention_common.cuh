@@ -1,5 +1,7 @@
-// Device helpers of the tensor-core attention kernels (attention_fwd.cu, attention_bwd.cu):
-// mma.sync m16n8k16 (fp16 / bf16 in, fp32 accumulate), ldmatrix, cp.async, tile loads.
+// Device helpers of the attention family's tensor-core kernels (attention_fwd.cu,
+// attention_bwd.cu, attention_bwd_dq.cu): mma.sync m16n8k16 (fp16 / bf16 in, fp32 accumulate),
+// ldmatrix, cp.async, tile loads, and the backward's score step (bwd_scores / bwd_probs), which
+// both backward passes call. Host entry points: attention.h.
 //
 // Choice recorded here (issue 3): the kernels use mma.sync + ldmatrix + cp.async, which run on
 // sm_80, sm_89 and sm_90 alike. No wgmma / TMA path for sm_90a was written: the mma.sync version
@@ -157,6 +159,55 @@ __device__ __forceinline__ float quad_max(float x) {
 __device__ __forceinline__ float quad_sum(float x) {
   x += __shfl_xor_sync(0xffffffffu, x, 1);
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// ---- the backward's score step, shared by the dk/dv pass and the dq pass -------------------
+// s = As Bsᵀ and dp = Ad Bdᵀ over D for this warp's 16 rows (16 warp ..) of the A tiles and all
+// NB rows of the B tiles (smem, pitch D + 8), into fresh fp32 accumulators. The dq pass gives
+// (Q, dO; K, V): S = Q Kᵀ, dP = dO Vᵀ. The dk/dv pass gives (K, V; Q, dO): Sᵀ and dPᵀ, which
+// land in the accumulator layout of dK / dV.
+template <typename T, int D, int NB>
+__device__ __forceinline__ void bwd_scores(float (&s)[NB / 8][4], float (&dp)[NB / 8][4], const T* sAs,
+                                           const T* sAd, const T* sBs, const T* sBd, int warp, int lane) {
+  constexpr int LDS = D + 8;
+#pragma unroll
+  for (int i = 0; i < NB / 8; ++i)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) s[i][e] = dp[i][e] = 0.f;
+#pragma unroll
+  for (int kk = 0; kk < D / 16; ++kk) {
+    uint32_t as[4], ad[4];
+    ldsm_x4(as, sAs + a_offset<LDS>(warp * 16, kk * 16, lane));
+    ldsm_x4(ad, sAd + a_offset<LDS>(warp * 16, kk * 16, lane));
+#pragma unroll
+    for (int np = 0; np < NB / 16; ++np) {
+      uint32_t bs[4], bd[4];
+      ldsm_x4(bs, sBs + bnk_offset<LDS>(np * 16, kk * 16, lane));
+      Mma<T>::run(s[2 * np], as, bs[0], bs[1]);
+      Mma<T>::run(s[2 * np + 1], as, bs[2], bs[3]);
+      ldsm_x4(bd, sBd + bnk_offset<LDS>(np * 16, kk * 16, lane));
+      Mma<T>::run(dp[2 * np], ad, bd[0], bd[1]);
+      Mma<T>::run(dp[2 * np + 1], ad, bd[2], bd[3]);
+    }
+  }
+}
+
+// In place on bwd_scores' fragments: s := P = exp2(s · scale_log2 - lse2) where allowed, else 0;
+// dp := dS = P (dp - delta) (softmax scale applied by the caller at the end). allowed(nt, e),
+// lse2(nt, e), delta(nt, e) describe element e of n-tile nt (C layout: row g + 8 (e >> 1),
+// column 8 nt + 2 t4 + (e & 1)); the query is the column in the dk/dv pass, the row in the dq pass.
+template <int NT, typename Allowed, typename Lse2, typename Delta>
+__device__ __forceinline__ void bwd_probs(float (&s)[NT][4], float (&dp)[NT][4], float scale_log2,
+                                          Allowed allowed, Lse2 lse2, Delta delta) {
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const float pv = allowed(nt, e) ? exp2f(s[nt][e] * scale_log2 - lse2(nt, e)) : 0.f;
+      dp[nt][e] = pv * (dp[nt][e] - delta(nt, e));
+      s[nt][e] = pv;
+    }
+  }
 }
 
 // ---- kernel arguments ------------------------------------------------------------------------

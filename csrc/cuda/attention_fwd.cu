@@ -20,7 +20,7 @@
 
 #include "../common/dispatch.h"
 #include "attention_common.cuh"
-#include "attention_ops.h"
+#include "attention.h"
 
 namespace fluid {
 namespace cuda {
@@ -235,10 +235,7 @@ void attention_fwd(const TensorView& q, const TensorView& k, const TensorView& v
   p.scale_log2 = softmax_scale * attn::kLog2e;
   p.causal = causal;
   auto st = reinterpret_cast<cudaStream_t>(stream);
-  if (q.dtype == DType::F16)
-    attn::dispatch_fwd<__half>(p, static_cast<int>(s.d), static_cast<int>(s.b), st);
-  else
-    attn::dispatch_fwd<__nv_bfloat16>(p, static_cast<int>(s.d), static_cast<int>(s.b), st);
+  FLUID_DISPATCH_CUDA_HALF(q.dtype, T, attn::dispatch_fwd<T>(p, static_cast<int>(s.d), static_cast<int>(s.b), st));
   check_launch("attention_fwd");
 }
 

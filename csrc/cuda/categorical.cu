@@ -25,7 +25,7 @@
 #include <cmath>
 
 #include "common.cuh"
-#include "sampling_ops.h"
+#include "categorical.h"
 
 namespace fluid {
 namespace cuda {

@@ -11,8 +11,9 @@
 namespace fluid {
 namespace cuda {
 
-// Warp-uniform runtime dtype switch: cheaper to compile than a template per dtype combination,
-// and the branch costs nothing next to the memory traffic of these bandwidth-bound kernels.
+// Warp-uniform runtime dtype switch in device code, not FLUID_DISPATCH_FLOAT: cheaper to compile
+// than a template per dtype combination, and the branch costs nothing next to the memory traffic
+// of these bandwidth-bound kernels.
 __device__ __forceinline__ float load_as_f32(const void* p, DType dt, int64_t i) {
   switch (dt) {
     case DType::F16: return __half2float(static_cast<const __half*>(p)[i]);

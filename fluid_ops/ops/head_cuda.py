@@ -1,6 +1,6 @@
 """The fused diffusion-head forward on the CUDA backend (docs/contracts.md §2.2): the compiled counterpart of
 `fluid_ops.triton.denoiser.FusedHeadStep` / `head_forward`, on the hand-written tensor-core GEMMs
-of csrc/cuda/head_gemm.cu (their header comment has the design; this file only sequences them).
+of csrc/cuda/head.cu (their header comment has the design; this file only sequences them).
 
 * `CudaHeadStep(sampler, mode=None)`: one step of a `DenoiserSampler` ((x, step) -> (M, out) in
   the GEMM dtype): the cuda implementation of the head-step op family (`fluid_ops.ops.head`),

@@ -66,8 +66,9 @@
 #include <algorithm>
 #include <climits>
 
+#include "../common/dispatch.h"
 #include "common.cuh"
-#include "head_gemm.h"
+#include "head.h"
 
 namespace fluid {
 namespace cuda {
@@ -460,15 +461,6 @@ Tile pick_tile(int64_t m) {
   return m <= 1024 ? Tile{64, 64, 4} : Tile{128, 128, 8};
 }
 
-int64_t elem_size(DType d) {
-  switch (d) {
-    case DType::F16: case DType::BF16: return 2;
-    case DType::F32: case DType::I32: return 4;
-    case DType::F64: case DType::I64: return 8;
-    default: return 1;
-  }
-}
-
 std::string shape_str(const TensorView& t) {
   std::string s = "(";
   for (int i = 0; i < t.ndim; ++i) s += (i ? ", " : "") + std::to_string(t.shape[i]);
@@ -495,7 +487,7 @@ void check_vec_operand(const TensorView& t, const char* name, DType dt, int64_t 
   check_shape2(t, name, rows, cols, row_broadcast);
   FLUID_CHECK(t.dtype == dt, std::string(name) + " must be " + dtype_name(dt) + ", got " +
                                  dtype_name(t.dtype));
-  const int64_t vec = 16 / elem_size(dt);
+  const int64_t vec = 16 / dtype_size(dt);
   FLUID_CHECK(t.shape[0] == 1 || t.stride[0] % vec == 0,
               std::string(name) + ": row stride must be a multiple of " + std::to_string(vec) +
                   " elements (16 bytes) for vector loads, got " + std::to_string(t.stride[0]));
@@ -518,6 +510,7 @@ void launch_tile(const Params& p, int pro, bool gated, cudaStream_t stream) {
   const int64_t ctas = ((p.M + BM - 1) / BM) * static_cast<int64_t>((p.N + BN - 1) / BN);
   FLUID_CHECK(ctas <= INT_MAX, "too many tiles for one launch");
   const dim3 grid(static_cast<unsigned>(ctas)), block(WM * WN * 32);
+  // Not a FLUID_DISPATCH macro: four (prologue, epilogue) pairs are built, not their product.
   if (gated) {
     head_gemm_kernel<T, BM, BN, WM, WN, PRO_NONE, true><<<grid, block, 0, stream>>>(p);
   } else if (pro == PRO_NONE) {
@@ -532,6 +525,7 @@ void launch_tile(const Params& p, int pro, bool gated, cudaStream_t stream) {
 template <typename T>
 void launch_typed(const Params& p, int pro, bool gated, cudaStream_t stream) {
   const Tile t = pick_tile(p.M);
+  // Not a FLUID_DISPATCH macro: the two tiles of pick_tile, a choice of this family alone.
   if (t.bm == 64)
     launch_tile<T, 64, 64, 2, 2>(p, pro, gated, stream);
   else
@@ -612,10 +606,7 @@ void head_linear(const TensorView& a, const TensorView* c, const TensorView* lnw
   p.M = static_cast<int>(m); p.N = static_cast<int>(n); p.K = static_cast<int>(k);
   p.silu = silu ? 1 : 0;
   const cudaStream_t s = reinterpret_cast<cudaStream_t>(stream);
-  if (T == DType::BF16)
-    launch_typed<__nv_bfloat16>(p, pro, gated, s);
-  else
-    launch_typed<__half>(p, pro, gated, s);
+  FLUID_DISPATCH_CUDA_HALF(T, GemmT, launch_typed<GemmT>(p, pro, gated, s));
   check_launch("head_linear");
 }
 

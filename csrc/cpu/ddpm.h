@@ -1,4 +1,4 @@
-// CPU kernels of the diffusion step and categorical sampling (docs/contracts.md §2.3, §2.4).
+// CPU kernel of the reverse-diffusion step (docs/contracts.md §2.3).
 #pragma once
 #include "../common/tensor.h"
 

@@ -1,6 +1,7 @@
+// The ddpm family on CUDA (docs/contracts.md §2.3): one reverse-diffusion step, one thread per
+// element; ddpm_step_params reads temperature / cfg from the device for CUDA-graph replays.
 #include "common.cuh"
-#include "ops.h"
-#include "sampling_ops.h"
+#include "ddpm.h"
 
 namespace fluid {
 namespace cuda {

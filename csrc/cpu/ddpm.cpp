@@ -1,9 +1,12 @@
+// The reverse-diffusion step on the CPU: rows split across threads, fp32 arithmetic whatever the
+// storage dtypes of x and model_out.
+#include "ddpm.h"
+
 #include <cmath>
 
 #include "../common/dispatch.h"
 #include "../common/half.h"
 #include "../common/parallel.h"
-#include "sampling.h"
 
 namespace fluid {
 namespace cpu {

@@ -1,6 +1,6 @@
-// Host entry points of the fused diffusion-head GEMM family (head_gemm.cu). Each validates its
+// Host entry points of the head family: the fused diffusion-head GEMMs (head.cu). Each validates its
 // views (throws fluid::CheckError naming the argument), launches on the given stream and never
-// synchronises. Contract and design: the header comment of head_gemm.cu.
+// synchronises. Contract and design: the header comment of head.cu.
 #pragma once
 #include <cstdint>
 
@@ -44,7 +44,7 @@ void head_input_proj(const TensorView& x, const TensorView& w, const TensorView*
 void head_silu_add(const TensorView& a, const TensorView& c, const TensorView& out,
                    uintptr_t stream);
 
-// The (BM, BN, warps) tile head_linear uses for M rows (fixed per shape class, see head_gemm.cu).
+// The (BM, BN, warps) tile head_linear uses for M rows (fixed per shape class, see head.cu).
 void head_gemm_tile(int64_t m, int* bm, int* bn, int* warps);
 
 }  // namespace cuda

@@ -1,5 +1,5 @@
-// Host entry points of the CUDA attention kernels (attention_fwd.cu, attention_bwd.cu) and the
-// argument checks they share. Layout as the other backends: q (B, Nq, H, D), k / v (B, Nk, H, D),
+// Host entry points of the attention family's CUDA kernels (attention_fwd.cu, attention_bwd.cu,
+// attention_bwd_dq.cu) and the argument checks they share. Layout as the other backends: q (B, Nq, H, D), k / v (B, Nk, H, D),
 // any strides along B / N / H with unit stride along D; lse (B, H, Nq) float32 contiguous,
 // natural log, -inf for rows with no attendable key. fp16 / bf16 only (fp32 runs on Triton).
 // Each launches on the given stream and never synchronises.

@@ -1,6 +1,5 @@
-// Host entry points of the CUDA sampling kernels added for issue 4 (ddpm_step with device-side
-// temperature / cfg, categorical sampling). Each launches on the given stream and never
-// synchronises.
+// Host entry point of the categorical family's CUDA kernel (categorical.cu). Launches on the
+// given stream and never synchronises.
 #pragma once
 #include <cstdint>
 
@@ -8,12 +7,6 @@
 
 namespace fluid {
 namespace cuda {
-
-// ddpm_step (ops.h) with temperature and cfg read by the kernel from `params`, a (2,) float32
-// device tensor [temperature, cfg]: a CUDA graph captured once replays with any values.
-void ddpm_step_params(const TensorView& x, const TensorView& model_out, const TensorView& noise,
-                      const TensorView& table, int64_t step, const TensorView& params,
-                      bool clip_denoised, const TensorView& out, uintptr_t stream);
 
 // Categorical sampling, the algorithm of fluid_ops/reference/categorical.py: logits (N, V)
 // float32/float16/bfloat16 with unit column stride; uniform (N,) float64 in [0, 1); out (N,)

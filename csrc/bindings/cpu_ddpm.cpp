@@ -1,0 +1,15 @@
+// ddpm family (fluid_ops/ops/ddpm.py) in fluid_ops._C: csrc/cpu/ddpm.h.
+#include "../cpu/ddpm.h"
+#include "pyview.h"
+
+namespace py = pybind11;
+
+namespace fluid {
+namespace cpu {
+void bind_ddpm(py::module_& m) {
+  m.def("ddpm_step", &ddpm_step, nogil(), py::arg("x"), py::arg("model_out"), py::arg("noise"),
+        py::arg("table"), py::arg("step"), py::arg("temperature"), py::arg("cfg"),
+        py::arg("clip_denoised"), py::arg("out"), py::arg("nthreads"));
+}
+}  // namespace cpu
+}  // namespace fluid
