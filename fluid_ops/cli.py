@@ -47,7 +47,13 @@ def _device(name: str | None):
     import torch
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise SystemExit(f"--device: {name!r} is not a device name (cpu, cuda, cuda:1 ...): {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device: {name} asked for, but CUDA is not available on this machine")
+    return dev
 
 
 def _dataset(spec: str, *, image_size: int, seed: int, kinds=None):
@@ -78,7 +84,15 @@ def load_model(path: str | os.PathLike, *, ema: bool = True, device=None):
 def _prompts(args) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        prompts += [ln.strip() for ln in Path(args.prompts_file).read_text().splitlines() if ln.strip()]
+        try:
+            text = Path(args.prompts_file).read_bytes().decode("utf-8-sig")
+        except OSError as e:
+            raise SystemExit(f"--prompts-file: cannot read {args.prompts_file}: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            line = Path(args.prompts_file).read_bytes()[:e.start].count(b"\n") + 1
+            raise SystemExit(f"--prompts-file: {args.prompts_file} is not UTF-8 text (byte {e.start}, line "
+                             f"{line}: {e.reason})") from None
+        prompts += [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not prompts:
         raise SystemExit("generate: give at least one --prompt or a --prompts-file")
     return prompts
@@ -171,10 +185,18 @@ def cmd_consolidate(args) -> int:
     return 0
 
 
+def _check_out_file(path: str) -> Path:
+    from fluid_ops.checkpoint import refuse_overwriting_run_file
+    refuse_overwriting_run_file(path, "--out")
+    return Path(path)
+
+
 def cmd_generate(args) -> int:
-    model = load_model(args.ckpt, ema=not args.no_ema, device=_device(args.device))
+    if args.n < 1:
+        raise SystemExit(f"-n: images per prompt must be >= 1, got {args.n}")
+    out = _check_out_file(args.out)
     prompts = _prompts(args)
-    out = Path(args.out)
+    model = load_model(args.ckpt, ema=not args.no_ema, device=_device(args.device))
     out.parent.mkdir(parents=True, exist_ok=True)
     _grid(model, prompts, args.n, args.seed, out, not args.no_progress, **_sampling_kwargs(args))
     print(f"wrote {out} ({len(prompts)} prompts x {args.n})")
@@ -182,11 +204,13 @@ def cmd_generate(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    out = _check_out_file(args.out)
+    if args.per_category < 1:
+        raise SystemExit(f"--per-category must be >= 1, got {args.per_category}")
     model = load_model(args.ckpt, ema=not args.no_ema, device=_device(args.device))
     cats = args.categories.split(",") if args.categories else None
     report = _evaluate(model, per_category=args.per_category, seed=args.seed, categories=cats,
                        progress=not args.no_progress, **_sampling_kwargs(args))
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     _print_report(report)
@@ -281,6 +305,8 @@ def _add_train_knobs(p, *, minutes=None, steps=None, ema=0.999, batch_size=64, l
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fluid-ops", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--debug", action="store_true",
+                    help="show the full traceback of an input error instead of one line")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a Fluid model")
@@ -357,14 +383,59 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+class CLIError(SystemExit):
+    """An input error, already printed as one line (`fluid-ops: error: ...`); exit status 2.
+    `str()` is the message, so `pytest.raises(SystemExit, match=...)` still reads it."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+        self.code = 2
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _input_errors() -> tuple:
+    """Exceptions that mean "the input is wrong" rather than "fluid_ops has a bug": printed as
+    one line unless --debug. TypeError, AssertionError, IndexError ... keep their traceback."""
+    from fluid_ops.checkpoint import CheckpointError, RunInUseError
+    return (ValueError, OSError, CheckpointError, RunInUseError)  # OSError: FileNotFound, FileExists, ...
+
+
+def _fail(message: str) -> CLIError:
+    print(f"fluid-ops: error: {message}", file=sys.stderr)
+    return CLIError(message)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "threads", None) is not None:
-        if args.threads < 1:
-            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
-        import torch
-        torch.set_num_threads(args.threads)
-    return args.fn(args)
+    debug = getattr(args, "debug", False)
+    try:
+        if getattr(args, "threads", None) is not None:
+            if args.threads < 1:
+                raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+            import torch
+            torch.set_num_threads(args.threads)
+        return args.fn(args)
+    except CLIError:
+        raise
+    except SystemExit as e:
+        if isinstance(e.code, str):  # SystemExit("message"): an input error found by the CLI
+            raise _fail(e.code) from None
+        raise
+    except _input_errors() as e:
+        if debug:
+            raise
+        raise _fail(_one_line(e)) from None
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e) if not isinstance(e, OSError) or not e.strerror else (
+        f"{e.strerror}: {e.filename}" if e.filename else e.strerror)
+    if isinstance(e, OSError) and not e.strerror:
+        msg = str(e)
+    return msg.replace("\n", " ").strip() or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -72,3 +72,103 @@ def test_dcp_bytes_items_load_weights_only(tmp_path, monkeypatch):
     with pytest.raises(pickle.UnpicklingError):
         planner.load_bytes(Item, buf)
     assert not (tmp_path / "GADGET_RAN").exists()
+
+
+# ---- 2. one writer per run folder; no command writes over a checkpoint it did not make ---------
+_HOLD = """
+import sys, time
+from fluid_ops.checkpoint import RunLock
+lock = RunLock(sys.argv[1])
+print("held", flush=True)
+time.sleep(60)
+"""
+
+
+def test_second_training_on_the_same_folder_fails_at_once_naming_the_holder(tmp_path):
+    import subprocess
+    import sys
+    from fluid_ops.checkpoint import RunInUseError
+    from fluid_ops.training import train
+    from tests.test_train import ToyModel, ToyShapes
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(out)], stdout=subprocess.PIPE, text=True,
+                              cwd=os.getcwd())
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        (out / ".checkpoint.pt.123.tmp").write_bytes(b"half-written by the other run")
+        with pytest.raises(RunInUseError, match=f"pid {holder.pid}"):
+            train(ToyModel(), ToyShapes(), out_dir=out, steps=2, batch_size=8, progress=False, device="cpu")
+        assert (out / ".checkpoint.pt.123.tmp").exists()  # the other run's file was not cleaned up
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder died (the kernel dropped its lock): the folder is usable again
+    r = train(ToyModel(), ToyShapes(), out_dir=out, steps=2, batch_size=8, progress=False, device="cpu")
+    assert r.step == 2
+    # released after the run: a resume in this process takes it again
+    assert train(ToyModel(), ToyShapes(), out_dir=out, steps=3, batch_size=8, progress=False, device="cpu").step == 3
+
+
+def test_train_on_cuda_without_cuda_fails_before_making_the_folder(tmp_path):
+    from fluid_ops.training import train
+    from tests.test_train import ToyModel, ToyShapes
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available")
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        train(ToyModel(), ToyShapes(), out_dir=tmp_path / "o", steps=1, batch_size=8, progress=False, device="cuda")
+    assert not (tmp_path / "o").exists()
+
+
+def test_report_and_image_outputs_refuse_checkpoints_and_run_files(tmp_path):
+    from fluid_ops.checkpoint import refuse_overwriting_run_file, save_checkpoint
+    save_checkpoint({"a": 1}, tmp_path / "model.bin")
+    for bad in ("checkpoint.pt", "x.pt", "history.json", "loss.png", "model.bin", ".lock"):
+        with pytest.raises(FileExistsError, match="--out"):
+            refuse_overwriting_run_file(tmp_path / bad)
+    with pytest.raises(FileExistsError, match="folder"):
+        refuse_overwriting_run_file(tmp_path)
+    refuse_overwriting_run_file(tmp_path / "eval.json")  # fine
+
+
+# ---- 5. the CLI: one line for an input error, exit status 2 -------------------------------------
+def _cli(args, capsys):
+    from fluid_ops import cli
+    with pytest.raises(SystemExit) as ei:
+        cli.main(args)
+    err = capsys.readouterr().err
+    return ei.value.code, err
+
+
+TINY = ["--config", "tiny", "--set", "text.encoder=hash", "--batch-size", "8", "--warmup", "1", "--no-progress"]
+
+
+def test_cli_input_errors_are_one_line_exit_2(tmp_path, capsys):
+    code, err = _cli(["generate", "--ckpt", str(tmp_path), "--prompt", "a", "-n", "0", "--out",
+                      str(tmp_path / "g.png")], capsys)
+    assert code == 2 and err.strip() == "fluid-ops: error: -n: images per prompt must be >= 1, got 0"
+    code, err = _cli(["train", *TINY, "--steps", "1", "--config", "no-such-config", "--out", str(tmp_path / "o")],
+                     capsys)
+    assert code == 2 and err.startswith("fluid-ops: error: ") and "Traceback" not in err and err.count("\n") == 1
+    if not torch.cuda.is_available():
+        code, err = _cli(["train", *TINY, "--steps", "1", "--device", "cuda", "--out", str(tmp_path / "c")], capsys)
+        assert code == 2 and "CUDA is not available" in err and not (tmp_path / "c").exists()
+    (tmp_path / "p.txt").write_bytes(b"a red circle\n\xff\xfe bad\n")
+    code, err = _cli(["generate", "--ckpt", str(tmp_path), "--prompts-file", str(tmp_path / "p.txt"),
+                      "--out", str(tmp_path / "g.png")], capsys)
+    assert code == 2 and "not UTF-8" in err and "line 2" in err
+    # --debug keeps the traceback of an input error
+    from fluid_ops import cli
+    with pytest.raises(ValueError):
+        cli.main(["--debug", "train", *TINY, "--steps", "1", "--config", "no-such-config",
+                  "--out", str(tmp_path / "o")])
+
+
+def test_cli_evaluate_and_generate_do_not_overwrite_a_checkpoint(tmp_path, capsys):
+    from fluid_ops.checkpoint import save_checkpoint
+    ck = save_checkpoint({"a": 1}, tmp_path / "checkpoint.pt")
+    before = ck.read_bytes()
+    for cmd in (["evaluate", "--ckpt", str(tmp_path)], ["generate", "--ckpt", str(tmp_path), "--prompt", "a"]):
+        code, err = _cli([*cmd, "--out", str(ck)], capsys)
+        assert code == 2 and "refusing to overwrite" in err
+    assert ck.read_bytes() == before
