@@ -172,3 +172,105 @@ def test_cli_evaluate_and_generate_do_not_overwrite_a_checkpoint(tmp_path, capsy
         code, err = _cli([*cmd, "--out", str(ck)], capsys)
         assert code == 2 and "refusing to overwrite" in err
     assert ck.read_bytes() == before
+
+
+# ---- 3. bad data is named where it enters ----------------------------------------------------------
+def _png(path, size=8, colour=(255, 0, 0)):
+    from PIL import Image
+    Image.new("RGB", (size, size), colour).save(path, format="PNG")
+
+
+def _folder(tmp_path, n=3):
+    root = tmp_path / "data"
+    root.mkdir()
+    for i in range(n):
+        _png(root / f"{i}.png")
+        (root / f"{i}.txt").write_text(f"a red square {i}")
+    return root
+
+
+def test_truncated_image_is_named_at_construction_or_skipped(tmp_path):
+    from fluid_ops.data import DataError, ImageCaptionFolder
+    root = _folder(tmp_path)
+    data = (root / "1.png").read_bytes()
+    (root / "1.png").write_bytes(data[: len(data) // 2])
+    (root / "3.png").write_bytes(b"not an image at all")
+    (root / "3.txt").write_text("junk")
+    with pytest.raises(DataError, match="1.png"):
+        ImageCaptionFolder(root, size=8)
+    with pytest.warns(UserWarning, match=r"skipped 2 of 4 .*1\.png"):
+        ds = ImageCaptionFolder(root, size=8, on_bad="skip")
+    assert len(ds) == 2 and [p for p, _ in ds.skipped] == [str(root / "1.png"), str(root / "3.png")]
+    # without the decode pass the error still names the file when the sample is read
+    ds = ImageCaptionFolder(root, size=8, verify=False)
+    with pytest.raises(DataError, match="3.png"):
+        ds[3]
+
+
+def test_captions_bom_non_utf8_and_skipped_formats(tmp_path):
+    from PIL import Image
+    from fluid_ops.data import DataError, ImageCaptionFolder
+    root = _folder(tmp_path)
+    (root / "0.txt").write_bytes("\ufeffa red square".encode("utf-8"))
+    ds = ImageCaptionFolder(root, size=8)
+    assert ds[0][1] == "a red square"
+    (root / "1.txt").write_bytes(b"caf\xe9 au lait")
+    with pytest.raises(DataError, match=r"1\.txt.*not UTF-8"):
+        ImageCaptionFolder(root, size=8)
+    (root / "1.txt").write_text("ok")
+    Image.new("RGB", (8, 8)).save(root / "4.gif")
+    (root / "4.txt").write_text("a gif")
+    (root / "5.heic").write_bytes(b"x")
+    (root / "5.txt").write_text("a heic")
+    with pytest.warns(UserWarning, match=r"format it does not read.*5\.heic"):
+        ds = ImageCaptionFolder(root, size=8)
+    assert len(ds) == 4  # the gif is read
+
+
+def test_sixteen_bit_png_is_scaled_not_saturated(tmp_path):
+    import numpy as np
+    from PIL import Image
+    from fluid_ops.data import ImageCaptionFolder
+    root = tmp_path / "d"
+    root.mkdir()
+    Image.fromarray(np.full((8, 8), 32768, dtype=np.uint16)).save(root / "a.png")
+    (root / "a.txt").write_text("grey")
+    img, _ = ImageCaptionFolder(root, size=8)[0]
+    assert img.shape == (3, 8, 8) and abs(float(img.mean()) - 0.5) < 1e-3
+
+
+def test_symlink_out_of_the_data_folder_is_refused(tmp_path):
+    from fluid_ops.data import DataError, ImageCaptionFolder
+    root = _folder(tmp_path)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("outside")
+    (root / "2.txt").unlink()
+    (root / "2.txt").symlink_to(secret)
+    with pytest.raises(DataError, match="outside the data folder"):
+        ImageCaptionFolder(root, size=8)
+    with pytest.warns(UserWarning, match="skipped 1"):
+        assert len(ImageCaptionFolder(root, size=8, on_bad="skip")) == 2
+
+
+def test_corrupt_shard_member_is_named(tmp_path):
+    import tarfile
+    from fluid_ops.data import ShardDataset, ShardError
+    shard = tmp_path / "s.tar"
+    with tarfile.open(shard, "w") as tf:
+        for key, data, cap in (("a", None, b"ok"), ("b", b"garbage", b"fine"), ("c", None, b"\xff\xfe")):
+            if data is None:
+                buf = io.BytesIO()
+                _png(buf)
+                data = buf.getvalue()
+            for ext, payload in (("png", data), ("txt", cap)):
+                ti = tarfile.TarInfo(f"{key}.{ext}")
+                ti.size = len(payload)
+                tf.addfile(ti, io.BytesIO(payload))
+    ds = ShardDataset(shard, size=8)
+    assert ds[0][1] == "ok"
+    with pytest.raises(ShardError, match=r"b\.png of shard .*s\.tar"):
+        ds[1]
+    with pytest.raises(ShardError, match=r"c\.txt of shard .*not UTF-8"):
+        ds[2]
+    with pytest.raises(ShardError, match=r"b\.png"):
+        ShardDataset(shard, size=8, verify=True)
