@@ -274,3 +274,53 @@ def test_corrupt_shard_member_is_named(tmp_path):
         ds[2]
     with pytest.raises(ShardError, match=r"b\.png"):
         ShardDataset(shard, size=8, verify=True)
+
+
+# ---- 4. ops validate before they write; NaN never stands for a defined result ------------------------
+def _kv(b=2, nmax=8, h=2, d=32):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(b, nmax, h, d, generator=g), torch.randn(b, nmax, h, d, generator=g),
+            torch.randn(b, 1, h, d, generator=g), torch.randn(b, 1, h, d, generator=g))
+
+
+def test_kvcache_zero_queries_appends_and_returns_empty():
+    import fluid_ops
+    kc, vc, kn, vn = _kv()
+    want_k, want_v = kc.clone(), vc.clone()
+    seq = torch.tensor([3, 5])
+    for bi, s in enumerate(seq.tolist()):
+        want_k[bi, s], want_v[bi, s] = kn[bi, 0], vn[bi, 0]
+    q = torch.randn(2, 0, 2, 32)
+    o = fluid_ops.attention_kvcache(q, kc, vc, kn, vn, cache_seqlens=seq)
+    assert o.shape == (2, 0, 2, 32)
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v)
+
+
+def test_kvcache_refuses_aliased_and_grad_caches_before_writing():
+    import fluid_ops
+    kc, vc, kn, vn = _kv()
+    q = torch.randn(2, 1, 2, 32)
+    seq = torch.tensor([1, 2])
+    expanded = torch.randn(1, 8, 2, 32).expand(2, 8, 2, 32)
+    before = expanded.clone()
+    with pytest.raises(ValueError, match="k_cache has elements that share memory"):
+        fluid_ops.attention_kvcache(q, expanded, vc, kn, vn, cache_seqlens=seq)
+    assert torch.equal(expanded, before)
+    with pytest.raises(ValueError, match="same memory"):
+        fluid_ops.attention_kvcache(q, kc, kc, kn, vn, cache_seqlens=seq)
+    leaf = kc.clone().requires_grad_(True)
+    with pytest.raises(RuntimeError, match="k_cache requires grad"):
+        fluid_ops.attention_kvcache(q, leaf, vc, kn, vn, cache_seqlens=seq)
+    with torch.no_grad():  # allowed without grad mode
+        fluid_ops.attention_kvcache(q, leaf, vc, kn, vn, cache_seqlens=seq)
+
+
+def test_messages_name_the_argument():
+    import fluid_ops
+    q = torch.randn(1, 2, 1, 32)
+    with pytest.raises(ValueError, match="softmax_scale must be at most .*largest float32.*got 1e\\+39"):
+        fluid_ops.attention(q, q, q, softmax_scale=1e39)
+    table = torch.zeros(10, 6)
+    x = torch.zeros(2, 4)
+    with pytest.raises(TypeError, match="step must be a Python int, got bool"):
+        fluid_ops.ddpm_step(x, torch.zeros(2, 8), torch.zeros(2, 4), table, True)
