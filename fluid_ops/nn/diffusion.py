@@ -96,6 +96,8 @@ def diffusion_loss(net, target: torch.Tensor, z: torch.Tensor, mask: torch.Tenso
     if noise is not None:
         check_tensor(OP, "noise", noise, ndim=2, shape=(m * mul, c), dtypes=(target.dtype,))
     check_same_device(OP, target=target, z=z, mask=mask, index=index, t=t, noise=noise)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{OP}: generator must be a torch.Generator or None, got {type(generator).__name__}")
     sched = schedule or _default_schedule()
     # values: a given t and (on the CPU, where it costs no device sync) a given index must be in range
     if t is not None and t.numel() > 0:
