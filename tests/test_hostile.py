@@ -324,3 +324,36 @@ def test_messages_name_the_argument():
     x = torch.zeros(2, 4)
     with pytest.raises(TypeError, match="step must be a Python int, got bool"):
         fluid_ops.ddpm_step(x, torch.zeros(2, 8), torch.zeros(2, 4), table, True)
+
+
+def test_fluid_forward_refuses_0_255_images_and_an_empty_batch():
+    from fluid_ops.models import Fluid
+    from tests.test_fluid import CAPTIONS, SMALL
+    model = Fluid("tiny", **SMALL)
+    images = torch.rand(2, 3, 16, 16)
+    with pytest.raises(ValueError, match=r"values in \[0, 1\], got values in .*divide by 255"):
+        model(images * 255, CAPTIONS[:2], generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="batch is empty"):
+        model(images[:0], [], generator=torch.Generator().manual_seed(0))
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        model(images, CAPTIONS[:2], generator=123)
+    assert torch.isfinite(model(images, CAPTIONS[:2], generator=torch.Generator().manual_seed(0)))
+
+
+def test_mar_label_out_of_range_is_named():
+    from tests.test_mar import tiny
+    mar = tiny()
+    imgs = torch.randn(2, 16, 4, 4)
+    with pytest.raises(ValueError, match=r"labels must be class indices in \[0, 10\)"):
+        mar(imgs, torch.tensor([1, 10]))
+
+
+def test_diffusion_sample_runs_an_fp64_head_and_names_a_bad_generator():
+    import fluid_ops
+    from fluid_ops.nn import DenoiserMLP
+    net = DenoiserMLP(4, 32, 8, 16, 2).double()
+    z = torch.randn(3, 16, dtype=torch.float64)
+    x = fluid_ops.diffusion_sample(net, z, num_steps=3, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (3, 4) and torch.isfinite(x).all()
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        fluid_ops.diffusion_sample(net.float(), z.float(), num_steps=3, generator=123)
