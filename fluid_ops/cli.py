@@ -56,7 +56,7 @@ def _device(name: str | None):
     return dev
 
 
-def _dataset(spec: str, *, image_size: int, seed: int, kinds=None):
+def _dataset(spec: str, *, image_size: int, seed: int, kinds=None, on_bad: str = "error", progress: bool = True):
     from fluid_ops import data
     if spec == "shapes":
         return data.ShapesDataset(size=image_size, seed=seed, **({"kinds": kinds} if kinds else {}))
@@ -67,7 +67,7 @@ def _dataset(spec: str, *, image_size: int, seed: int, kinds=None):
                          "pairs, of WebDataset .tar shards, or prepared by fluid-ops prepare) nor a .tar shard")
     if any(Path(spec).glob("*.tar")):  # WebDataset shards: image-caption pairs or a prepared cache
         return data.ShardDataset(spec, size=image_size)
-    return data.ImageCaptionFolder(spec, size=image_size)
+    return data.ImageCaptionFolder(spec, size=image_size, on_bad=on_bad, progress=None if progress else False)
 
 
 def load_model(path: str | os.PathLike, *, ema: bool = True, device=None):
@@ -134,7 +134,8 @@ def cmd_train(args) -> int:
         raise SystemExit("train: give --steps and/or --minutes")
     torch.manual_seed(args.seed)
     model = Fluid(args.config, **_parse_overrides(args.set))
-    ds = _dataset(args.data, image_size=model.config.image.size, seed=args.seed)
+    ds = _dataset(args.data, image_size=model.config.image.size, seed=args.seed, on_bad=args.on_bad,
+                  progress=not args.no_progress)
     if getattr(ds, "prepared", False):
         ds.check_model_config(model.config.flat_dict())  # caches are keyed by the flat names
     device = None if args.device == "auto" else _device(args.device)  # None: one device per torchrun rank
@@ -158,7 +159,8 @@ def cmd_prepare(args) -> int:
     from fluid_ops.models.fluid import resolve_config
     from fluid_ops.prepare import prepare
     cfg = resolve_config(args.config, **_parse_overrides(args.set))
-    ds = _dataset(args.data, image_size=cfg.image.size, seed=args.seed)
+    ds = _dataset(args.data, image_size=cfg.image.size, seed=args.seed, on_bad=args.on_bad,
+                  progress=not args.no_progress)
     if getattr(ds, "prepared", False):
         raise SystemExit(f"--data: {args.data!r} is already a prepared cache")
     flip = args.data != "shapes" if args.flip is None else args.flip  # shapes captions name left / right
@@ -303,6 +305,12 @@ def _add_train_knobs(p, *, minutes=None, steps=None, ema=0.999, batch_size=64, l
     p.add_argument("--ckpt-every", type=int, default=500)
 
 
+def _add_on_bad(p):
+    p.add_argument("--on-bad", choices=("error", "skip"), default="error",
+                   help="an image folder is decoded once before training: a file that cannot be read is an error "
+                        "naming it (default), or 'skip' drops it with a warning and a count")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fluid-ops", description=__doc__.split("\n\n")[0])
     ap.add_argument("--debug", action="store_true",
@@ -314,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="shapes", help="'shapes' (synthetic) or a folder of img.png + img.txt")
     p.add_argument("--out", required=True, help="run folder: checkpoint.pt, history.json, loss.png")
     p.add_argument("--workers", type=int, default=0)
+    _add_on_bad(p)
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard parameters, gradients and AdamW state with FSDP2 (default: DDP)")
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "none"),
@@ -333,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--workers", type=int, default=0)
+    _add_on_bad(p)
     p.add_argument("--flip", dest="flip", action="store_true", default=None,
                    help="also cache the left-right flipped image (default: on, off for 'shapes')")
     p.add_argument("--no-flip", dest="flip", action="store_false")

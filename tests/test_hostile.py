@@ -357,3 +357,11 @@ def test_diffusion_sample_runs_an_fp64_head_and_names_a_bad_generator():
     assert x.shape == (3, 4) and torch.isfinite(x).all()
     with pytest.raises(TypeError, match="generator must be a torch.Generator"):
         fluid_ops.diffusion_sample(net.float(), z.float(), num_steps=3, generator=123)
+
+
+def test_cli_train_names_a_bad_image_before_making_the_run_folder(tmp_path, capsys):
+    root = _folder(tmp_path)
+    (root / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    code, err = _cli(["train", *TINY, "--steps", "1", "--data", str(root), "--out", str(tmp_path / "o")], capsys)
+    assert code == 2 and "2.png" in err and err.startswith("fluid-ops: error: ")
+    assert not (tmp_path / "o").exists()
