@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from fluid_ops import distributed as D
-from fluid_ops.checkpoint import (CheckpointError, RunLock, _check_payload, load_checkpoint, previous_path,
+from fluid_ops.checkpoint import (CheckpointError, RunInUseError, RunLock, _check_payload, load_checkpoint, previous_path,
                                   remove_stale_temporaries, save_checkpoint)
 
 __all__ = ["train", "TrainResult", "StepInfo", "load_ema", "default_collate", "param_groups",
@@ -538,7 +538,15 @@ class _Run:
         self.stopped_by = None
         # one writer per run folder, held until train() returns (rank 0 writes every file); taken
         # before anything in the folder is read, cleaned up or written
-        self.lock = RunLock(a.out_dir) if ctx.is_main else None
+        lock_error = None
+        if ctx.is_main:
+            try:
+                self.lock = RunLock(a.out_dir)
+            except RunInUseError as e:
+                lock_error = e
+        if D.any_rank(ctx, lock_error is not None):  # every rank stops, none waits at a barrier
+            raise lock_error or RunInUseError(f"{a.out_dir}: rank 0 could not lock the run folder (another "
+                                              "training holds it; see rank 0's error)")
         try:
             self.dcp_dir = D.latest_dcp_dir(a.out_dir)
         except BaseException:

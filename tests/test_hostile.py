@@ -74,6 +74,33 @@ def test_dcp_bytes_items_load_weights_only(tmp_path, monkeypatch):
     assert not (tmp_path / "GADGET_RAN").exists()
 
 
+class ToyModel(torch.nn.Module):
+    """The smallest model `train` accepts: a scalar loss drawn from `generator`, a dict config."""
+
+    def __init__(self):
+        super().__init__()
+        self.config = {"toy": 1}
+        self.lin = torch.nn.Linear(3 * 4 * 4, 1)
+
+    def forward(self, images, captions, *, generator=None):
+        noise = torch.randn(images.shape[0], 1, generator=generator)
+        return ((self.lin(images.flatten(1)) - noise) ** 2).mean()
+
+
+class ToyShapes(torch.utils.data.Dataset):
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        return torch.full((3, 4, 4), (i % 4) / 4), f"colour {i % 4}"
+
+
+SMALL = {"text.encoder": "hash", "image.size": 16, "image.patch_size": 4, "image.codebook_size": 16,
+         "model.width": 64, "model.depth": 1, "model.num_heads": 2, "text.aligner_depth": 1, "head.depth": 1,
+         "head.width": 64, "sampling.num_diffusion_steps": 5}
+CAPTIONS = ["a red circle at the top left", "a blue square"]
+
+
 # ---- 2. one writer per run folder; no command writes over a checkpoint it did not make ---------
 _HOLD = """
 import sys, time
@@ -89,7 +116,6 @@ def test_second_training_on_the_same_folder_fails_at_once_naming_the_holder(tmp_
     import sys
     from fluid_ops.checkpoint import RunInUseError
     from fluid_ops.training import train
-    from tests.test_train import ToyModel, ToyShapes
     out = tmp_path / "run"
     out.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", _HOLD, str(out)], stdout=subprocess.PIPE, text=True,
@@ -112,7 +138,6 @@ def test_second_training_on_the_same_folder_fails_at_once_naming_the_holder(tmp_
 
 def test_train_on_cuda_without_cuda_fails_before_making_the_folder(tmp_path):
     from fluid_ops.training import train
-    from tests.test_train import ToyModel, ToyShapes
     if torch.cuda.is_available():
         pytest.skip("CUDA is available")
     with pytest.raises(ValueError, match="CUDA is not available"):
@@ -328,7 +353,6 @@ def test_messages_name_the_argument():
 
 def test_fluid_forward_refuses_0_255_images_and_an_empty_batch():
     from fluid_ops.models import Fluid
-    from tests.test_fluid import CAPTIONS, SMALL
     model = Fluid("tiny", **SMALL)
     images = torch.rand(2, 3, 16, 16)
     with pytest.raises(ValueError, match=r"values in \[0, 1\], got values in .*divide by 255"):
@@ -341,8 +365,11 @@ def test_fluid_forward_refuses_0_255_images_and_an_empty_batch():
 
 
 def test_mar_label_out_of_range_is_named():
-    from tests.test_mar import tiny
-    mar = tiny()
+    from fluid_ops.models.mar import MAR
+    torch.manual_seed(0)
+    mar = MAR(img_size=64, vae_stride=16, encoder_embed_dim=64, encoder_depth=1, encoder_num_heads=2,
+              decoder_embed_dim=64, decoder_depth=1, decoder_num_heads=2, buffer_size=4, class_num=10,
+              diffloss_d=1, diffloss_w=64, num_sampling_steps="8")
     imgs = torch.randn(2, 16, 4, 4)
     with pytest.raises(ValueError, match=r"labels must be class indices in \[0, 10\)"):
         mar(imgs, torch.tensor([1, 10]))
