@@ -544,7 +544,9 @@ class _Run:
                 self.lock = RunLock(a.out_dir)
             except RunInUseError as e:
                 lock_error = e
-        if D.any_rank(ctx, lock_error is not None):  # every rank stops, none waits at a barrier
+        if lock_error is not None and not ctx.enabled:
+            raise lock_error
+        if ctx.enabled and D.any_rank(ctx, lock_error is not None):  # every rank stops, none waits at a barrier
             raise lock_error or RunInUseError(f"{a.out_dir}: rank 0 could not lock the run folder (another "
                                               "training holds it; see rank 0's error)")
         try:
