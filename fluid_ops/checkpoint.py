@@ -40,7 +40,8 @@ from typing import Any
 import torch
 
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "verify_checkpoint",
-           "previous_path", "remove_stale_temporaries", "MAGIC", "HEADER_SIZE"]
+           "previous_path", "remove_stale_temporaries", "MAGIC", "HEADER_SIZE", "RunLock", "RunInUseError",
+           "LOCK_NAME", "refuse_overwriting_run_file"]
 
 MAGIC = b"fluid_ops-ckpt\n\x01"
 _LENGTH = struct.Struct("<Q")
@@ -74,6 +75,88 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
             except OSError:
                 pass
     return removed
+
+
+# ---- one writer per run folder -------------------------------------------------------------
+LOCK_NAME = ".lock"
+# what a training run folder holds besides checkpoints: a command writing a report or an image
+# never writes over one of these
+_RUN_FILES = ("history.json", "loss.png", LOCK_NAME, "checkpoint.dcp.latest")
+
+
+class RunInUseError(RuntimeError):
+    """Another process holds the run folder's lock."""
+
+
+class RunLock:
+    """An exclusive `fcntl.flock` on `<folder>/.lock` (the file holds the holder's pid), held until
+    `release()`; a second lock on the same folder, from any process, fails at once with
+    `RunInUseError` naming that pid. The kernel drops the lock when the holder dies (kill -9
+    included), so a stale `.lock` file never blocks a later run."""
+
+    def __init__(self, folder: str | os.PathLike, what: str = "training run"):
+        import fcntl
+        self.path = Path(folder) / LOCK_NAME
+        self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            try:
+                holder = os.pread(self._fd, 64, 0).decode("ascii", "replace").strip() or "unknown"
+            finally:
+                os.close(self._fd)
+                self._fd = None
+            raise RunInUseError(f"{Path(folder)} is in use by another {what} (pid {holder}, lock {self.path}); "
+                                "wait for it to finish or choose another --out") from None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"{os.getpid()}\n".encode(), 0)
+
+    def release(self) -> None:
+        if self._fd is not None:
+            import fcntl
+            try:
+                os.ftruncate(self._fd, 0)
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+            finally:
+                os.close(self._fd)
+                self._fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def __del__(self):
+        try:
+            self.release()
+        except Exception:
+            pass
+
+
+def _is_checkpoint_file(p: Path) -> bool:
+    if p.suffix == ".pt" or p.name.endswith(".dcp") or p.name.startswith("ckpt-"):
+        return True
+    try:
+        with open(p, "rb") as f:
+            head = f.read(len(MAGIC))
+    except OSError:
+        return False
+    return head == MAGIC or head[:2] == b"PK"  # a fluid_ops checkpoint, or a torch.save zip
+
+
+def refuse_overwriting_run_file(path: str | os.PathLike, arg: str = "--out") -> None:
+    """Raise `FileExistsError` when `path` is a checkpoint (a `.pt` file, a DCP folder, anything
+    with a checkpoint header), a run folder's own file (history.json, loss.png, .lock, the DCP
+    pointer) or a folder: commands that write a report or an image never replace those."""
+    p = Path(path)
+    if p.is_dir():
+        raise FileExistsError(f"{arg}: {p} is a folder; give a file name")
+    if p.name in _RUN_FILES or (p.parent / LOCK_NAME).exists() and p.name.startswith("checkpoint"):
+        raise FileExistsError(f"{arg}: {p} is a file of a training run folder; refusing to overwrite it")
+    if _is_checkpoint_file(p) and (p.exists() or p.suffix == ".pt"):
+        raise FileExistsError(f"{arg}: {p} is (or is named like) a checkpoint; refusing to overwrite it, "
+                              "choose another file")
 
 
 class _HashingWriter:

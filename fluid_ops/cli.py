@@ -47,10 +47,16 @@ def _device(name: str | None):
     import torch
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError) as e:
+        raise SystemExit(f"--device: {name!r} is not a device name (cpu, cuda, cuda:1 ...): {e}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device: {name} asked for, but CUDA is not available on this machine")
+    return dev
 
 
-def _dataset(spec: str, *, image_size: int, seed: int, kinds=None):
+def _dataset(spec: str, *, image_size: int, seed: int, kinds=None, on_bad: str = "error", progress: bool = True):
     from fluid_ops import data
     if spec == "shapes":
         return data.ShapesDataset(size=image_size, seed=seed, **({"kinds": kinds} if kinds else {}))
@@ -61,7 +67,7 @@ def _dataset(spec: str, *, image_size: int, seed: int, kinds=None):
                          "pairs, of WebDataset .tar shards, or prepared by fluid-ops prepare) nor a .tar shard")
     if any(Path(spec).glob("*.tar")):  # WebDataset shards: image-caption pairs or a prepared cache
         return data.ShardDataset(spec, size=image_size)
-    return data.ImageCaptionFolder(spec, size=image_size)
+    return data.ImageCaptionFolder(spec, size=image_size, on_bad=on_bad, progress=None if progress else False)
 
 
 def load_model(path: str | os.PathLike, *, ema: bool = True, device=None):
@@ -78,7 +84,15 @@ def load_model(path: str | os.PathLike, *, ema: bool = True, device=None):
 def _prompts(args) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        prompts += [ln.strip() for ln in Path(args.prompts_file).read_text().splitlines() if ln.strip()]
+        try:
+            text = Path(args.prompts_file).read_bytes().decode("utf-8-sig")
+        except OSError as e:
+            raise SystemExit(f"--prompts-file: cannot read {args.prompts_file}: {e.strerror or e}") from None
+        except UnicodeDecodeError as e:
+            line = Path(args.prompts_file).read_bytes()[:e.start].count(b"\n") + 1
+            raise SystemExit(f"--prompts-file: {args.prompts_file} is not UTF-8 text (byte {e.start}, line "
+                             f"{line}: {e.reason})") from None
+        prompts += [ln.strip() for ln in text.splitlines() if ln.strip()]
     if not prompts:
         raise SystemExit("generate: give at least one --prompt or a --prompts-file")
     return prompts
@@ -120,7 +134,8 @@ def cmd_train(args) -> int:
         raise SystemExit("train: give --steps and/or --minutes")
     torch.manual_seed(args.seed)
     model = Fluid(args.config, **_parse_overrides(args.set))
-    ds = _dataset(args.data, image_size=model.config.image.size, seed=args.seed)
+    ds = _dataset(args.data, image_size=model.config.image.size, seed=args.seed, on_bad=args.on_bad,
+                  progress=not args.no_progress)
     if getattr(ds, "prepared", False):
         ds.check_model_config(model.config.flat_dict())  # caches are keyed by the flat names
     device = None if args.device == "auto" else _device(args.device)  # None: one device per torchrun rank
@@ -144,7 +159,8 @@ def cmd_prepare(args) -> int:
     from fluid_ops.models.fluid import resolve_config
     from fluid_ops.prepare import prepare
     cfg = resolve_config(args.config, **_parse_overrides(args.set))
-    ds = _dataset(args.data, image_size=cfg.image.size, seed=args.seed)
+    ds = _dataset(args.data, image_size=cfg.image.size, seed=args.seed, on_bad=args.on_bad,
+                  progress=not args.no_progress)
     if getattr(ds, "prepared", False):
         raise SystemExit(f"--data: {args.data!r} is already a prepared cache")
     flip = args.data != "shapes" if args.flip is None else args.flip  # shapes captions name left / right
@@ -171,10 +187,18 @@ def cmd_consolidate(args) -> int:
     return 0
 
 
+def _check_out_file(path: str) -> Path:
+    from fluid_ops.checkpoint import refuse_overwriting_run_file
+    refuse_overwriting_run_file(path, "--out")
+    return Path(path)
+
+
 def cmd_generate(args) -> int:
-    model = load_model(args.ckpt, ema=not args.no_ema, device=_device(args.device))
+    if args.n < 1:
+        raise SystemExit(f"-n: images per prompt must be >= 1, got {args.n}")
+    out = _check_out_file(args.out)
     prompts = _prompts(args)
-    out = Path(args.out)
+    model = load_model(args.ckpt, ema=not args.no_ema, device=_device(args.device))
     out.parent.mkdir(parents=True, exist_ok=True)
     _grid(model, prompts, args.n, args.seed, out, not args.no_progress, **_sampling_kwargs(args))
     print(f"wrote {out} ({len(prompts)} prompts x {args.n})")
@@ -182,11 +206,13 @@ def cmd_generate(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    out = _check_out_file(args.out)
+    if args.per_category < 1:
+        raise SystemExit(f"--per-category must be >= 1, got {args.per_category}")
     model = load_model(args.ckpt, ema=not args.no_ema, device=_device(args.device))
     cats = args.categories.split(",") if args.categories else None
     report = _evaluate(model, per_category=args.per_category, seed=args.seed, categories=cats,
                        progress=not args.no_progress, **_sampling_kwargs(args))
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     _print_report(report)
@@ -282,8 +308,16 @@ def _add_train_knobs(p, *, minutes=None, steps=None, ema=0.999, batch_size=64, l
     p.add_argument("--ckpt-every", type=int, default=500)
 
 
+def _add_on_bad(p):
+    p.add_argument("--on-bad", choices=("error", "skip"), default="error",
+                   help="an image folder is decoded once before training: a file that cannot be read is an error "
+                        "naming it (default), or 'skip' drops it with a warning and a count")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="fluid-ops", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--debug", action="store_true",
+                    help="show the full traceback of an input error instead of one line")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train a Fluid model")
@@ -291,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="shapes", help="'shapes' (synthetic) or a folder of img.png + img.txt")
     p.add_argument("--out", required=True, help="run folder: checkpoint.pt, history.json, loss.png")
     p.add_argument("--workers", type=int, default=0)
+    _add_on_bad(p)
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard parameters, gradients and AdamW state with FSDP2 (default: DDP)")
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "none"),
@@ -310,6 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--workers", type=int, default=0)
+    _add_on_bad(p)
     p.add_argument("--flip", dest="flip", action="store_true", default=None,
                    help="also cache the left-right flipped image (default: on, off for 'shapes')")
     p.add_argument("--no-flip", dest="flip", action="store_false")
@@ -360,14 +396,59 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+class CLIError(SystemExit):
+    """An input error, already printed as one line (`fluid-ops: error: ...`); exit status 2.
+    `str()` is the message, so `pytest.raises(SystemExit, match=...)` still reads it."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+        self.code = 2
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def _input_errors() -> tuple:
+    """Exceptions that mean "the input is wrong" rather than "fluid_ops has a bug": printed as
+    one line unless --debug. TypeError, AssertionError, IndexError ... keep their traceback."""
+    from fluid_ops.checkpoint import CheckpointError, RunInUseError
+    return (ValueError, OSError, CheckpointError, RunInUseError)  # OSError: FileNotFound, FileExists, ...
+
+
+def _fail(message: str) -> CLIError:
+    print(f"fluid-ops: error: {message}", file=sys.stderr)
+    return CLIError(message)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if getattr(args, "threads", None) is not None:
-        if args.threads < 1:
-            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
-        import torch
-        torch.set_num_threads(args.threads)
-    return args.fn(args)
+    debug = getattr(args, "debug", False)
+    try:
+        if getattr(args, "threads", None) is not None:
+            if args.threads < 1:
+                raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+            import torch
+            torch.set_num_threads(args.threads)
+        return args.fn(args)
+    except CLIError:
+        raise
+    except SystemExit as e:
+        if isinstance(e.code, str):  # SystemExit("message"): an input error found by the CLI
+            raise _fail(e.code) from None
+        raise
+    except _input_errors() as e:
+        if debug:
+            raise
+        raise _fail(_one_line(e)) from None
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e) if not isinstance(e, OSError) or not e.strerror else (
+        f"{e.strerror}: {e.filename}" if e.filename else e.strerror)
+    if isinstance(e, OSError) and not e.strerror:
+        msg = str(e)
+    return msg.replace("\n", " ").strip() or type(e).__name__
 
 
 if __name__ == "__main__":

@@ -243,6 +243,93 @@ def verify_dcp_dir(folder: Path) -> dict:
     return manifest
 
 
+# ---- reading DCP folders without running code from them ----------------------------------------
+# torch.distributed.checkpoint reads `.metadata` with a plain `pickle.load` and every non-tensor
+# value ("bytes" items: optimizer hyper-parameters, ints) with `torch.load(weights_only=False)`:
+# a run folder written by someone else could run code on `consolidate` or an FSDP resume, and a
+# manifest does not help (whoever writes the files writes their sha256 too). Both readers below
+# are used instead of torch's: the metadata goes through an allow-list unpickler, bytes items
+# through `torch.load(weights_only=True)`.
+_DCP_META_ALLOWED = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.distributed.checkpoint._extension": {"StreamTransformExtension"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "pathlib": {"PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"},
+    "collections": {"OrderedDict"},
+    "builtins": {"set", "frozenset", "slice", "complex"},
+}
+
+
+def _restricted_unpickler():
+    import pickle
+
+    class _Unpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            if name in _DCP_META_ALLOWED.get(module, ()):
+                return super().find_class(module, name)
+            if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format,
+                                                                               torch.layout)):
+                return getattr(torch, name)
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed in DCP metadata")
+    return _Unpickler
+
+
+def read_dcp_metadata(path):
+    """`torch.distributed.checkpoint`'s `.metadata` file, unpickled with an allow-list of the DCP
+    metadata classes (no code can run); raises `CheckpointError` for anything else."""
+    import pickle
+    from torch.distributed.checkpoint.metadata import Metadata
+    from fluid_ops.checkpoint import CheckpointError
+    try:
+        with open(path, "rb") as f:
+            md = _restricted_unpickler()(f).load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError, ValueError) as e:
+        raise CheckpointError(f"refusing checkpoint metadata {path}: {e} (only torch.distributed.checkpoint "
+                              "metadata classes are read; nothing was executed)") from None
+    if not isinstance(md, Metadata):
+        raise CheckpointError(f"refusing checkpoint metadata {path}: expected a DCP Metadata, got "
+                              f"{type(md).__name__}")
+    return md
+
+
+def _safe_reader(folder):
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeFileSystemReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            md = read_dcp_metadata(self._get_metadata_path(kwargs.get("rank")))
+            if getattr(md, "storage_meta", None) is None:
+                md.storage_meta = StorageMeta()
+            md.storage_meta.load_id = self.load_id
+            return md
+    return SafeFileSystemReader(str(folder))
+
+
+def _weights_only_load_bytes(self, read_item, value) -> None:
+    from torch.distributed.checkpoint._traverse import set_element
+    obj = torch.load(value, weights_only=True)
+    if getattr(self, "flatten_state_dict", False):
+        set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+    else:
+        self.state_dict[read_item.dest_index.fqn] = obj
+
+
+def _safe_planner(empty: bool = False):
+    if empty:
+        from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner as Base
+    else:
+        from torch.distributed.checkpoint import DefaultLoadPlanner as Base
+
+    class SafeLoadPlanner(Base):
+        load_bytes = _weights_only_load_bytes
+    return SafeLoadPlanner()
+
+
 def _state_dicts(model, opt, ema) -> dict:
     from torch.distributed.checkpoint.state_dict import get_state_dict
     msd, osd = get_state_dict(model, opt)
@@ -298,28 +385,26 @@ def load_dcp_checkpoint(folder: Path, model, opt, ema: dict) -> None:
     resharded by torch.distributed.checkpoint for any number of ranks."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import set_state_dict
+    read_dcp_metadata(Path(folder) / ".metadata")  # a clear CheckpointError before DCP wraps it
     sd = _state_dicts(model, opt, ema)
-    dcp.load(sd, checkpoint_id=str(folder))
+    dcp.load(sd, storage_reader=_safe_reader(folder), planner=_safe_planner())
     set_state_dict(model, opt, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
 
 
 def consolidate(run_dir, out=None) -> Path:
     """An FSDP run folder -> one ordinary `checkpoint.pt` (model, EMA, config, step, history;
     no optimizer) that `fluid-ops generate` / `load_ema` read. Runs in one process, no GPU."""
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
-    from fluid_ops.checkpoint import load_checkpoint, save_checkpoint
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
+    from fluid_ops.checkpoint import save_checkpoint
     run_dir = Path(run_dir)
     folder = latest_dcp_dir(run_dir)
     if folder is None:
         raise FileNotFoundError(f"{run_dir}: no {DCP_POINTER} (not an FSDP run folder)")
     meta = load_dcp_meta(folder)
     out = Path(out) if out is not None else run_dir / "checkpoint.pt"
-    tmp = run_dir / f".consolidate.{os.getpid()}.pt"
-    try:
-        dcp_to_torch_save(str(folder), str(tmp))
-        full = torch.load(tmp, map_location="cpu", weights_only=True)
-    finally:
-        tmp.unlink(missing_ok=True)
+    read_dcp_metadata(folder / ".metadata")  # a clear CheckpointError before DCP wraps it
+    full: dict = {}
+    _load_state_dict(full, storage_reader=_safe_reader(folder), planner=_safe_planner(empty=True), no_dist=True)
     model_sd = dict(full["model"])
     ema = dict(model_sd)
     ema.update(full["ema"])

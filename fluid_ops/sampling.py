@@ -125,6 +125,9 @@ def diffusion_sample(net, z: torch.Tensor, *, num_steps: int = 100, temperature:
         raise ValueError(f"{OP}: with cfg != 1, z must have an even number of rows ([cond; uncond], 2N), "
                          f"got {z.shape[0]}")
     n = z.shape[0] // 2 if guided else z.shape[0]
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{OP}: generator must be a torch.Generator or None, got {type(generator).__name__} "
+                        f"(for a seed, pass torch.Generator().manual_seed(seed))")
     if gemm_dtype is not None:
         if not (isinstance(gemm_dtype, str) and gemm_dtype == "auto") and \
                 gemm_dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -198,7 +201,9 @@ def _loop(net, z, noise, table, ts, num_steps, temperature, cfg, params, guided,
             model_out = fast(x, step)
         else:
             xin = torch.cat([x, x]) if guided else x
-            model_out = net(xin, ts[step].expand(xin.shape[0]), z)
+            model_out = net(xin.to(z.dtype), ts[step].expand(xin.shape[0]), z)
+            if model_out.dtype == torch.float64:  # an fp64 module (e.g. gradcheck-style runs); the step is fp32
+                model_out = model_out.float()
         if params is None:
             x = ddpm_step(x, model_out, noise[i + 1], table, step, temperature=temperature, cfg=cfg,
                           clip_denoised=clip_denoised)

@@ -47,7 +47,7 @@ import torch
 from torch import nn
 
 from fluid_ops import distributed as D
-from fluid_ops.checkpoint import (CheckpointError, _check_payload, load_checkpoint, previous_path,
+from fluid_ops.checkpoint import (CheckpointError, RunInUseError, RunLock, _check_payload, load_checkpoint, previous_path,
                                   remove_stale_temporaries, save_checkpoint)
 
 __all__ = ["train", "TrainResult", "StepInfo", "load_ema", "default_collate", "param_groups",
@@ -387,9 +387,16 @@ def _resolve_device(device) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"device: expected a torch device or its name, got {device!r}") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} asked for, but CUDA is not available on this machine "
+                         "(use cpu, or leave the device out)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device: {device!r} asked for, but this machine has {torch.cuda.device_count()} "
+                         "CUDA device(s)")
+    return dev
 
 
 def _tokenizer_fit_images(dataset, n: int, seed: int, collate_fn, device) -> torch.Tensor:
@@ -452,18 +459,21 @@ def train(model: nn.Module, dataset, *, out_dir, steps: int | None = None, minut
         ckpt_every=ckpt_every, seed=seed, device=device, amp=amp, num_workers=num_workers, progress=progress,
         resume=resume, log_every=log_every, callback=callback, collate_fn=collate_fn or default_collate,
         tokenizer_fit_images=tokenizer_fit_images, fsdp=fsdp))
-    run.restore(run.read_checkpoint())   # a fresh start when there is none
-    run.start_clock()
-    if steps is not None and run.step >= steps:
-        return run.result("already_done")
-    run.open_stream()
     try:
-        while run.stopped_by is None:
-            run.train_step(*next(run.batches))
-            run.end_of_step()   # stop checks, history, callback, checkpoint
+        run.restore(run.read_checkpoint())   # a fresh start when there is none
+        run.start_clock()
+        if steps is not None and run.step >= steps:
+            return run.result("already_done")
+        run.open_stream()
+        try:
+            while run.stopped_by is None:
+                run.train_step(*next(run.batches))
+                run.end_of_step()   # stop checks, history, callback, checkpoint
+        finally:
+            run.close()
+        return run.result(run.stopped_by)
     finally:
-        run.close()
-    return run.result(run.stopped_by)
+        run.release_lock()
 
 
 @dataclass
@@ -520,10 +530,30 @@ class _Run:
         use_bf16 = a.amp == "bf16" or (a.amp == "auto" and self.device.type == "cuda")
         self.amp_dtype = torch.bfloat16 if use_bf16 else None
         self.n_data = len(dataset)
+        if a.out_dir.exists() and not a.out_dir.is_dir():
+            raise NotADirectoryError(f"out_dir: {a.out_dir} exists and is not a folder")
         a.out_dir.mkdir(parents=True, exist_ok=True)
+        self.lock = None
         self.ckpt_path = a.out_dir / CHECKPOINT_NAME
-        self.dcp_dir = D.latest_dcp_dir(a.out_dir)
         self.stopped_by = None
+        # one writer per run folder, held until train() returns (rank 0 writes every file); taken
+        # before anything in the folder is read, cleaned up or written
+        lock_error = None
+        if ctx.is_main:
+            try:
+                self.lock = RunLock(a.out_dir)
+            except RunInUseError as e:
+                lock_error = e
+        if lock_error is not None and not ctx.enabled:
+            raise lock_error
+        if ctx.enabled and D.any_rank(ctx, lock_error is not None):  # every rank stops, none waits at a barrier
+            raise lock_error or RunInUseError(f"{a.out_dir}: rank 0 could not lock the run folder (another "
+                                              "training holds it; see rank 0's error)")
+        try:
+            self.dcp_dir = D.latest_dcp_dir(a.out_dir)
+        except BaseException:
+            self.release_lock()
+            raise
 
     def read_checkpoint(self):
         """The checkpoint to resume from (None: a fresh run); refuses every ambiguous case."""
@@ -801,6 +831,11 @@ class _Run:
                                "ema_decay": float(a.ema_decay), "seed": a.seed, "amp": a.amp}}
 
     # ---- closing -----------------------------------------------------------------------------
+    def release_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
     def close(self) -> None:
         self.bar.close()
         del self.batches  # shuts down loader workers

@@ -182,9 +182,23 @@ def test_forward_c_repeats_equals_repeated_condition():
 def test_empty_selection_and_bad_arguments():
     net = head()
     target, z, mask = inputs(5, masked=torch.tensor([], dtype=torch.int64))
-    with torch.no_grad():  # nothing to predict: 0 / 0, as the reference
-        assert torch.isnan(diffusion_loss(net, target, z, mask, generator=gen(0)))
+    # nothing to predict: 0 with a zero gradient (docs/contracts.md §3), not the reference's 0 / 0
+    for kw in (dict(mask=mask), dict(index=torch.tensor([], dtype=torch.int64)),
+               dict(mask=mask, index=torch.tensor([1, 2]))):   # index rows whose mask is 0
+        net.zero_grad(set_to_none=True)
+        loss = diffusion_loss(net, target, z, generator=gen(0), **kw)
+        assert loss.item() == 0.0
+        loss.backward()
+        assert all(p.grad is None or bool((p.grad == 0).all()) for p in net.parameters())
+    with torch.no_grad():
         assert torch.isnan(rdiff.diffusion_loss(net, target, z, mask, generator=gen(0)))
+    for bad_t in (torch.full((5,), -1), torch.full((5,), 1000)):
+        with pytest.raises(ValueError, match=r"t must hold timesteps in \[0, 1000\)"):
+            diffusion_loss(net, target, z, diffusion_batch_mul=1, t=bad_t)
+    with pytest.raises(TypeError, match="t must have dtype"):
+        diffusion_loss(net, target, z, diffusion_batch_mul=1, t=torch.zeros(5))
+    with pytest.raises(ValueError, match=r"index must hold row numbers in \[0, 5\)"):
+        diffusion_loss(net, target, z, index=torch.tensor([0, 5]))
     with pytest.raises(ValueError, match="z must have shape"):
         diffusion_loss(net, target, z[:4])
     with pytest.raises(ValueError, match="mask must have shape"):

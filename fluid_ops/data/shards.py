@@ -38,7 +38,7 @@ from fluid_ops.nn.prepared import PreparedText, PreparedTokens
 
 __all__ = ["ShardError", "ShardDataset", "write_shards", "list_shards", "IMAGE_EXTS", "PREPARED_META"]
 
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp")
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff")
 PREPARED_META = "prepared.json"
 _BLOCK = 512
 
@@ -109,7 +109,10 @@ class ShardDataset(torch.utils.data.Dataset):
     a list of them. size: image-caption shards only, as in `ImageCaptionFolder` (None keeps each
     image's own size; an int centre-crops and resizes to size x size)."""
 
-    def __init__(self, source, size: int | None = None):
+    def __init__(self, source, size: int | None = None, *, verify: bool = False, progress: bool | None = None):
+        """verify=True decodes every sample once now (a bar with `progress`), so a member that
+        cannot be read is a `ShardError` naming shard and member before training starts; without
+        it the same error comes when the sample is read."""
         self.paths = list_shards(source)
         folder = self.paths[0].parent
         self.meta = None
@@ -145,6 +148,11 @@ class ShardDataset(torch.utils.data.Dataset):
                              f"{len(self.keys)} (a shard is missing or was not finished)")
         self._files: dict[int, object] = {}
         self._pid = None
+        if verify:
+            from tqdm.auto import tqdm
+            for i in tqdm(range(len(self.keys)), desc="checking shards", unit="sample",
+                          disable=None if progress is None else not progress):
+                self[i]
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -171,12 +179,16 @@ class ShardDataset(torch.utils.data.Dataset):
         si, members = self._where[index]
         return self._read(si, members[ext])
 
+    def _member_name(self, index: int, ext: str) -> str:
+        si, _ = self._where[index]
+        return f"{self.keys[index]}.{ext} of shard {str(self.paths[si])!r}"
+
     def caption(self, index: int) -> str:
-        text = " ".join(self.member(index, "txt").decode("utf-8").split())
-        if not text:
-            si, _ = self._where[index]
-            raise ShardError(f"shard {str(self.paths[si])!r}: sample {self.keys[index]!r} has an empty caption")
-        return text
+        from fluid_ops.data.folder import DataError, read_caption
+        try:
+            return read_caption(self.member(index, "txt"), self._member_name(index, "txt"))
+        except DataError as e:
+            raise ShardError(str(e)) from None
 
     def __getitem__(self, index):
         if not isinstance(index, (int, np.integer)) or isinstance(index, bool):
@@ -188,11 +200,13 @@ class ShardDataset(torch.utils.data.Dataset):
             tokens = torch.from_numpy(np.load(io.BytesIO(self.member(index, "tokens.npy")), allow_pickle=False))
             text = torch.from_numpy(np.load(io.BytesIO(self.member(index, "text.npy")), allow_pickle=False))
             return tokens, text
-        from fluid_ops.data.folder import _pil, _to_tensor
+        from fluid_ops.data.folder import DataError, decode_image
         _, members = self._where[index]
         ext = next(e for e in IMAGE_EXTS if e in members)
-        with _pil().open(io.BytesIO(self.member(index, ext))) as im:
-            image = _to_tensor(im, self.size)
+        try:
+            image = decode_image(self.member(index, ext), self.size, self._member_name(index, ext))
+        except DataError as e:
+            raise ShardError(str(e)) from None
         return image, self.caption(index)
 
     def collate(self, items):

@@ -136,6 +136,17 @@ def _progress(iterable, enabled: bool, desc: str):
     return tqdm(iterable, desc=desc, leave=False, disable=None)
 
 
+def _check_image_values(op: str, images: torch.Tensor, slack: float = 1e-3) -> None:
+    """Images are in [0, 1] (a little slack for resampling); 0..255 or [-1, 1] data is named
+    instead of trained on. One min / max read (a host sync on CUDA, once per step)."""
+    if images.numel() == 0:
+        return
+    lo, hi = (float(v) for v in torch.aminmax(images.detach()))
+    if not (lo >= -slack and hi <= 1 + slack):  # NaN fails too
+        hint = " (0..255 data: divide by 255)" if hi > 2 else " ([-1, 1] data: use (x + 1) / 2)" if lo < -slack else ""
+        raise ValueError(f"{op}: images must have values in [0, 1], got values in [{lo:g}, {hi:g}]{hint}")
+
+
 class Fluid(nn.Module):
     """Text-to-image autoregressive model (see the module docstring). `Fluid(config, **overrides)`:
     a name from CONFIGS (default "tiny") or a FluidConfig, with any field overridden by keyword.
@@ -481,8 +492,15 @@ class Fluid(nn.Module):
             self._check_prepared(images, captions)
         else:
             self._check_images("forward", images)
+            _check_image_values("Fluid.forward", images)
             captions = self._check_captions("forward", captions, images.shape[0])
         b = images.shape[0]
+        if b == 0:
+            raise ValueError("Fluid.forward: the batch is empty (0 images); the training loss is a mean over "
+                             "images and needs at least one")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"Fluid.forward: generator must be a torch.Generator or None, got "
+                            f"{type(generator).__name__}")
         if batch_slice is not None:
             ok = (isinstance(batch_slice, (tuple, list)) and len(batch_slice) == 2
                   and all(isinstance(v, int) for v in batch_slice)
@@ -600,6 +618,9 @@ class Fluid(nn.Module):
         gemm_dtype: the diffusion head's GEMM dtype (see fluid_ops.diffusion_sample)."""
         prompts, num_iter, cfg, temperature, steps, cfg_uncond = self._check_sampling_args(
             prompts, num_iter, cfg, cfg_schedule, temperature, num_diffusion_steps, cfg_uncond)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"Fluid.generate: generator must be a torch.Generator or None, got "
+                            f"{type(generator).__name__} (fluid_ops.generate takes seed=...)")
         if generator is not None and generator.device.type != self.device.type:
             raise ValueError(f"Fluid.generate: generator must be on the model's device ({self.device.type}), got a "
                              f"{generator.device.type} generator (sampling draws its noise on the device)")

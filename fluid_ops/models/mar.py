@@ -501,6 +501,12 @@ class MAR(nn.Module):
                 or tuple(labels.shape) != (bsz,):
             got = f"{tuple(labels.shape)} {labels.dtype}" if isinstance(labels, torch.Tensor) else type(labels).__name__
             raise ValueError(f"MAR.{op}: labels must be an int64 / int32 tensor of shape ({bsz},), got {got}")
+        n = self.class_emb.num_embeddings
+        if labels.numel() > 0:
+            lo, hi = (int(v) for v in torch.aminmax(labels))
+            if lo < 0 or hi >= n:
+                raise ValueError(f"MAR.{op}: labels must be class indices in [0, {n}) (class_num), got values in "
+                                 f"[{lo}, {hi}]")
 
     # ---- sampling -------------------------------------------------------------------------
     @torch.no_grad()

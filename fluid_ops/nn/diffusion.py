@@ -73,6 +73,10 @@ def diffusion_loss(net, target: torch.Tensor, z: torch.Tensor, mask: torch.Tenso
     R independent t draws. t (M * R,) and noise (M * R, C), row j * M + i the j-th draw of row
     i, are drawn from `generator` unless given, as by the reference.
 
+    An empty selection (a mask of zeros, or an index of length 0) gives a loss of 0 with a zero
+    gradient, not NaN (docs/contracts.md §3). t must be int32 / int64 in [0, schedule steps);
+    index in [0, M) (checked on CPU tensors; on CUDA that check would cost a host sync).
+
     index (K,) int64: the rows with a nonzero mask (any order, no repeats; the caller vouches
     that mask is zero elsewhere). With index and no mask: the mean over those rows. Without
     index, a mask is turned into rows by `nonzero` (a host sync). checkpoint: recompute the
@@ -88,11 +92,24 @@ def diffusion_loss(net, target: torch.Tensor, z: torch.Tensor, mask: torch.Tenso
     if index is not None:
         check_tensor(OP, "index", index, ndim=1, dtypes=(torch.int64, torch.int32))
     if t is not None:
-        check_tensor(OP, "t", t, ndim=1, shape=(m * mul,))
+        check_tensor(OP, "t", t, ndim=1, shape=(m * mul,), dtypes=(torch.int64, torch.int32))
     if noise is not None:
-        check_tensor(OP, "noise", noise, ndim=2, shape=(m * mul, c))
+        check_tensor(OP, "noise", noise, ndim=2, shape=(m * mul, c), dtypes=(target.dtype,))
     check_same_device(OP, target=target, z=z, mask=mask, index=index, t=t, noise=noise)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"{OP}: generator must be a torch.Generator or None, got {type(generator).__name__}")
     sched = schedule or _default_schedule()
+    # values: a given t and (on the CPU, where it costs no device sync) a given index must be in range
+    if t is not None and t.numel() > 0:
+        lo, hi = int(t.min()), int(t.max())
+        if lo < 0 or hi >= sched.num_steps:
+            raise ValueError(f"{OP}: t must hold timesteps in [0, {sched.num_steps}) (the schedule's steps), got "
+                             f"values in [{lo}, {hi}]")
+    if index is not None and index.numel() > 0 and index.device.type == "cpu":
+        lo, hi = int(index.min()), int(index.max())
+        if lo < 0 or hi >= m:
+            raise ValueError(f"{OP}: index must hold row numbers in [0, {m}) (rows of target), got values in "
+                             f"[{lo}, {hi}]")
     dev = target.device
     rows = m * mul
     # the reference's draws, in its order
@@ -127,8 +144,11 @@ def diffusion_loss(net, target: torch.Tensor, z: torch.Tensor, mask: torch.Tenso
     else:
         out = net(x_t, t, cond, **kwargs)
     loss = ref.diffusion_loss_terms(out, x_start, x_t, noise, t, tab)
+    if k == 0:  # nothing to predict: the loss is 0, its gradient 0 (a sum over no rows), never NaN
+        return loss.sum()
     if mask is None:
         return loss.mean()
-    total = mask.to(loss.dtype).sum() * mul
+    # a mask that is zero on every selected row (index given) also gives 0, not 0 / 0
+    total = (mask.to(loss.dtype).sum() * mul).clamp_min(torch.finfo(loss.dtype).tiny)
     return (loss.view(mul, k) * weight.to(loss.dtype)).sum() / total
 

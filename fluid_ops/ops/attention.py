@@ -350,6 +350,13 @@ def _attention_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Te
                        softmax_scale: float) -> torch.Tensor:
     if q.shape[0] == 0:
         return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if q.shape[1] == 0:  # no queries: only the append (checked by the public op), no kernel
+        if k_new is not None and k_new.shape[1] > 0:
+            idx = (cache_seqlens.to(torch.int64)[:, None]
+                   + torch.arange(k_new.shape[1], device=q.device)[None, :])[:, :, None, None]
+            k_cache.scatter_(1, idx.expand(k_new.shape), k_new)
+            v_cache.scatter_(1, idx.expand(v_new.shape), v_new)
+        return torch.empty(q.shape, dtype=q.dtype, device=q.device)
     return backend.dispatch(KV, q.device, q, k_cache, v_cache, k_new, v_new, cache_seqlens, causal,
                             softmax_scale).contiguous()
 
@@ -381,7 +388,26 @@ def _check_qkv(op, q, k, v, *, kname="k", vname="v"):
 def _check_scale(op, softmax_scale, d):
     if softmax_scale is None:
         return d ** -0.5
-    return check_finite_scalar(op, "softmax_scale", softmax_scale, min_value=0.0, min_inclusive=False)
+    f = check_finite_scalar(op, "softmax_scale", softmax_scale, min_value=0.0, min_inclusive=False)
+    if f > _FP32_MAX:  # kernels take the scale as a float32: a finite double above this would become inf
+        raise ValueError(f"{op}: softmax_scale must be at most {_FP32_MAX:.6g} (the largest float32; scores are "
+                         f"scaled in float32), got {softmax_scale}")
+    return f
+
+
+_FP32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _check_cache_writable(op, name, t):
+    """A cache written in place must own each of its elements and must not be a leaf that needs a
+    gradient (docs/contracts.md §3)."""
+    if torch._debug_has_internal_overlap(t) == 1:
+        raise ValueError(f"{op}: {name} has elements that share memory (an expanded or stride-0 view, strides "
+                         f"{tuple(t.stride())}); it is written in place: pass a tensor that owns its rows "
+                         "(e.g. .clone())")
+    if t.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(f"{op}: {name} requires grad and is written in place; call under torch.no_grad() or "
+                           "pass a cache that does not require grad")
 
 
 def _check_causal(op, causal):
@@ -443,6 +469,12 @@ def attention_kvcache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     _check_causal(op, causal)
     scale = _check_scale(op, softmax_scale, q.shape[3])
     check_same_device(op, q=q, k_cache=k_cache, v_cache=v_cache, k_new=k_new, v_new=v_new, cache_seqlens=cache_seqlens)
+    if nnew > 0:
+        _check_cache_writable(op, "k_cache", k_cache)
+        _check_cache_writable(op, "v_cache", v_cache)
+        if (k_cache.data_ptr() == v_cache.data_ptr() and k_cache.stride() == v_cache.stride()
+                and k_cache.numel() > 0):
+            raise ValueError(f"{op}: k_cache and v_cache are the same memory; they need separate buffers")
     if b > 0:
         lo, hi = int(cache_seqlens.min()), int(cache_seqlens.max())
         if lo < 0:

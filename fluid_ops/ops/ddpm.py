@@ -126,7 +126,7 @@ def _check_step_args(op, x, model_out, noise, table, step, clip_denoised):
     check_tensor(op, "table", table, ndim=2, dtypes=(torch.float32,))
     if table.shape[1] != 6:
         raise ValueError(f"{op}: table must have shape (S, 6) (DiffusionSchedule.table), got {tuple(table.shape)}")
-    if isinstance(step, torch.Tensor) or not isinstance(step, int):
+    if isinstance(step, (torch.Tensor, bool)) or not isinstance(step, int):
         raise TypeError(f"{op}: step must be a Python int, got {type(step).__name__}")
     if not 0 <= step < table.shape[0]:
         raise ValueError(f"{op}: step must be in [0, {table.shape[0]}) (rows of table), got {step}")
