@@ -245,7 +245,7 @@ def cmd_demo(args) -> int:
     try:
         model = Fluid(args.config, **_parse_overrides(args.set))
     except ImportError as e:  # the text encoder's packages: named once, before any work or folder
-        raise SystemExit(f"fluid-ops demo: {e} (`./run demo` sets all of it up)") from None
+        raise SystemExit(f"demo: {e} (`./run demo` sets all of it up)") from None
     out.mkdir(parents=True, exist_ok=True)
     ds = _dataset("shapes", image_size=model.config.image.size, seed=args.seed, kinds=DEMO_KINDS)
     print(f"[demo] training {args.config} ({sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6:.2f}M "
