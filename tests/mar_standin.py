@@ -120,10 +120,28 @@ def import_timm():
     return vit
 
 
-_vit = import_timm()
-timm = sys.modules["timm"]
-TIMM_VERSION = timm.__version__
-Block, Attention, Mlp = _vit.Block, _vit.Attention, _vit.Mlp
+_vit = None
+
+
+def _timm_vit():
+    """timm is imported on first use, not when this module is: importing timm imports
+    torch._dynamo, which imports triton, and the Triton interpreter tests need TRITON_INTERPRET=1
+    set before triton's first import (tests/test_attention_triton.py sets it when collected;
+    a test module importing this one is collected before it)."""
+    global _vit
+    if _vit is None:
+        _vit = import_timm()
+    return _vit
+
+
+def __getattr__(name):
+    """Block, Attention, Mlp (timm's own), timm and TIMM_VERSION, imported on first access."""
+    if name in ("Block", "Attention", "Mlp"):
+        return getattr(_timm_vit(), name)
+    if name in ("timm", "TIMM_VERSION"):
+        _timm_vit()
+        return sys.modules["timm"] if name == "timm" else sys.modules["timm"].__version__
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def make_block(dim, num_heads, mlp_ratio=4.0, qk_norm=False, proj_drop=0.0, attn_drop=0.0, norm_layer=nn.LayerNorm,
@@ -133,7 +151,7 @@ def make_block(dim, num_heads, mlp_ratio=4.0, qk_norm=False, proj_drop=0.0, attn
     kw = dict(qkv_bias=True, norm_layer=norm_layer, proj_drop=proj_drop, attn_drop=attn_drop)
     if qk_norm:
         kw["qk_norm"] = True
-    blk = Block(dim, num_heads, mlp_ratio, **kw)
+    blk = _timm_vit().Block(dim, num_heads, mlp_ratio, **kw)
     blk.attn.fused_attn = fused_attn
     return blk
 
@@ -141,7 +159,7 @@ def make_block(dim, num_heads, mlp_ratio=4.0, qk_norm=False, proj_drop=0.0, attn
 def block_takes_attn_mask() -> bool:
     """timm >= 1.0: Block.forward(x, attn_mask=None, ...); 0.9.12 (MAR's pin): forward(x)."""
     import inspect
-    return "attn_mask" in inspect.signature(Block.forward).parameters
+    return "attn_mask" in inspect.signature(_timm_vit().Block.forward).parameters
 
 
 # ---- MAR's diffusion head ---------------------------------------------------------------

@@ -93,10 +93,11 @@ def test_encoder_decoder_eval_equal(calls, qk_norm, fused_attn, dim):
     assert calls["attention"] == len(ref.encoder_blocks) + len(ref.decoder_blocks)
 
 
-@pytest.mark.skipif(not mar.block_takes_attn_mask(), reason=f"timm {mar.TIMM_VERSION}: Block.forward takes no attn_mask")
 def test_encoder_with_key_masking_equal(calls):
     """All positions through the encoder with a boolean key mask (timm >= 1.0 attn_mask): becomes
     fluid_ops' key_padding_mask; the known positions equal MAR's dropped-token encoder."""
+    if not mar.block_takes_attn_mask():
+        pytest.skip(f"timm {mar.TIMM_VERSION}: Block.forward takes no attn_mask")
     ref, fast = pair()
     zero(calls)  # the probes of accelerate also call fluid_ops.attention
     ref.eval(), fast.eval()
@@ -307,18 +308,17 @@ def _assert_unchanged(model, snap):
     assert acc._NET_KEY not in model.diffloss.__dict__
 
 
-class _ScaledAttention(mar.Attention):
-    """Looks like timm's Attention, computes something else."""
-
-    def forward(self, x, attn_mask=None):
-        return 2.0 * super().forward(x, attn_mask)
-
-
 def _break_qkv(m):
     del m.decoder_blocks[1].attn.qkv
 
 
 def _scaled_attention(m):
+    class _ScaledAttention(mar.Attention):  # (timm is imported on first use: see tests/mar_standin.py)
+        """Looks like timm's Attention, computes something else."""
+
+        def forward(self, x, attn_mask=None):
+            return 2.0 * (super().forward(x) if attn_mask is None else super().forward(x, attn_mask=attn_mask))
+
     m.decoder_blocks[1].attn.__class__ = _ScaledAttention
 
 
@@ -378,15 +378,14 @@ def test_refuses_head_dims_over_256():
     _assert_unchanged(m, snap)
 
 
-class _RopeKeywordAttention(mar.Attention):
-    """A timm Attention whose forward takes a keyword fluid_ops does not implement."""
-
-    def forward(self, x, attn_mask=None, is_causal=False, rope=None):
-        return super().forward(x)
-
-
 def test_refuses_an_attention_forward_with_unknown_keywords():
     """A future timm keyword is an error at accelerate time, never a silent fall-back to timm."""
+    class _RopeKeywordAttention(mar.Attention):
+        """A timm Attention whose forward takes a keyword fluid_ops does not implement."""
+
+        def forward(self, x, attn_mask=None, is_causal=False, rope=None):
+            return super().forward(x)
+
     m = tiny()
     m.encoder_blocks[1].attn.__class__ = _RopeKeywordAttention
     snap = _snapshot(m)
@@ -533,9 +532,9 @@ def test_any_head_dim_up_to_256_is_accelerated(d):
     assert r.reference_head_dims == ((d,) if d > 128 else ())
 
 
-@pytest.mark.skipif("is_causal" not in __import__("inspect").signature(mar.Attention.forward).parameters,
-                    reason=f"timm {mar.TIMM_VERSION}: Attention.forward takes no is_causal")
 def test_is_causal_keyword_runs_on_fluid_ops(calls):
+    if "is_causal" not in __import__("inspect").signature(mar.Attention.forward).parameters:
+        pytest.skip(f"timm {mar.TIMM_VERSION}: Attention.forward takes no is_causal")
     ref, fast = pair()
     zero(calls)
     ref.eval(), fast.eval()
@@ -547,9 +546,9 @@ def test_is_causal_keyword_runs_on_fluid_ops(calls):
     assert calls["attention"] == 4
 
 
-@pytest.mark.skipif("gated" not in __import__("inspect").signature(mar.Attention.__init__).parameters,
-                    reason=f"timm {mar.TIMM_VERSION}: no gated attention")
 def test_gated_attention_equal(calls):
+    if "gated" not in __import__("inspect").signature(mar.Attention.__init__).parameters:
+        pytest.skip(f"timm {mar.TIMM_VERSION}: no gated attention")
     ref = tiny()
     torch.manual_seed(3)
     for blk in ref.decoder_blocks:
