@@ -11,7 +11,7 @@ layers given small random values so that the head's output depends on z), class-
 with CFG and the linear CFG schedule, temperature 1.0, fp32:
   fluid_ops            fluid_ops.models.MAR, default backends (the fastest built one per op)
   fluid_ops_reference  the same model under fluid_ops.use_backend("reference") (plain PyTorch ops)
-  standin_accelerated  tests/mar_standin.py's MAR (MAR's own code structure: timm blocks, DiffLoss,
+  standin_accelerated  tests/mar_standin.py's MAR (MAR's own code structure: the real timm's blocks, DiffLoss,
                        IDDPM loop, nonzero gathers, host syncs) after fluid_ops.accelerate(model)
   standin              the same stand-in unaccelerated: the "MAR as published" baseline
 The stand-in loads fluid_ops' MAR state dict (same names), so all four run the same network.
@@ -103,6 +103,8 @@ def machine_info(device: torch.device) -> dict:
         except ImportError:
             info["triton"] = None
     info["backends"] = {k: v["available"] for k, v in fluid_ops.backends().items()}
+    # the stand-in's blocks are the installed timm's (tests/mar_standin.py)
+    info["timm"] = load_standin().TIMM_VERSION
     return info
 
 

@@ -10,20 +10,27 @@ state dict, module tree or module types.
 What is swapped
 ---------------
 (a) Attention. For every `blk` in `model.encoder_blocks` and `model.decoder_blocks`, `blk.attn`
-    (timm's `Attention`) gets an instance-level `forward` (a `functools.partial` of a function of
+    (timm's `Attention`, any release from 0.9.12, the one MAR pins, to 1.0.x) gets an
+    instance-level `forward` (a `functools.partial` of a function of
     this module, so deepcopy / pickle keep working) that computes timm's forward with
     `fluid_ops.attention` on the (B, N, H, D) views of the fused qkv output ((B, N, 3, H, D), no
     transposes): q_norm / k_norm (when not Identity; they normalise the last dim, so the layout
     does not matter), softmax scale D ** -0.5 when `fused_attn` (what timm's SDPA path uses) else
-    `attn.scale`, `norm` (timm >= 1.0 `scale_norm`) when present and not Identity, then
-    `proj` and `proj_drop` (same dropout draws on the global RNG as timm). It falls back to the
-    class's own forward (timm's) whenever fluid_ops cannot match it:
+    `attn.scale`, `norm` (timm >= 1.0 `scale_norm`) when present and not Identity, the sigmoid
+    `gate` (timm >= 1.0.2x `gated=True`) when present, then `proj` and `proj_drop` (same dropout
+    draws on the global RNG as timm). Every head dim up to 256 runs (fluid_ops.attention pads the
+    ones it has no kernel for). The keywords timm passes to `Attention.forward` are taken:
+    `attn_mask` (timm >= 1.0) and `is_causal` (timm 1.0.2x; `causal=True` here); an
+    Attention class whose forward takes any other argument is REFUSED by accelerate (so a new
+    timm keyword is an error at accelerate time, not a silent slow path). It falls back to the
+    class's own forward (timm's) only where fluid_ops cannot compute the same thing:
       * training with attention dropout (`attn.training and attn.attn_drop.p > 0`; MAR's
         default attn_dropout is 0.1, so MAR's default training runs timm's attention);
       * an `attn_mask` that is not a boolean key mask of shape (B, 1, 1, N) on the SDPA path
         (a boolean key mask becomes `key_padding_mask`; a query row with no key allowed
-        returns 0 here where SDPA returns NaN);
-      * any other extra argument.
+        returns 0 here where SDPA returns NaN), or `attn_mask` together with `is_causal`.
+    MAR's own code (eval, sampling, and training with attn_dropout=0) hits none of these: one
+    `fluid_ops.attention` call per block per pass.
 (b) Diffusion sampling. `model.diffloss.sample(z, temperature=1.0, cfg=1.0)` (an instance
     attribute, same signature and return shape as MAR's) runs `fluid_ops.diffusion_sample` with
     a `fluid_ops.nn.DenoiserMLP` that SHARES the Parameter objects of `model.diffloss.net`
@@ -49,8 +56,9 @@ model: `encoder_blocks`, `decoder_blocks` (iterables of modules with `.attn`), `
 blk.attn: `qkv` (nn.Linear, out = 3 * H * D), `proj` (nn.Linear, in = H * D), `num_heads` (int),
   `attn_drop` (nn.Dropout or nn.Identity), `proj_drop` (module); optional: `head_dim` (must be
   D), `scale`, `fused_attn`, `q_norm` / `k_norm` (Identity, or a norm with normalized_shape
-  (D,)), `norm` (Identity or a module), `rope` (must be None or absent). D must be one of
-  fluid_ops' head dims (32, 64, 80, 96, 128).
+  (D,)), `norm` (Identity or a module), `gate` (None or a module), `rope` (must be None or
+  absent); `type(attn).forward` must take (x) plus at most `attn_mask` and `is_causal`. D must be
+  at most 256.
 diffloss: `net`, `gen_diffusion`, `sample`; net: `in_channels`, `model_channels`,
   `out_channels` (= 2 * in_channels), `time_embed`, `cond_embed`, `input_proj`, `res_blocks`,
   `final_layer` with SimpleMLPAdaLN's submodule names, types (Linear / LayerNorm / SiLU) and
@@ -58,8 +66,16 @@ diffloss: `net`, `gen_diffusion`, `sample`; net: `in_channels`, `model_channels`
   respaced cosine schedule: the same kept steps and betas as fluid_ops'), and, if present,
   `model_mean_type.name == "EPSILON"`, `model_var_type.name == "LEARNED_RANGE"`.
 On every call each attention and the head are also PROBED: the original and the swapped forward
-run on a small random input (private generator, eval semantics, no hooks, no global RNG draws)
+run on a small random input (private generator, eval semantics, no hooks, no global RNG draws;
+for attention also with a boolean key mask and with is_causal=True where the class takes them)
 and must agree; a module that only looks like timm's / MAR's is refused.
+
+What was done is reported: `accelerate` returns the model with `model.fluid_ops_report` (an
+`AccelerateReport`: attention modules and heads now served by fluid_ops, their head dims, which
+of them run zero-padded or on the reference, the timm keywords the swapped forward takes, whether
+diffusion sampling was swapped) and logs its one-line summary on the `fluid_ops.accelerate`
+logger (INFO); `verbose=True` also prints it. A model with no attention module to swap is an
+error (ValueError), never a silent no-op.
 
 Refusals raise TypeError (wrong kind of object) or ValueError (recognised kind, unsupported
 configuration) naming the attribute, and change nothing: everything is validated before the
@@ -72,19 +88,54 @@ The swaps are instance attributes holding `functools.partial`s of this module's 
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
+import inspect
+import logging
 
 import torch
 import torch.nn as nn
 
 from fluid_ops.nn.denoiser import DenoiserMLP
-from fluid_ops.ops.attention import HEAD_DIMS, attention
+from fluid_ops.ops.attention import HEAD_DIMS, MAX_HEAD_DIM, attention
 from fluid_ops.reference.diffusion import DiffusionSchedule
 from fluid_ops.sampling import diffusion_sample
 
-__all__ = ["accelerate"]
+__all__ = ["accelerate", "AccelerateReport"]
 
 NAME = "accelerate"
+_log = logging.getLogger("fluid_ops.accelerate")
+_KEYWORDS = ("attn_mask", "is_causal")  # what timm's Block passes to Attention.forward (0.9.12: none)
+
+
+@dataclasses.dataclass(frozen=True)
+class AccelerateReport:
+    """What `accelerate(model)` swapped (also `model.fluid_ops_report`)."""
+    attention_modules: int          # timm Attention modules whose forward now runs fluid_ops.attention
+    heads: int                      # attention heads served, summed over those modules
+    encoder_modules: int
+    decoder_modules: int
+    head_dims: tuple                # distinct head dims
+    padded_head_dims: tuple         # of those, run zero-padded to a kernel head dim (fluid_ops.attention_head_dims)
+    reference_head_dims: tuple      # of those, with no compiled kernel (> 128): the reference backend runs them
+    keywords: tuple                 # Attention.forward keywords the swapped forward takes (timm's, per class)
+    fused_attn: tuple               # distinct `fused_attn` flags seen (timm's SDPA path or not)
+    diffusion_sample: bool          # model.diffloss.sample runs fluid_ops.diffusion_sample
+    gemm_dtype: object = None
+
+    def __str__(self):
+        dims = ", ".join(str(d) for d in self.head_dims)
+        extra = []
+        if self.padded_head_dims:
+            extra.append(f"zero-padded: {', '.join(map(str, self.padded_head_dims))}")
+        if self.reference_head_dims:
+            extra.append(f"reference backend: {', '.join(map(str, self.reference_head_dims))}")
+        kw = ", ".join(self.keywords) or "none"
+        return (f"fluid_ops.accelerate: {self.attention_modules} attention modules ({self.encoder_modules} encoder + "
+                f"{self.decoder_modules} decoder), {self.heads} heads, head dim {dims}"
+                f"{' (' + '; '.join(extra) + ')' if extra else ''}, timm keywords taken: {kw}; "
+                f"diffusion sampling {'swapped' if self.diffusion_sample else 'not swapped'}"
+                f"{'' if self.gemm_dtype is None else f' (gemm_dtype {self.gemm_dtype})'}")
 _NET_KEY = "_fluid_ops_denoiser"  # diffloss.__dict__ entry: (param ids, DenoiserMLP)
 
 
@@ -106,26 +157,23 @@ def _key_padding(mask, b, n):
     return mask[:, 0, 0, :].expand(b, n)
 
 
-def _fast_attention_forward(attn, x, *args, **kwargs):
-    """timm's Attention.forward on fluid_ops.attention (see the module docstring)."""
-    mask = None
-    if args or kwargs:
-        if len(args) == 1 and not kwargs:
-            mask = args[0]
-        elif not args and set(kwargs) == {"attn_mask"}:
-            mask = kwargs["attn_mask"]
-        else:
-            return type(attn).forward(attn, x, *args, **kwargs)
+def _fast_attention_forward(attn, x, attn_mask=None, is_causal=False):
+    """timm's Attention.forward on fluid_ops.attention (see the module docstring). The signature
+    is the union of timm's releases: forward(x) (0.9.12), forward(x, attn_mask=None) (1.0),
+    forward(x, attn_mask=None, is_causal=False) (1.0.2x); accelerate checks that the class takes
+    no other argument."""
     drop = attn.attn_drop
     if attn.training and not _is_identity(drop) and drop.p > 0:
-        return type(attn).forward(attn, x, *args, **kwargs)
+        return _timm_forward(attn, x, attn_mask, is_causal)
     fused = bool(getattr(attn, "fused_attn", True))
     b, n, _ = x.shape
     kpm = None
-    if mask is not None:
-        kpm = _key_padding(mask, b, n) if fused else None
+    if attn_mask is not None:
+        kpm = _key_padding(attn_mask, b, n) if fused and not is_causal else None
         if kpm is None:
-            return type(attn).forward(attn, x, *args, **kwargs)
+            return _timm_forward(attn, x, attn_mask, is_causal)
+    gate_mod = getattr(attn, "gate", None)
+    gate = gate_mod(x).sigmoid() if gate_mod is not None else None
     h = attn.num_heads
     d = _head_dim(attn)
     q, k, v = attn.qkv(x).reshape(b, n, 3, h, d).unbind(2)  # (B, N, H, D) views
@@ -135,11 +183,38 @@ def _fast_attention_forward(attn, x, *args, **kwargs):
     if not _is_identity(kn):
         k = kn(k)
     scale = None if fused else float(attn.scale)
-    o = attention(q, k, v, key_padding_mask=kpm, softmax_scale=scale).reshape(b, n, h * d)
+    o = attention(q, k, v, key_padding_mask=kpm, causal=bool(is_causal), softmax_scale=scale).reshape(b, n, h * d)
     norm = getattr(attn, "norm", None)
     if not _is_identity(norm):
         o = norm(o)
+    if gate is not None:
+        o = o * gate
     return attn.proj_drop(attn.proj(o))
+
+
+def _timm_forward(attn, x, attn_mask, is_causal):
+    """The class's own forward with only the arguments given (timm 0.9.12 takes x alone)."""
+    kw = {}
+    if attn_mask is not None:
+        kw["attn_mask"] = attn_mask
+    if is_causal:
+        kw["is_causal"] = is_causal
+    return type(attn).forward(attn, x, **kw)
+
+
+def _forward_keywords(path: str, attn) -> tuple:
+    """The extra parameters of type(attn).forward; anything but attn_mask / is_causal is refused."""
+    try:
+        params = list(inspect.signature(type(attn).forward).parameters.values())[2:]  # self, x
+    except (TypeError, ValueError):
+        return ()
+    names = []
+    for p in params:
+        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) or p.name not in _KEYWORDS:
+            raise ValueError(f"{NAME}: {path}: {type(attn).__name__}.forward takes {p}, which fluid_ops' attention "
+                             f"does not implement (it takes x, attn_mask, is_causal: timm 0.9.12 to 1.0.x)")
+        names.append(p.name)
+    return tuple(names)
 
 
 def _is_ours(fn, func) -> bool:
@@ -163,8 +238,8 @@ def _check_attention(path: str, attn) -> None:
     d = _head_dim(attn)
     if getattr(attn, "head_dim", d) != d:
         raise ValueError(f"{NAME}: {path}.head_dim is {attn.head_dim} but qkv gives {d} per head")
-    if d not in HEAD_DIMS:
-        raise ValueError(f"{NAME}: {path} has head dim {d}; fluid_ops.attention supports {HEAD_DIMS}")
+    if d > MAX_HEAD_DIM:
+        raise ValueError(f"{NAME}: {path} has head dim {d}; fluid_ops.attention takes head dims up to {MAX_HEAD_DIM}")
     if attn.proj.in_features != h * d:
         raise ValueError(f"{NAME}: {path}.proj takes {attn.proj.in_features} features, expected num_heads * head_dim "
                          f"= {h * d}")
@@ -182,6 +257,9 @@ def _check_attention(path: str, attn) -> None:
     norm = getattr(attn, "norm", None)
     if norm is not None and not isinstance(norm, nn.Module):
         raise TypeError(f"{NAME}: {path}.norm must be a module, got {type(norm).__name__}")
+    gate = getattr(attn, "gate", None)
+    if gate is not None and not isinstance(gate, nn.Module):
+        raise TypeError(f"{NAME}: {path}.gate must be None or a module (timm's gated attention)")
     if getattr(attn, "rope", None) is not None:
         raise ValueError(f"{NAME}: {path}.rope is set; rotary embeddings are not supported")
     if not getattr(attn, "fused_attn", True) and not isinstance(getattr(attn, "scale", None), (int, float)):
@@ -190,6 +268,7 @@ def _check_attention(path: str, attn) -> None:
     if own is not None and not _is_ours(own, _fast_attention_forward):
         raise ValueError(f"{NAME}: {path}.forward is already overridden on the instance by something other than "
                          f"fluid_ops; refusing to replace it")
+    _forward_keywords(path, attn)
 
 
 class _EvalProbe:
@@ -217,16 +296,29 @@ def _probe_attention(path: str, attn) -> None:
         return
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, attn.qkv.in_features, generator=g).to(w.device, w.dtype)
-    with torch.no_grad(), _EvalProbe(attn):
-        try:
-            ref = type(attn).forward(attn, x)
-            got = _fast_attention_forward(attn, x)
-        except Exception as e:  # noqa: BLE001 - reported as "not recognised"
-            raise ValueError(f"{NAME}: {path}: probing its forward failed ({type(e).__name__}: {e})") from e
-    err = (ref.float() - got.float()).abs().max().item() if ref.shape == got.shape else float("inf")
-    if not err <= _tolerance(w.dtype) * (1.0 + ref.float().abs().max().item()):
-        raise ValueError(f"{NAME}: {path}: its forward does not compute timm's attention "
-                         f"(max difference {err:.3g} on a probe); not recognised")
+    keywords = _forward_keywords(path, attn)
+    cases = [{}]
+    if "attn_mask" in keywords:  # a boolean key mask (every query sees a key)
+        cases.append({"attn_mask": torch.tensor([[1, 0, 1, 1, 0], [0, 1, 1, 0, 1]], dtype=torch.bool,
+                                                device=w.device)[:, None, None, :]})
+    if "is_causal" in keywords:
+        cases.append({"is_causal": True})
+    for kw in cases:
+        with torch.no_grad(), _EvalProbe(attn):
+            try:
+                ref = type(attn).forward(attn, x, **kw)
+                got = _fast_attention_forward(attn, x, **kw)
+            except Exception as e:  # noqa: BLE001 - reported as "not recognised"
+                raise ValueError(f"{NAME}: {path}: probing its forward{_probe_name(kw)} failed "
+                                 f"({type(e).__name__}: {e})") from e
+        err = (ref.float() - got.float()).abs().max().item() if ref.shape == got.shape else float("inf")
+        if not err <= _tolerance(w.dtype) * (1.0 + ref.float().abs().max().item()):
+            raise ValueError(f"{NAME}: {path}: its forward{_probe_name(kw)} does not compute timm's attention "
+                             f"(max difference {err:.3g} on a probe); not recognised")
+
+
+def _probe_name(kw):
+    return f" with {', '.join(kw)}" if kw else ""
 
 
 def _attention_modules(model):
@@ -399,6 +491,7 @@ def _undo(model):
             attn = getattr(blk, "attn", None)
             if isinstance(attn, nn.Module) and _is_ours(attn.__dict__.get("forward"), _fast_attention_forward):
                 del attn.__dict__["forward"]
+    model.__dict__.pop("fluid_ops_report", None)
     diffloss = getattr(model, "diffloss", None)
     if isinstance(diffloss, nn.Module):
         if _is_ours(diffloss.__dict__.get("sample"), _fast_sample):
@@ -407,10 +500,12 @@ def _undo(model):
     return model
 
 
-def accelerate(model, *, undo: bool = False, gemm_dtype=None):
+def accelerate(model, *, undo: bool = False, gemm_dtype=None, verbose: bool = False):
     """Swap fluid_ops' attention and diffusion sampling into `model` (MAR's own class, timm
-    Blocks) in place and return it; `undo=True` restores MAR's own code. See the module
-    docstring for exactly what is swapped, what it relies on and how noise is drawn."""
+    Blocks) in place and return it, with `model.fluid_ops_report` (an AccelerateReport: modules
+    and heads served) set and its summary logged (printed too with verbose=True); `undo=True`
+    restores MAR's own code. See the module docstring for exactly what is swapped, what it
+    relies on and how noise is drawn."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{NAME}: model must be an nn.Module (MAR), got {type(model).__name__}")
     if undo:
@@ -420,6 +515,9 @@ def accelerate(model, *, undo: bool = False, gemm_dtype=None):
         raise TypeError(f"{NAME}: gemm_dtype must be None, 'auto', float32, bfloat16 or float16, got {gemm_dtype!r}")
     # 1. validate everything (structure, then numerical probes); nothing is changed before 2.
     attns = _attention_modules(model)
+    if not attns:
+        raise ValueError(f"{NAME}: model.encoder_blocks and model.decoder_blocks hold no block: no attention to "
+                         f"swap (refusing a silent no-op)")
     diffloss = getattr(model, "diffloss", None)
     if diffloss is None:
         raise TypeError(f"{NAME}: model has no attribute diffloss (MAR's DiffLoss)")
@@ -434,4 +532,22 @@ def accelerate(model, *, undo: bool = False, gemm_dtype=None):
         if not _is_ours(attn.__dict__.get("forward"), _fast_attention_forward):
             attn.__dict__["forward"] = functools.partial(_fast_attention_forward, attn)
     diffloss.__dict__["sample"] = functools.partial(_fast_sample, diffloss, gemm_dtype=gemm_dtype)
+    report = _report(attns, gemm_dtype)
+    model.__dict__["fluid_ops_report"] = report  # a plain attribute: no module, parameter or buffer
+    _log.info("%s", report)
+    if verbose:
+        print(report)
     return model
+
+
+def _report(attns, gemm_dtype) -> AccelerateReport:
+    dims = sorted({_head_dim(a) for _, a in attns})
+    keywords = sorted({k for p, a in attns for k in _forward_keywords(p, a)}, key=_KEYWORDS.index)
+    return AccelerateReport(
+        attention_modules=len(attns), heads=sum(a.num_heads for _, a in attns),
+        encoder_modules=sum(p.startswith("model.encoder_blocks.") for p, _ in attns),
+        decoder_modules=sum(p.startswith("model.decoder_blocks.") for p, _ in attns),
+        head_dims=tuple(dims), padded_head_dims=tuple(d for d in dims if d not in HEAD_DIMS and d < HEAD_DIMS[-1]),
+        reference_head_dims=tuple(d for d in dims if d > HEAD_DIMS[-1]), keywords=tuple(keywords),
+        fused_attn=tuple(sorted({bool(getattr(a, "fused_attn", True)) for _, a in attns})),
+        diffusion_sample=True, gemm_dtype=gemm_dtype)

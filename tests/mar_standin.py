@@ -1,12 +1,12 @@
 """A stand-in for the user's MAR (LTH14/mar) for testing `fluid_ops.accelerate`.
 
-Neither timm nor MAR's repository can be installed here, so this module rebuilds, from reading
-them, the parts `accelerate` touches, with the same module structure and attribute names:
+MAR's repository is not a package, so this module rebuilds, from reading it, the parts
+`accelerate` touches, with the same module structure and attribute names, ON THE REAL timm:
 
-* timm's `Attention` (qkv, q_norm, k_norm, attn_drop, proj, proj_drop, num_heads, head_dim,
-  scale, fused_attn; forward(x, attn_mask=None) in the (3, B, H, N, D) layout), `Mlp`
-  (fc1, act, drop1, norm, fc2, drop2) and `Block` (norm1, attn, ls1, drop_path1, norm2, mlp,
-  ls2, drop_path2), timm 1.0-style;
+* `Block`, `Attention` and `Mlp` are timm's own (`timm.models.vision_transformer`, the import MAR
+  makes), whatever release is installed (the test extra installs the newest: a timm change shows
+  up here). `Block(dim, heads, mlp_ratio, qkv_bias=True, norm_layer=..., proj_drop=..., attn_drop=...)`
+  is MAR's call; `qk_norm` and `fused_attn` are the stand-in's switches for other timm paths;
 * MAR's `SimpleMLPAdaLN` (with `forward_with_cfg`) and `DiffLoss` (`net`, `train_diffusion`,
   `gen_diffusion`, `forward(target, z, mask)`, `sample(z, temperature, cfg)` drawing its noise
   with torch.randn on the global RNG exactly as MAR does);
@@ -19,84 +19,147 @@ them, the parts `accelerate` touches, with the same module structure and attribu
 
 Device-agnostic where MAR calls `.cuda()`; orders and mask ratios come from torch's global RNG
 instead of numpy / scipy (the RNG source is not what accelerate changes).
+
+timm's own dependencies include torchvision, which only imports beside a matching torch build;
+`import_timm` imports timm without it where it is missing (see there).
 """
 from __future__ import annotations
 
+import importlib.abc
+import importlib.machinery
 import math
+import sys
+import types
 
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from fluid_ops.reference import diffusion as rd
 
 
-# ---- timm-like layers --------------------------------------------------------------------
-class Attention(nn.Module):
-    def __init__(self, dim, num_heads=8, qkv_bias=False, qk_norm=False, attn_drop=0.0, proj_drop=0.0,
-                 norm_layer=nn.LayerNorm, fused_attn=True):
+# ---- timm, imported as installed -----------------------------------------------------------
+class _FrozenBatchNorm2d(nn.Module):
+    """torchvision.ops.misc.FrozenBatchNorm2d, the one torchvision class timm's layers import at
+    module level (its norm factories name it); never built by MAR."""
+
+    def __init__(self, num_features, eps=1e-5):
         super().__init__()
-        self.num_heads = num_heads
-        self.head_dim = dim // num_heads
-        self.scale = self.head_dim ** -0.5
-        self.fused_attn = fused_attn
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.q_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
-        self.k_norm = norm_layer(self.head_dim) if qk_norm else nn.Identity()
-        self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(dim, dim)
-        self.proj_drop = nn.Dropout(proj_drop)
-
-    def forward(self, x, attn_mask=None):
-        b, n, c = x.shape
-        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
-        if self.fused_attn:
-            x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                               dropout_p=self.attn_drop.p if self.training else 0.0)
-        else:
-            attn = (q * self.scale) @ k.transpose(-2, -1)
-            if attn_mask is not None:
-                attn = attn + attn_mask
-            attn = self.attn_drop(attn.softmax(dim=-1))
-            x = attn @ v
-        x = x.transpose(1, 2).reshape(b, n, c)
-        return self.proj_drop(self.proj(x))
-
-
-class Mlp(nn.Module):
-    def __init__(self, in_features, hidden_features, drop=0.0):
-        super().__init__()
-        self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = nn.GELU()
-        self.drop1 = nn.Dropout(drop)
-        self.norm = nn.Identity()
-        self.fc2 = nn.Linear(hidden_features, in_features)
-        self.drop2 = nn.Dropout(drop)
+        self.eps = eps
+        for name, fill in (("weight", torch.ones), ("bias", torch.zeros), ("running_mean", torch.zeros),
+                           ("running_var", torch.ones)):
+            self.register_buffer(name, fill(num_features))
 
     def forward(self, x):
-        return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
+        scale = self.weight * (self.running_var + self.eps).rsqrt()
+        return x * scale[:, None, None] + (self.bias - self.running_mean * scale)[:, None, None]
 
 
-class Block(nn.Module):
-    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, qk_norm=False, proj_drop=0.0,
-                 attn_drop=0.0, norm_layer=nn.LayerNorm, fused_attn=True):
-        super().__init__()
-        self.norm1 = norm_layer(dim)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, attn_drop=attn_drop,
-                              proj_drop=proj_drop, norm_layer=norm_layer, fused_attn=fused_attn)
-        self.ls1 = nn.Identity()
-        self.drop_path1 = nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
-        self.ls2 = nn.Identity()
-        self.drop_path2 = nn.Identity()
+class _Absent(type):
+    """A torchvision name timm imports at module level but MAR never uses (datasets, transforms)."""
 
-    def forward(self, x, attn_mask=None):
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask)))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+    def __getattr__(cls, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return _Absent(name, (), {})
+
+    def __call__(cls, *args, **kwargs):
+        raise RuntimeError(f"torchvision is not installed: {cls.__name__} is a placeholder (tests/mar_standin.py)")
+
+
+class _AbsentModule(types.ModuleType):
+    def __getattr__(self, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        value = _Absent(name, (), {})
+        setattr(self, name, value)
+        return value
+
+
+class _TorchvisionPlaceholders(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name, path=None, target=None):
+        if name == "torchvision" or name.startswith("torchvision."):
+            return importlib.machinery.ModuleSpec(name, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        module = _AbsentModule(spec.name)
+        module.__path__ = []
+        if spec.name == "torchvision.ops.misc":
+            module.FrozenBatchNorm2d = _FrozenBatchNorm2d
+        return module
+
+    def exec_module(self, module):
+        pass
+
+
+def import_timm():
+    """`timm.models.vision_transformer`, the real package. The test extra installs timm with
+    --no-deps (pyproject.toml / ./run say why: PyPI's torchvision pins a CUDA torch build and does
+    not import beside the CPU one). timm imports torchvision names at module level (datasets,
+    transforms, FrozenBatchNorm2d) that MAR's Block never uses; where torchvision is missing or
+    does not import, those names are served by placeholders FOR THE DURATION OF THIS IMPORT ONLY
+    (a meta-path finder removed afterwards, with its modules), so nothing else in the process
+    sees a torchvision. Where a working torchvision is installed it is used as is."""
+    try:
+        import torchvision  # noqa: F401
+    except Exception:  # noqa: BLE001 - missing, or PyPI's CUDA build beside a CPU torch
+        for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+            del sys.modules[name]
+    else:
+        import timm.models.vision_transformer as vit
+        return vit
+    finder = _TorchvisionPlaceholders()
+    sys.meta_path.insert(0, finder)
+    try:
+        import timm.models.vision_transformer as vit
+    finally:
+        sys.meta_path.remove(finder)
+        for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
+            del sys.modules[name]
+    return vit
+
+
+_vit = None
+
+
+def _timm_vit():
+    """timm is imported on first use, not when this module is: importing timm imports
+    torch._dynamo, which imports triton, and the Triton interpreter tests need TRITON_INTERPRET=1
+    set before triton's first import (tests/test_attention_triton.py sets it when collected;
+    a test module importing this one is collected before it)."""
+    global _vit
+    if _vit is None:
+        _vit = import_timm()
+    return _vit
+
+
+def __getattr__(name):
+    """Block, Attention, Mlp (timm's own), timm and TIMM_VERSION, imported on first access."""
+    if name in ("Block", "Attention", "Mlp"):
+        return getattr(_timm_vit(), name)
+    if name in ("timm", "TIMM_VERSION"):
+        _timm_vit()
+        return sys.modules["timm"] if name == "timm" else sys.modules["timm"].__version__
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def make_block(dim, num_heads, mlp_ratio=4.0, qk_norm=False, proj_drop=0.0, attn_drop=0.0, norm_layer=nn.LayerNorm,
+               fused_attn=True):
+    """timm's Block as MAR builds it (models/mar.py: qkv_bias=True, norm_layer, proj_drop, attn_drop);
+    qk_norm and fused_attn pick timm's other paths (fused_attn is timm's per-module flag)."""
+    kw = dict(qkv_bias=True, norm_layer=norm_layer, proj_drop=proj_drop, attn_drop=attn_drop)
+    if qk_norm:
+        kw["qk_norm"] = True
+    blk = _timm_vit().Block(dim, num_heads, mlp_ratio, **kw)
+    blk.attn.fused_attn = fused_attn
+    return blk
+
+
+def block_takes_attn_mask() -> bool:
+    """timm >= 1.0: Block.forward(x, attn_mask=None, ...); 0.9.12 (MAR's pin): forward(x)."""
+    import inspect
+    return "attn_mask" in inspect.signature(_timm_vit().Block.forward).parameters
 
 
 # ---- MAR's diffusion head ---------------------------------------------------------------
@@ -261,6 +324,11 @@ class DiffLoss(nn.Module):
 
 
 # ---- MAR ---------------------------------------------------------------------------------
+def _norm_layer(dim, **kwargs):
+    """MAR's partial(nn.LayerNorm, eps=1e-6); timm >= 1.0.2x passes device= / dtype= to it."""
+    return nn.LayerNorm(dim, eps=1e-6, **kwargs)
+
+
 class MAR(nn.Module):
     def __init__(self, img_size=64, vae_stride=16, patch_size=1, encoder_embed_dim=64, encoder_depth=2,
                  encoder_num_heads=2, decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=2, mlp_ratio=4.0,
@@ -281,15 +349,15 @@ class MAR(nn.Module):
         self.z_proj_ln = nn.LayerNorm(encoder_embed_dim, eps=1e-6)
         self.buffer_size = buffer_size
         self.encoder_pos_embed_learned = nn.Parameter(torch.randn(1, self.seq_len + buffer_size, encoder_embed_dim) * .02)
-        blk = dict(mlp_ratio=mlp_ratio, qkv_bias=True, qk_norm=qk_norm, proj_drop=proj_dropout,
-                   attn_drop=attn_dropout, norm_layer=lambda d: nn.LayerNorm(d, eps=1e-6), fused_attn=fused_attn)
-        self.encoder_blocks = nn.ModuleList([Block(encoder_embed_dim, encoder_num_heads, **blk)
+        blk = dict(mlp_ratio=mlp_ratio, qk_norm=qk_norm, proj_drop=proj_dropout, attn_drop=attn_dropout,
+                   norm_layer=_norm_layer, fused_attn=fused_attn)
+        self.encoder_blocks = nn.ModuleList([make_block(encoder_embed_dim, encoder_num_heads, **blk)
                                              for _ in range(encoder_depth)])
         self.encoder_norm = nn.LayerNorm(encoder_embed_dim, eps=1e-6)
         self.decoder_embed = nn.Linear(encoder_embed_dim, decoder_embed_dim)
         self.mask_token = nn.Parameter(torch.randn(1, 1, decoder_embed_dim) * .02)
         self.decoder_pos_embed_learned = nn.Parameter(torch.randn(1, self.seq_len + buffer_size, decoder_embed_dim) * .02)
-        self.decoder_blocks = nn.ModuleList([Block(decoder_embed_dim, decoder_num_heads, **blk)
+        self.decoder_blocks = nn.ModuleList([make_block(decoder_embed_dim, decoder_num_heads, **blk)
                                              for _ in range(decoder_depth)])
         self.decoder_norm = nn.LayerNorm(decoder_embed_dim, eps=1e-6)
         self.diffusion_pos_embed_learned = nn.Parameter(torch.randn(1, self.seq_len, decoder_embed_dim) * .02)

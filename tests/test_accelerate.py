@@ -1,6 +1,7 @@
-"""fluid_ops.accelerate on a stand-in of MAR's own class (tests/mar_standin.py: timm-like blocks,
-MAR's DiffLoss / SimpleMLPAdaLN / IDDPM sampling): same outputs before and after, refusals that
-change nothing, idempotence, undo."""
+"""fluid_ops.accelerate on a stand-in of MAR's own class (tests/mar_standin.py: the installed timm's
+Block / Attention / Mlp, MAR's DiffLoss / SimpleMLPAdaLN / IDDPM sampling): same outputs before and
+after, fluid_ops attention calls counted on the op itself (torch.profiler), any head dim, the
+report, refusals that change nothing, idempotence, undo."""
 from __future__ import annotations
 
 import copy
@@ -95,6 +96,8 @@ def test_encoder_decoder_eval_equal(calls, qk_norm, fused_attn, dim):
 def test_encoder_with_key_masking_equal(calls):
     """All positions through the encoder with a boolean key mask (timm >= 1.0 attn_mask): becomes
     fluid_ops' key_padding_mask; the known positions equal MAR's dropped-token encoder."""
+    if not mar.block_takes_attn_mask():
+        pytest.skip(f"timm {mar.TIMM_VERSION}: Block.forward takes no attn_mask")
     ref, fast = pair()
     zero(calls)  # the probes of accelerate also call fluid_ops.attention
     ref.eval(), fast.eval()
@@ -305,18 +308,17 @@ def _assert_unchanged(model, snap):
     assert acc._NET_KEY not in model.diffloss.__dict__
 
 
-class _ScaledAttention(mar.Attention):
-    """Looks like timm's Attention, computes something else."""
-
-    def forward(self, x, attn_mask=None):
-        return 2.0 * super().forward(x, attn_mask)
-
-
 def _break_qkv(m):
     del m.decoder_blocks[1].attn.qkv
 
 
 def _scaled_attention(m):
+    class _ScaledAttention(mar.Attention):  # (timm is imported on first use: see tests/mar_standin.py)
+        """Looks like timm's Attention, computes something else."""
+
+        def forward(self, x, attn_mask=None):
+            return 2.0 * (super().forward(x) if attn_mask is None else super().forward(x, attn_mask=attn_mask))
+
     m.decoder_blocks[1].attn.__class__ = _ScaledAttention
 
 
@@ -368,12 +370,37 @@ def test_refusal_leaves_model_unchanged(break_it, exc, words):
     _assert_unchanged(m, snap)
 
 
-def test_refuses_unsupported_head_dim():
-    m = tiny(encoder_num_heads=4)  # 64 / 4 = head dim 16
+def test_refuses_head_dims_over_256():
+    m = tiny(encoder_embed_dim=520, encoder_num_heads=2)  # head dim 260
     snap = _snapshot(m)
-    with pytest.raises(ValueError, match="head dim 16"):
+    with pytest.raises(ValueError, match="head dim 260"):
         accelerate(m)
     _assert_unchanged(m, snap)
+
+
+def test_refuses_an_attention_forward_with_unknown_keywords():
+    """A future timm keyword is an error at accelerate time, never a silent fall-back to timm."""
+    class _RopeKeywordAttention(mar.Attention):
+        """A timm Attention whose forward takes a keyword fluid_ops does not implement."""
+
+        def forward(self, x, attn_mask=None, is_causal=False, rope=None):
+            return super().forward(x)
+
+    m = tiny()
+    m.encoder_blocks[1].attn.__class__ = _RopeKeywordAttention
+    snap = _snapshot(m)
+    with pytest.raises(ValueError, match=r"encoder_blocks\.1\.attn: _RopeKeywordAttention\.forward takes rope"):
+        accelerate(m)
+    _assert_unchanged(m, snap)
+
+
+def test_a_model_without_blocks_is_an_error():
+    m = tiny()
+    m.encoder_blocks = nn.ModuleList()
+    m.decoder_blocks = nn.ModuleList()
+    with pytest.raises(ValueError, match="no attention to swap"):
+        accelerate(m)
+    assert "sample" not in m.diffloss.__dict__
 
 
 def test_refuses_models_that_are_not_mar():
@@ -427,3 +454,128 @@ def test_refuses_a_respacing_fluid_ops_does_not_reproduce():
     _assert_unchanged(m, snap)
     for steps in ("100", "64", "50", "250", "21", "23"):
         assert all(swapped(accelerate(tiny(num_sampling_steps=steps))))
+
+# ---- real timm: fused calls counted on the op itself, any head dim, the report ----------------------
+def _profile_counts(fn):
+    """Calls of the fluid_ops attention op and of torch's SDPA while fn runs (torch.profiler names)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    names = [e.name for e in prof.events()]
+    return {"fluid_ops": names.count("fluid_ops::attention_fwd"),
+            "sdpa": names.count("aten::scaled_dot_product_attention")}
+
+
+@pytest.mark.parametrize("fused_attn", [True, False])
+@pytest.mark.parametrize("heads", [2, 4, 8])  # width 64: head dims 32, 16 (padded), 8 (padded)
+def test_one_fluid_ops_attention_call_per_block_per_pass(fused_attn, heads):
+    """With the installed timm, an accelerated MAR calls fluid_ops' attention op once per block per
+    pass and torch's SDPA never; MAR's z is kept to fp32 rounding."""
+    kw = dict(fused_attn=fused_attn, encoder_num_heads=heads, decoder_num_heads=heads)
+    ref, fast = pair(**kw)
+    ref.eval(), fast.eval()
+    x, mask, cls = inputs(ref)
+    nblocks = len(ref.encoder_blocks) + len(ref.decoder_blocks)
+    out = {}
+
+    def run(model, key):
+        def go():
+            with torch.no_grad():
+                out[key] = model.forward_mae_decoder(model.forward_mae_encoder(x, mask, cls), mask)
+        return go
+
+    n_fast = _profile_counts(run(fast, "fast"))
+    n_ref = _profile_counts(run(ref, "ref"))
+    assert n_fast == {"fluid_ops": nblocks, "sdpa": 0}
+    assert n_ref == {"fluid_ops": 0, "sdpa": nblocks if fused_attn else 0}
+    close(out["fast"], out["ref"])
+    rep_ = fast.fluid_ops_report
+    assert (rep_.attention_modules, rep_.heads) == (nblocks, nblocks * heads)
+    assert rep_.fused_attn == (fused_attn,)
+    assert rep_.padded_head_dims == (() if heads == 2 else (64 // heads,))
+
+
+def test_sample_tokens_counted_and_equal_with_small_heads():
+    """MAR with head dim 16 (width 64, 4 heads): tokens under one seed equal MAR's, and every
+    attention of every pass runs on fluid_ops."""
+    ref, fast = pair(encoder_num_heads=4, decoder_num_heads=4)
+    ref.eval(), fast.eval()
+    labels = torch.tensor([3, 5])
+    res = {}
+
+    def go(model, key):
+        def run():
+            with torch.no_grad():
+                torch.manual_seed(21)
+                res[key] = model.sample_tokens(2, num_iter=4, cfg=2.0, labels=labels, temperature=0.9)
+        return run
+
+    n = _profile_counts(go(fast, "fast"))
+    go(ref, "ref")()
+    assert n == {"fluid_ops": 4 * (len(ref.encoder_blocks) + len(ref.decoder_blocks)), "sdpa": 0}
+    close(res["fast"], res["ref"])
+
+
+@pytest.mark.parametrize("d", [8, 16, 48, 160, 256])
+def test_any_head_dim_up_to_256_is_accelerated(d):
+    heads = 2
+    ref, fast = pair(encoder_embed_dim=heads * d, decoder_embed_dim=heads * d, encoder_num_heads=heads,
+                     decoder_num_heads=heads)
+    ref.eval(), fast.eval()
+    x, mask, cls = inputs(ref)
+    with torch.no_grad():
+        z_ref = ref.forward_mae_decoder(ref.forward_mae_encoder(x, mask, cls), mask)
+        z_fast = fast.forward_mae_decoder(fast.forward_mae_encoder(x, mask, cls), mask)
+    close(z_fast, z_ref)
+    r = fast.fluid_ops_report
+    assert r.head_dims == (d,)
+    assert r.padded_head_dims == ((d,) if d < 128 and d not in (32, 64, 80, 96) else ())
+    assert r.reference_head_dims == ((d,) if d > 128 else ())
+
+
+def test_is_causal_keyword_runs_on_fluid_ops(calls):
+    if "is_causal" not in __import__("inspect").signature(mar.Attention.forward).parameters:
+        pytest.skip(f"timm {mar.TIMM_VERSION}: Attention.forward takes no is_causal")
+    ref, fast = pair()
+    zero(calls)
+    ref.eval(), fast.eval()
+    x = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for i in range(2):
+            close(fast.encoder_blocks[i](x, is_causal=True), ref.encoder_blocks[i](x, is_causal=True))
+            close(fast.encoder_blocks[i].attn(x, None, True), ref.encoder_blocks[i].attn(x, None, True))
+    assert calls["attention"] == 4
+
+
+def test_gated_attention_equal(calls):
+    if "gated" not in __import__("inspect").signature(mar.Attention.__init__).parameters:
+        pytest.skip(f"timm {mar.TIMM_VERSION}: no gated attention")
+    ref = tiny()
+    torch.manual_seed(3)
+    for blk in ref.decoder_blocks:
+        gated = mar.Attention(64, 2, qkv_bias=True, gated=True)
+        gated.fused_attn = blk.attn.fused_attn
+        blk.attn = gated
+    fast = accelerate(copy.deepcopy(ref))
+    zero(calls)
+    ref.eval(), fast.eval()
+    x = torch.randn(2, 7, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        close(fast.decoder_blocks[0](x), ref.decoder_blocks[0](x))
+    assert calls["attention"] == 1
+
+
+def test_report_is_logged_printed_and_undone(caplog, capsys):
+    m = tiny()
+    with caplog.at_level("INFO", logger="fluid_ops.accelerate"):
+        accelerate(m, verbose=True)
+    r = m.fluid_ops_report
+    assert isinstance(r, acc.AccelerateReport)
+    assert (r.attention_modules, r.encoder_modules, r.decoder_modules, r.heads) == (4, 2, 2, 8)
+    assert r.head_dims == (32,) and r.diffusion_sample
+    assert set(r.keywords) <= {"attn_mask", "is_causal"}
+    text = str(r)
+    assert "4 attention modules (2 encoder + 2 decoder), 8 heads, head dim 32" in text
+    assert text in caplog.text and text in capsys.readouterr().out
+    assert "fluid_ops_report" not in dict(m.named_modules()) and "fluid_ops_report" not in m.state_dict()
+    accelerate(m, undo=True)
+    assert not hasattr(m, "fluid_ops_report")

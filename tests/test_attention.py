@@ -321,8 +321,10 @@ def _bad_cases():
     return [
         (dict(q=torch.randn(2, 5, 32)), ValueError, "q must have 4 dims"),
         (dict(k=torch.randn(2, 6, 64)), ValueError, "k must have 4 dims"),
-        (dict(q=torch.randn(2, 5, 2, 48), k=torch.randn(2, 6, 2, 48), v=torch.randn(2, 6, 2, 48)), ValueError,
-         r"head dim D = q.shape\[3\] must be one of \(32, 64, 80, 96, 128\), got 48"),
+        (dict(q=torch.randn(2, 5, 2, 257), k=torch.randn(2, 6, 2, 257), v=torch.randn(2, 6, 2, 257)), ValueError,
+         r"head dim D = q.shape\[3\] must be in 1..256, got 257"),
+        (dict(q=torch.randn(2, 5, 2, 0), k=torch.randn(2, 6, 2, 0), v=torch.randn(2, 6, 2, 0)), ValueError,
+         r"head dim D = q.shape\[3\] must be in 1..256, got 0"),
         (dict(k=torch.randn(3, 6, 2, 32)), ValueError, r"k must have shape \(2, \*, 2, 32\)"),
         (dict(k=torch.randn(2, 6, 4, 32)), ValueError, r"k must have shape \(2, \*, 2, 32\)"),
         (dict(v=torch.randn(2, 6, 2, 64)), ValueError, r"v must have shape \(2, \*, 2, 32\)"),
@@ -451,3 +453,104 @@ def test_kvcache_bad_inputs(bad, exc, match):
         fluid_ops.attention_kvcache(args["q"], args["k_cache"], args["v_cache"], args["k_new"], args["v_new"],
                                     cache_seqlens=args["cache_seqlens"])
     assert torch.equal(kc, before)  # nothing written when the call is refused
+
+
+# ---- head dims the kernels are not compiled for (docs/contracts.md §2.1: every D in 1..256) ----------------------
+ODD_HEAD_DIMS = [8, 16, 48, 160, 256]
+
+
+def _takes(backend, d):
+    """Whether `backend` runs head dim d itself (the compiled ones: d <= 128, zero-padded to a kernel dim)."""
+    return backend == "reference" or d <= ops_attn.HEAD_DIMS[-1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("d", ODD_HEAD_DIMS)
+@pytest.mark.parametrize("causal,masked", [(False, False), (True, True), (False, True)])
+def test_odd_head_dims_fp32(backend, d, causal, masked):
+    b, nq, nk, h = 2, 19, 23, 2
+    q, k, v, mask = _inputs(b, nq, nk, h, d, masked=masked, full_mask_batch=1 if masked else None, seed=d)
+    want = _naive(q, k, v, mask, causal).float()
+    if not _takes(backend, d):
+        with pytest.raises(RuntimeError, match=f"head dim {d} > 128 has no compiled kernel"):
+            _run(backend, q, k, v, key_padding_mask=mask, causal=causal)
+        return
+    got = _run(backend, q, k, v, key_padding_mask=mask, causal=causal)
+    assert got.shape == q.shape and got.dtype == torch.float32 and got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
+    # an explicit softmax scale is that of the caller, not of the padded kernel dim
+    got = _run(backend, q, k, v, key_padding_mask=mask, causal=causal, softmax_scale=0.3)
+    torch.testing.assert_close(got, ref.attention(q, k, v, key_padding_mask=mask, causal=causal, softmax_scale=0.3),
+                               rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("d", ODD_HEAD_DIMS)
+def test_odd_head_dims_automatic_choice(d):
+    """Unforced, every D in 1..256 runs: the cpu kernels (padded) up to 128, the reference above."""
+    q, k, v, mask = _inputs(1, 9, 9, 2, d, masked=True, seed=1)
+    torch.testing.assert_close(fluid_ops.attention(q, k, v, key_padding_mask=mask), _naive(q, k, v, mask, False).float(),
+                               rtol=1e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", ODD_HEAD_DIMS)
+def test_odd_head_dims_lowp_flash_rule(backend, dtype, d):
+    if not _takes(backend, d):
+        pytest.skip(f"{backend} declines head dim {d} (tested in test_odd_head_dims_fp32)")
+    q, k, v, mask = _inputs(2, 33, 17, 2, d, dtype=dtype, masked=True)
+    got = _run(backend, q, k, v, key_padding_mask=mask, causal=True)
+    assert got.dtype == dtype and got.shape == q.shape
+    assert_lowp_close(got, _naive(q, k, v, mask, True), _naive(q, k, v, mask, True, dtype=dtype))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("d", ODD_HEAD_DIMS)
+def test_odd_head_dims_backward(backend, d):
+    if not _takes(backend, d):
+        pytest.skip(f"{backend} declines head dim {d}")
+    b, nq, nk, h = 2, 13, 17, 2
+    q, k, v, mask = _inputs(b, nq, nk, h, d, masked=True, full_mask_batch=1, seed=5)
+    do = torch.randn(b, nq, h, d, generator=torch.Generator().manual_seed(9))
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    want = torch.autograd.grad(ref.attention(q64, k64, v64, key_padding_mask=mask, causal=True), (q64, k64, v64),
+                               do.double())
+    qs, ks, vs = (t.clone().requires_grad_() for t in (q, k, v))
+    with fluid_ops.use_backend(backend):
+        got = torch.autograd.grad(fluid_ops.attention(qs, ks, vs, key_padding_mask=mask, causal=True), (qs, ks, vs), do)
+    for name, g, w in zip("qkv", got, want):
+        assert g.shape == w.shape and g.dtype == torch.float32
+        torch.testing.assert_close(g, w.float(), rtol=1e-4, atol=1e-5, msg=f"d{name}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("d", ODD_HEAD_DIMS)
+def test_odd_head_dims_kvcache(backend, d):
+    """The cache of a padded head dim is still written in place, and attention reads it."""
+    if not _takes(backend, d):
+        pytest.skip(f"{backend} declines head dim {d}")
+    g = torch.Generator().manual_seed(d)
+    b, h, nmax, nnew = 3, 2, 12, 2
+    q = torch.randn(b, nnew, h, d, generator=g)
+    kc, vc = torch.randn(b, nmax, h, d, generator=g), torch.randn(b, nmax, h, d, generator=g)
+    kn, vn = torch.randn(b, nnew, h, d, generator=g), torch.randn(b, nnew, h, d, generator=g)
+    lens = torch.tensor([0, 3, 10])
+    want_k, want_v = kc.clone(), vc.clone()
+    for bi in range(b):
+        want_k[bi, int(lens[bi]):int(lens[bi]) + nnew] = kn[bi]
+        want_v[bi, int(lens[bi]):int(lens[bi]) + nnew] = vn[bi]
+    with fluid_ops.use_backend(backend):
+        o = fluid_ops.attention_kvcache(q, kc, vc, kn, vn, cache_seqlens=lens)
+    assert torch.equal(kc, want_k) and torch.equal(vc, want_v) and o.shape == q.shape
+    for bi in range(b):
+        n = int(lens[bi]) + nnew
+        want = _naive(q[bi:bi + 1], want_k[bi:bi + 1, :n], want_v[bi:bi + 1, :n], causal=True)
+        torch.testing.assert_close(o[bi:bi + 1], want.float(), rtol=1e-5, atol=2e-6)
+
+
+def test_attention_head_dims_report():
+    dims = fluid_ops.attention_head_dims()
+    assert set(dims) == {"cuda", "triton", "cpu", "reference"}
+    for name in ("cuda", "triton", "cpu"):
+        assert dims[name]["native"] == (32, 64, 80, 96, 128) and dims[name]["max"] == 128
+    assert dims["reference"]["max"] == 256

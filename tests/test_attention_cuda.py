@@ -483,3 +483,44 @@ def test_kvcache_decode_loop_matches_full_causal(dtype):
             lens += s1 - s0
     assert_lowp_close(torch.cat(outs, 1).cpu(), ref64, lowp)
     assert torch.equal(kc[:, :n].cpu(), k.cpu())
+
+
+# ---- head dims the kernels are not compiled for (docs/contracts.md §2.1) -----------------------
+def test_supports_hook_declines_large_head_dims():
+    """D > 128 has no CUDA kernel: declined with the reason (checked before the device)."""
+    why = ops_attn._cuda_supports(torch.zeros(1, 4, 1, 160, dtype=torch.float16))
+    assert why is not None
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [8, 16, 48, 160, 256])
+@requires_cuda
+def test_odd_head_dims(dtype, d):
+    """D < 128 not compiled: zero-padded to the next kernel dim (forward, backward, KV cache);
+    D > 128: declined with its reason (the reference runs it when not forced)."""
+    b, nq, nk, h = 2, 33, 40, 2
+    q, k, v, mask = _inputs(b, nq, nk, h, d, dtype=dtype, masked=True, full_mask_batch=1, seed=d)
+    if d > 128:
+        with pytest.raises(RuntimeError, match=f"head dim {d} > 128 has no compiled kernel"):
+            _fwd(*_dev(q, k, v, mask), True)
+        o = fluid_ops.attention(*_dev(q, k, v), key_padding_mask=mask.cuda(), causal=True)  # automatic choice
+        assert_lowp_close(o.cpu(), _naive(q, k, v, mask, True), _naive(q, k, v, mask, True, dtype=dtype))
+        return
+    o, _ = _fwd(*_dev(q, k, v, mask), True)
+    assert o.shape == q.shape and o.is_contiguous()
+    assert_lowp_close(o.cpu(), _naive(q, k, v, mask, True), _naive(q, k, v, mask, True, dtype=dtype),
+                      name=f"{dtype} o")
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(9)).to(dtype)
+    _, want = _ref_grads(q, k, v, mask, True, do)
+    _, got = _grads(*_dev(q, k, v, mask), True, do.cuda())
+    _check_grads(got, want, _lowp_grads(q, k, v, mask, True, do), dtype)
+    kc, vc = torch.zeros(b, 12, h, d, dtype=dtype).cuda(), torch.zeros(b, 12, h, d, dtype=dtype).cuda()
+    lens = torch.tensor([0, 4]).cuda()
+    with fluid_ops.use_backend("cuda"):
+        o = fluid_ops.attention_kvcache(*_dev(q[:, :3]), kc, vc, *_dev(k[:, :3], v[:, :3]), cache_seqlens=lens)
+    assert torch.equal(kc[1, 4:7].cpu(), k[1, :3]) and torch.equal(vc[0, :3].cpu(), v[0, :3])
+    for bi in range(b):
+        n = int(lens[bi]) + 3
+        kk, vv = kc[bi:bi + 1, :n].cpu(), vc[bi:bi + 1, :n].cpu()
+        qq = q[bi:bi + 1, :3]
+        assert_lowp_close(o[bi:bi + 1].cpu(), _naive(qq, kk, vv, causal=True), _naive(qq, kk, vv, causal=True, dtype=dtype))

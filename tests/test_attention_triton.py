@@ -414,3 +414,48 @@ def test_autotune_pruning():
     dkdv = ta._prune(False, "k_bucket", "BLOCK_N")
     assert dkdv(ta.BWD_DKDV_CONFIGS, {"k_bucket": 512}, HAS_MASK=True) == ta.BWD_DKDV_CONFIGS
     assert ta._bucket(1) == 16 and ta._bucket(257) == 512 and ta._bucket(10 ** 6) == 16384
+
+
+# ---- head dims the kernels are not compiled for (docs/contracts.md §2.1) -----------------------
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("d", [8, 16, 48, 160, 256])
+def test_odd_head_dims(device, d):
+    """D < 128 not a kernel dim: zero-padded to the next one (exact), forward, backward, fp32 and
+    fp16 (bf16 on a GPU); D > 128: the triton backend declines it with its reason."""
+    b, nq, nk, h = 2, 19, 23, 2
+    q, k, v, mask = _inputs(b, nq, nk, h, d, masked=True, full_mask_batch=1, seed=d)
+    if d > 128:
+        with pytest.raises(RuntimeError, match=f"head dim {d} > 128 has no compiled kernel"):
+            _fwd(*_to(device, q, k, v, mask), True)
+        return
+    want_o, _ = ref.attention_with_lse(q.double(), k.double(), v.double(), key_padding_mask=mask, causal=True)
+    o, lse = _fwd(*_to(device, q, k, v, mask), True)
+    assert o.shape == q.shape and lse.shape == (b, h, nq)
+    torch.testing.assert_close(o.cpu(), want_o.float(), rtol=1e-5, atol=2e-6)
+    do = torch.randn(b, nq, h, d, generator=torch.Generator().manual_seed(9))
+    _, want = _ref_grads(q, k, v, mask, True, do)
+    _, got = _grads(*_to(device, q, k, v, mask), True, do.to(device))
+    for name, g, w in zip("qkv", got, want):
+        assert g.shape == w.shape
+        torch.testing.assert_close(g.cpu(), w.float(), rtol=1e-4, atol=1e-5, msg=f"d{name}")
+    for dtype in _lowp_dtypes(device):
+        ql, kl, vl = (t.to(dtype) for t in (q, k, v))
+        o, _ = _fwd(*_to(device, ql, kl, vl, mask), True)
+        assert o.dtype == dtype
+        assert_lowp_close(o.cpu(), _naive(ql, kl, vl, mask, True), _naive(ql, kl, vl, mask, True, dtype=dtype),
+                          name=str(dtype))
+    # the KV cache: written in place, then read through the padded kernel
+    kc, vc = torch.zeros(b, 12, h, d), torch.zeros(b, 12, h, d)
+    lens = torch.tensor([0, 4])
+    with fluid_ops.use_backend("triton"):
+        qd, kc, vc, kn, vn, lens = _to(device, q[:, :3], kc, vc, k[:, :3], v[:, :3], lens)
+        o = fluid_ops.attention_kvcache(qd, kc, vc, kn, vn, cache_seqlens=lens)
+    assert torch.equal(kc[1, 4:7].cpu(), k[1, :3]) and torch.equal(vc[0, :3].cpu(), v[0, :3])
+    for bi in range(b):
+        n = int(lens[bi]) + 3
+        kk = torch.zeros(1, n, h, d)
+        kk[0, int(lens[bi]):] = k[bi, :3]
+        vv = torch.zeros(1, n, h, d)
+        vv[0, int(lens[bi]):] = v[bi, :3]
+        torch.testing.assert_close(o[bi:bi + 1].cpu(), _naive(q[bi:bi + 1, :3], kk, vv, causal=True).float(),
+                                   rtol=1e-5, atol=2e-6)

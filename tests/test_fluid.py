@@ -338,7 +338,7 @@ def test_bad_input_gets_clear_errors():
     with pytest.raises(ValueError, match=r"unknown config field\(s\) \['widht'\].*width"):
         Fluid("tiny", widht=64)
     with pytest.raises(ValueError, match="head dim"):
-        Fluid("tiny", text_encoder="hash", width=96, num_heads=2)  # head dim 48
+        Fluid("tiny", text_encoder="hash", width=600, num_heads=2)  # head dim 300 > 256
     with pytest.raises(ValueError, match="token_kind 'discrete' goes with tokenizer 'kmeans'"):
         Fluid("tiny", text_encoder="hash", token_kind="discrete")
     with pytest.raises(ValueError, match="unknown config field"):

@@ -507,3 +507,36 @@ def test_sample_tokens_rejects_bad_arguments(kw, match):
     args.update(kw)
     with pytest.raises(ValueError, match=match):
         m.sample_tokens(**args)
+
+
+@pytest.mark.parametrize("heads", [2, 4, 8])  # head dims 32, 16, 8 (the last two: zero-padded kernels)
+def test_encoder_decoder_equal_mar_on_real_timm(heads):
+    """models.MAR against MAR's own structure built from the installed timm (tests/mar_standin.py:
+    timm's Block, MAR's boolean gather), same weights: MAR's z to fp32 rounding, any head dim."""
+    from tests import mar_standin
+
+    import functools
+
+    # MAR's factories (mar_base ...) pass LayerNorm(eps=1e-6), the stand-in's only norm
+    m = tiny(encoder_num_heads=heads, decoder_num_heads=heads,
+             norm_layer=functools.partial(torch.nn.LayerNorm, eps=1e-6)).eval()
+    c = m.config
+    theirs = mar_standin.MAR(img_size=c["img_size"], vae_stride=c["vae_stride"], patch_size=c["patch_size"],
+                             encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=heads, decoder_embed_dim=64,
+                             decoder_depth=2, decoder_num_heads=heads, mlp_ratio=c["mlp_ratio"],
+                             vae_embed_dim=c["vae_embed_dim"], class_num=c["class_num"], buffer_size=c["buffer_size"],
+                             diffloss_d=2, diffloss_w=64, num_sampling_steps="8", attn_dropout=0.0,
+                             proj_dropout=0.0)
+    theirs.load_state_dict(m.state_dict(), strict=True)
+    theirs.eval()
+    b = 3
+    x = torch.randn(b, 16, 16, generator=gen(2))
+    mask = schedules.training_mask(b, 16, 7 / 16, m.sample_orders(b, gen(3)))
+    ce = m.class_emb(torch.tensor([0, 4, 9]))
+    with torch.no_grad():
+        ours = m.forward_mae_encoder(x, mask, ce)
+        ref = theirs.forward_mae_encoder(x, mask, ce)
+        keep = torch.cat([torch.zeros(b, 4), mask], 1) == 0
+        torch.testing.assert_close(ours[keep].reshape(ref.shape), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(m.forward_mae_decoder(ours, mask), theirs.forward_mae_decoder(ref, mask),
+                                   rtol=1e-5, atol=1e-5)

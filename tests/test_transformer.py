@@ -223,7 +223,7 @@ def test_grad_checkpointing_same_gradients():
 
 def test_bad_arguments():
     with pytest.raises(ValueError, match="head dim"):
-        SelfAttention(48, 2)  # head dim 24
+        SelfAttention(600, 2)  # head dim 300 > 256
     with pytest.raises(ValueError, match="divisible"):
         TransformerBlock(64, 3)
     with pytest.raises(ValueError, match="depth"):

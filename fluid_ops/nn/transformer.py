@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from fluid_ops.ops.attention import HEAD_DIMS, attention, attention_kvcache
+from fluid_ops.ops.attention import MAX_HEAD_DIM, attention, attention_kvcache
 
 __all__ = ["SelfAttention", "CrossAttention", "MLP", "TransformerBlock", "Transformer", "KVCache",
            "check_attention_shape"]
@@ -33,9 +33,9 @@ def check_attention_shape(owner: str, dim: int, num_heads: int) -> int:
     if dim % num_heads:
         raise ValueError(f"{owner}: dim ({dim}) must be divisible by num_heads ({num_heads})")
     head_dim = dim // num_heads
-    if head_dim not in HEAD_DIMS:
+    if head_dim > MAX_HEAD_DIM:
         raise ValueError(f"{owner}: head dim dim // num_heads = {dim} // {num_heads} = {head_dim} is not "
-                         f"supported by fluid_ops.attention; it must be one of {HEAD_DIMS}")
+                         f"supported by fluid_ops.attention; it must be at most {MAX_HEAD_DIM}")
     return head_dim
 
 

@@ -8,6 +8,16 @@ Custom ops: `fluid_ops::attention_fwd` -> (o, lse), `fluid_ops::attention_bwd` -
 (recomputes the probabilities from lse), `fluid_ops::attention_kvcache` (mutates the caches).
 float64 inputs run on the reference backend only (for gradcheck); the compiled backends take
 float32 / float16 / bfloat16.
+
+Head dims: every D in 1..256 (MAX_HEAD_DIM). The compiled kernels (cpu, cuda, triton) are built
+for HEAD_DIMS = (32, 64, 80, 96, 128); a smaller D that is not one of them is ZERO-PADDED to the
+next of them (_padded_*): q, k and v get zero columns, the softmax scale stays that of the true D
+(the public functions fix it before dispatch), so Q Kᵀ, the softmax and the first D output columns
+are unchanged; the padded output columns are 0 and are sliced off (the backward likewise: the
+padded dq / dk / dv columns are 0). That is exact, at the price of one copy of q, k and v. D in
+(128, 256] has no kernel: the compiled backends' `supports` hooks decline it, and the reference
+runs it (a forced compiled backend raises, as for any call it cannot run).
+`attention_head_dims()` says which head dims each backend runs natively, padded or not at all.
 """
 from __future__ import annotations
 
@@ -22,15 +32,85 @@ import importlib
 
 ref = importlib.import_module("fluid_ops.reference.attention")  # the module (the package re-exports a function of that name)
 
-__all__ = ["attention", "attention_kvcache"]
+__all__ = ["attention", "attention_kvcache", "attention_head_dims"]
 
 FWD, BWD, KV = "attention_fwd", "attention_bwd", "attention_kvcache"
-HEAD_DIMS = (32, 64, 80, 96, 128)
+HEAD_DIMS = (32, 64, 80, 96, 128)  # the compiled kernels' head dims (see the module docstring)
+MAX_HEAD_DIM = 256  # the largest D any backend takes (the reference; contracts.md §2.1)
 _DTYPES = FLOAT_DTYPES + (torch.float64,)
 
 
 def _lse_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---- head dims that are not compiled: zero-padding (see the module docstring) ---------------
+def _kernel_head_dim(d: int):
+    """The compiled head dim a D runs at: D itself, the next of HEAD_DIMS for a smaller D, or None
+    (D > max(HEAD_DIMS): no kernel)."""
+    return next((n for n in HEAD_DIMS if n >= d), None)
+
+
+def _head_dim_reason(d: int):
+    if _kernel_head_dim(d) is None:
+        return f"head dim {d} > {HEAD_DIMS[-1]} has no compiled kernel (the reference backend runs it)"
+    return None
+
+
+def _pad_d(t, dp):
+    return t if t is None or t.shape[-1] == dp else torch.nn.functional.pad(t, (0, dp - t.shape[-1]))
+
+
+def _padded_fwd(fn):
+    """fn(q, k, v, *rest) -> (o, lse) on a kernel head dim, for any D <= max(HEAD_DIMS)."""
+    def run(q, k, v, *rest):
+        d = q.shape[3]
+        dp = _kernel_head_dim(d)
+        if dp == d:
+            return fn(q, k, v, *rest)
+        o, lse = fn(_pad_d(q, dp), _pad_d(k, dp), _pad_d(v, dp), *rest)
+        return o[..., :d], lse
+    return run
+
+
+def _padded_bwd(fn):
+    """fn(dout, q, k, v, o, lse, *rest) -> (dq, dk, dv), zero-padded like _padded_fwd."""
+    def run(dout, q, k, v, o, lse, *rest):
+        d = q.shape[3]
+        dp = _kernel_head_dim(d)
+        if dp == d:
+            return fn(dout, q, k, v, o, lse, *rest)
+        dq, dk, dv = fn(*(_pad_d(t, dp) for t in (dout, q, k, v, o)), lse, *rest)
+        return dq[..., :d], dk[..., :d], dv[..., :d]
+    return run
+
+
+def _padded_kv(fn):
+    """fn(q, k_cache, v_cache, k_new, v_new, cache_seqlens, ...) for any D <= max(HEAD_DIMS). With
+    a padded D the new rows are written into the caller's caches first (in place, as the contract
+    says), then the kernel reads zero-padded copies of the caches with k_new = v_new = None."""
+    def run(q, k_cache, v_cache, k_new, v_new, cache_seqlens, causal, softmax_scale):
+        d = q.shape[3]
+        dp = _kernel_head_dim(d)
+        if dp == d:
+            return fn(q, k_cache, v_cache, k_new, v_new, cache_seqlens, causal, softmax_scale)
+        nnew = _append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens)
+        seqlens = cache_seqlens + nnew
+        return fn(_pad_d(q, dp), _pad_d(k_cache, dp), _pad_d(v_cache, dp), None, None, seqlens, causal,
+                  softmax_scale)[..., :d]
+    return run
+
+
+def attention_head_dims() -> dict[str, dict]:
+    """Which head dims each backend runs (docs/contracts.md §2.1): {backend: {"native": dims the
+    kernels are compiled for, "padded": "D < max(native) not in native, zero-padded to the next
+    native dim (exact)", "max": the largest D it takes}}. The public ops take 1 <= D <= 256
+    everywhere; a D a backend does not take runs on the next backend in the preference order
+    (in the end the reference), or raises when that backend is forced."""
+    compiled = {"native": HEAD_DIMS, "padded": f"D < {HEAD_DIMS[-1]} not in native: zero-padded to the next "
+                f"native head dim (exact)", "max": HEAD_DIMS[-1]}
+    return {"cuda": dict(compiled), "triton": dict(compiled), "cpu": dict(compiled),
+            "reference": {"native": f"every D in 1..{MAX_HEAD_DIM}", "padded": None, "max": MAX_HEAD_DIM}}
 
 
 # ---- backends ---------------------------------------------------------------------------
@@ -68,7 +148,7 @@ def _cpu_impl() -> int:
 def _cpu_supports(q, *args, **kwargs):
     if q.dtype not in FLOAT_DTYPES:
         return f"dtype {q.dtype} is not supported by the CPU kernels (float32, float16, bfloat16)"
-    return None
+    return _head_dim_reason(q.shape[3])
 
 
 def _unit_d(t):
@@ -88,11 +168,13 @@ def _cpu_forward(q, k, v, key_padding_mask, seqlens_k, causal, softmax_scale, im
 
 
 @backend.register(FWD, "cpu", supports=_cpu_supports)
+@_padded_fwd
 def _fwd_cpu(q, k, v, key_padding_mask, causal, softmax_scale):
     return _cpu_forward(q, k, v, key_padding_mask, None, causal, softmax_scale)
 
 
 @backend.register(BWD, "cpu", supports=lambda dout, q, *a, **kw: _cpu_supports(q))
+@_padded_bwd
 def _bwd_cpu(dout, q, k, v, o, lse, key_padding_mask, causal, softmax_scale):
     # locals keep every tensor (and any copy) alive until the kernel returns: a view is a raw pointer
     dout, q, k, v, o = (_unit_d(t) for t in (dout, q, k, v, o))
@@ -118,6 +200,7 @@ def _append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens):
 
 
 @backend.register(KV, "cpu", supports=_cpu_supports)
+@_padded_kv
 def _kv_cpu(q, k_cache, v_cache, k_new, v_new, cache_seqlens, causal, softmax_scale):
     nnew = _append_kv(k_cache, v_cache, k_new, v_new, cache_seqlens)
     seqlens_k = (cache_seqlens.to(torch.int64) + nnew).contiguous()
@@ -138,21 +221,26 @@ def _triton_supports(q, *args, **kwargs):
         return f"dtype {q.dtype} is not supported by the Triton kernels (float32, float16, bfloat16)"
     if q.shape[0] * q.shape[2] > _TRITON_MAX_BATCH_HEADS:
         return f"B·H = {q.shape[0] * q.shape[2]} > {_TRITON_MAX_BATCH_HEADS} (the kernels' grid limit)"
+    if _head_dim_reason(q.shape[3]):
+        return _head_dim_reason(q.shape[3])
     from fluid_ops import triton as fluid_triton
     return fluid_triton.run_reason(q.device, q.dtype)
 
 
 @backend.register(FWD, "triton", supports=_triton_supports)
+@_padded_fwd
 def _fwd_triton(q, k, v, key_padding_mask, causal, softmax_scale):
     return _triton_kernels().forward(q, k, v, key_padding_mask, causal, softmax_scale)
 
 
 @backend.register(BWD, "triton", supports=lambda dout, q, *a, **kw: _triton_supports(q))
+@_padded_bwd
 def _bwd_triton(dout, q, k, v, o, lse, key_padding_mask, causal, softmax_scale):
     return _triton_kernels().backward(dout, q, k, v, o, lse, key_padding_mask, causal, softmax_scale)
 
 
 @backend.register(KV, "triton", supports=_triton_supports)
+@_padded_kv
 def _kv_triton(q, k_cache, v_cache, k_new, v_new, cache_seqlens, causal, softmax_scale):
     return _triton_kernels().kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens, causal, softmax_scale)
 
@@ -185,8 +273,8 @@ def _cuda_supports(q, *args, **kwargs):
     if q.device.type != "cuda":
         return f"tensors are on {q.device.type}, not cuda"
     b, nq, h, d = q.shape
-    if d not in HEAD_DIMS:
-        return f"head dim {d} is not compiled (one of {HEAD_DIMS})"
+    if _head_dim_reason(d):
+        return _head_dim_reason(d)
     if b > _CUDA_MAX_GRID_YZ or h > _CUDA_MAX_GRID_YZ:
         return f"B = {b} or H = {h} > {_CUDA_MAX_GRID_YZ} (the kernels' grid limit)"
     if torch.cuda.get_device_capability(q.device)[0] < 8:
@@ -243,11 +331,13 @@ def _cuda_forward(q, k, v, key_padding_mask, seqlens_k, causal, softmax_scale):
 
 
 @backend.register(FWD, "cuda", supports=_cuda_supports)
+@_padded_fwd
 def _fwd_cuda(q, k, v, key_padding_mask, causal, softmax_scale):
     return _cuda_forward(q, k, v, key_padding_mask, None, causal, softmax_scale)
 
 
 @backend.register(BWD, "cuda", supports=lambda dout, q, *a, **kw: _cuda_supports(q))
+@_padded_bwd
 def _bwd_cuda(dout, q, k, v, o, lse, key_padding_mask, causal, softmax_scale):
     return _cuda_backward(dout, q, k, v, o, lse, key_padding_mask, causal, softmax_scale)
 
@@ -277,6 +367,7 @@ def _cuda_backward(dout, q, k, v, o, lse, key_padding_mask, causal, softmax_scal
 
 
 @backend.register(KV, "cuda", supports=_cuda_supports)
+@_padded_kv
 def _kv_cuda(q, k_cache, v_cache, k_new, v_new, cache_seqlens, causal, softmax_scale):
     # append with torch indexing on the device (no host sync), then one forward launch over each
     # batch's first cache_seqlens[b] + Nnew rows (lengths read on the device)
@@ -370,8 +461,8 @@ def _(q, k_cache, v_cache, k_new, v_new, cache_seqlens, causal, softmax_scale):
 def _check_qkv(op, q, k, v, *, kname="k", vname="v"):
     check_tensor(op, "q", q, ndim=4, dtypes=_DTYPES)
     b, nq, h, d = q.shape
-    if d not in HEAD_DIMS:
-        raise ValueError(f"{op}: head dim D = q.shape[3] must be one of {HEAD_DIMS}, got {d}")
+    if not 1 <= d <= MAX_HEAD_DIM:
+        raise ValueError(f"{op}: head dim D = q.shape[3] must be in 1..{MAX_HEAD_DIM}, got {d}")
     check_tensor(op, kname, k, ndim=4, dtypes=_DTYPES)
     check_tensor(op, vname, v, ndim=4, dtypes=_DTYPES)
     for name, t in ((kname, k), (vname, v)):
@@ -420,7 +511,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_padding_
               causal: bool = False, softmax_scale: float | None = None) -> torch.Tensor:
     """softmax(Q Kᵀ · scale + mask) V (docs/contracts.md §2.1), differentiable in q, k, v.
 
-    q (B, Nq, H, D), k / v (B, Nk, H, D), D in {32, 64, 80, 96, 128}, float32 / float16 /
+    q (B, Nq, H, D), k / v (B, Nk, H, D), any D in 1..256 (compiled kernels for 32, 64, 80, 96,
+    128; a smaller D is zero-padded to one of them, a larger one runs on the reference: see
+    attention_head_dims()), float32 / float16 /
     bfloat16 (float64 on the reference backend). Views with unit stride along D (e.g. slices of
     a fused QKV projection) are read in place. key_padding_mask (B, Nk) bool, True = may be
     attended. causal: query i attends key j iff j <= i + Nk - Nq (bottom-right). softmax_scale
