@@ -103,7 +103,7 @@ def build_model(name: str, device, text_encoder: str, seed: int = 0) -> Fluid:
                 p.copy_(0.02 * torch.randn(p.shape, generator=g))
     m.to(device)
     if m.needs_tokenizer_fit:
-        s = m.config.image_size
+        s = m.config.image.size
         m.fit_tokenizer(torch.rand(16, 3, s, s, generator=g).to(device), iters=3, generator=g)
     return m
 
@@ -173,7 +173,7 @@ def run_grid(grid: str, device, *, text_encoder: str, precision: str, rounds=Non
             s = settings["train"]
             m.train()
             opt = torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.02)
-            sz = m.config.image_size
+            sz = m.config.image.size
             images = torch.rand(s["batch"], 3, sz, sz, generator=torch.Generator().manual_seed(2)).to(device)
             captions = [PROMPTS[i % len(PROMPTS)] for i in range(s["batch"])]
             times = {b: [] for b in BACKENDS}

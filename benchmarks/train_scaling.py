@@ -97,7 +97,7 @@ def worker(spec: dict) -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.reset_peak_memory_stats()
     batch = spec["batch_per_rank"] * world
-    ds = SyntheticPairs(batch * (spec["warmup"] + spec["steps"]), model.config.image_size)
+    ds = SyntheticPairs(batch * (spec["warmup"] + spec["steps"]), model.config.image.size)
     with tempfile.TemporaryDirectory() as tmp:
         r = _timed_train(model, ds, steps=spec["steps"], warmup=spec["warmup"], batch=batch, out_dir=tmp,
                          fsdp=spec["mode"] == "fsdp", amp=spec["amp"])
@@ -155,9 +155,9 @@ def cache_compare(config: str, *, batch: int, steps: int, warmup: int, amp: str,
             torch.manual_seed(0)
             return Fluid(config, **over)
         m = model()
-        out["text_encoder"] = m.config.text_encoder
+        out["text_encoder"] = m.config.text.encoder
         n = batch * (warmup + steps)
-        raw = SyntheticPairs(n, m.config.image_size)
+        raw = SyntheticPairs(n, m.config.image.size)
         t0 = time.perf_counter()
         prepare(raw, Path(tmp) / "cache", m.config, flip=True, batch_size=batch, progress=False)
         out["prepare_s_per_sample_2_views"] = (time.perf_counter() - t0) / n

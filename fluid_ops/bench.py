@@ -121,7 +121,7 @@ def bench_train_step(device, quick: bool) -> dict:
     torch.manual_seed(0)
     model = Fluid("tiny", text_encoder="hash").to(device)
     bsz = 16 if quick else 64
-    images = torch.rand(bsz, 3, model.config.image_size, model.config.image_size, device=device)
+    images = torch.rand(bsz, 3, model.config.image.size, model.config.image.size, device=device)
     captions = ["a red circle at the top left"] * bsz
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
 

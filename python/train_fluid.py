@@ -58,7 +58,7 @@ if args.steps is None and args.minutes is None:
 
 torch.manual_seed(args.seed)  # model init
 model = Fluid(args.config, **dict(args.set))
-dataset = ShapesDataset(size=model.config.image_size, length=args.data_length, seed=args.seed)
+dataset = ShapesDataset(size=model.config.image.size, length=args.data_length, seed=args.seed)
 trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
 print(f"Fluid {args.config}: {trainable / 1e6:.2f}M trainable parameters; {len(dataset)} images; out {args.out}")
 

@@ -609,7 +609,7 @@ class Fluid(nn.Module):
                  gemm_dtype=None) -> torch.Tensor:
         """Images (B, 3, H, W) float32 in [0, 1], one per prompt. Defaults (None) come from the
         config: num_iter (random order; raster always takes one step per token), cfg and temperature
-        (the paper's values for the variant), num_diffusion_steps (config.num_sampling_steps).
+        (the paper's values for the variant), num_diffusion_steps (config.sampling.num_diffusion_steps).
         cfg_schedule "linear": the CFG scale grows with the fraction of known tokens (docs/contracts.md §2.4);
         "constant". cfg_uncond (random order): the unconditional branch drops the text ("text") or the
         text and every known token ("all"); see FluidConfig. The same generator state gives the same
