@@ -16,6 +16,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
+DEFAULT_CUDA_ARCHS = "80-real;89-real;90a-real;90-virtual"  # as CMakeLists.txt
 
 
 def find_nvcc():
@@ -54,10 +55,13 @@ class CMakeBuild(build_ext):
         import pybind11
 
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
-        build_dir = Path(self.build_temp).resolve() / "cmake"
-        build_dir.mkdir(parents=True, exist_ok=True)
         nvcc = want_cuda()
         debug = os.environ.get("FLUID_OPS_DEBUG") == "1"
+        # A CMake tree that outlives the build: pip's editable builds get a fresh temporary
+        # build_temp each time, so a one-file change to csrc/ would recompile everything.
+        build_dir = ROOT / "build" / (f"cmake-{sys.implementation.cache_tag}-{'cuda' if nvcc else 'cpu'}"
+                                      f"{'-debug' if debug else ''}")
+        build_dir.mkdir(parents=True, exist_ok=True)
         cfg = [
             "cmake", "-S", str(ROOT), "-B", str(build_dir), "-G", "Ninja",
             f"-DCMAKE_BUILD_TYPE={'Debug' if debug else 'Release'}",
@@ -68,9 +72,9 @@ class CMakeBuild(build_ext):
         ]
         if nvcc:
             cfg.append(f"-DCMAKE_CUDA_COMPILER={nvcc}")
-            archs = os.environ.get("FLUID_OPS_CUDA_ARCHS")
-            if archs:
-                cfg.append(f"-DFLUID_OPS_CUDA_ARCHS={archs}")
+            # always passed: the kept CMake cache would otherwise hold the last build's list
+            archs = os.environ.get("FLUID_OPS_CUDA_ARCHS") or DEFAULT_CUDA_ARCHS
+            cfg.append(f"-DFLUID_OPS_CUDA_ARCHS={archs}")
         jobs = os.environ.get("FLUID_OPS_BUILD_JOBS", str(os.cpu_count() or 1))
         subprocess.check_call(cfg)
         subprocess.check_call(
