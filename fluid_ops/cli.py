@@ -60,13 +60,16 @@ def _dataset(spec: str, *, image_size: int, seed: int, kinds=None, on_bad: str =
     from fluid_ops import data
     if spec == "shapes":
         return data.ShapesDataset(size=image_size, seed=seed, **({"kinds": kinds} if kinds else {}))
+    # shards: on_bad="error" decodes every sample before training (a member that cannot be read is
+    # named then, not mid-run); "skip" reads the next readable sample in a bad one's place
+    shards = dict(size=image_size, on_bad=on_bad, verify=on_bad == "error", progress=None if progress else False)
     if spec.endswith(".tar") and os.path.isfile(spec):
-        return data.ShardDataset(spec, size=image_size)
+        return data.ShardDataset(spec, **shards)
     if not os.path.isdir(spec):
         raise SystemExit(f"--data: {spec!r} is neither 'shapes' nor an existing folder (of img.png + img.txt "
                          "pairs, of WebDataset .tar shards, or prepared by fluid-ops prepare) nor a .tar shard")
     if any(Path(spec).glob("*.tar")):  # WebDataset shards: image-caption pairs or a prepared cache
-        return data.ShardDataset(spec, size=image_size)
+        return data.ShardDataset(spec, **shards)
     return data.ImageCaptionFolder(spec, size=image_size, on_bad=on_bad, progress=None if progress else False)
 
 

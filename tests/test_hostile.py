@@ -299,6 +299,37 @@ def test_corrupt_shard_member_is_named(tmp_path):
         ds[2]
     with pytest.raises(ShardError, match=r"b\.png"):
         ShardDataset(shard, size=8, verify=True)
+    # on_bad="skip": the next readable sample stands in, the same one on every read (a resumed run
+    # reads what the interrupted one read), one warning naming the member
+    skip = ShardDataset(shard, size=8, on_bad="skip")
+    with pytest.warns(UserWarning, match=r"b\.png of shard"):
+        first = skip[1]
+    assert first[1] == "ok" and torch.equal(first[0], skip[0][0])   # b -> c (bad caption) -> a
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = skip[1]                                           # no second warning for the same sample
+    assert torch.equal(again[0], first[0]) and again[1] == first[1]
+    assert set(skip.skipped) == {1, 2}
+    with pytest.raises(ValueError, match="on_bad"):
+        ShardDataset(shard, size=8, on_bad="ignore")
+
+
+def test_cli_names_a_bad_shard_member_before_the_run_folder(tmp_path, capsys):
+    import tarfile
+    from fluid_ops import cli
+    data = tmp_path / "shards"
+    data.mkdir()
+    with tarfile.open(data / "s.tar", "w") as tf:
+        for ext, payload in (("png", b"garbage"), ("txt", b"a red circle")):
+            ti = tarfile.TarInfo(f"x.{ext}")
+            ti.size = len(payload)
+            tf.addfile(ti, io.BytesIO(payload))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        cli.main(["train", "--config", "tiny", "--set", "text.encoder=hash", "--data", str(data), "--out", str(out),
+                  "--steps", "1", "--no-progress"])
+    assert e.value.code == 2 and "x.png of shard" in capsys.readouterr().err
+    assert not out.exists()
 
 
 # ---- 4. ops validate before they write; NaN never stands for a defined result ------------------------

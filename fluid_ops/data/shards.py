@@ -29,6 +29,7 @@ import io
 import json
 import os
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -109,10 +110,18 @@ class ShardDataset(torch.utils.data.Dataset):
     a list of them. size: image-caption shards only, as in `ImageCaptionFolder` (None keeps each
     image's own size; an int centre-crops and resizes to size x size)."""
 
-    def __init__(self, source, size: int | None = None, *, verify: bool = False, progress: bool | None = None):
+    def __init__(self, source, size: int | None = None, *, verify: bool = False, on_bad: str = "error",
+                 progress: bool | None = None):
         """verify=True decodes every sample once now (a bar with `progress`), so a member that
         cannot be read is a `ShardError` naming shard and member before training starts; without
-        it the same error comes when the sample is read."""
+        it the same error comes when the sample is read. on_bad="skip" instead reads the next
+        readable sample in its place, with one warning per bad sample naming it (`skipped` counts
+        them in this process): the same substitution on every read, so a resumed run sees the
+        data the interrupted one saw instead of dying where it died."""
+        if on_bad not in ("error", "skip"):
+            raise ValueError(f"on_bad: expected 'error' or 'skip', got {on_bad!r}")
+        self.on_bad = on_bad
+        self.skipped: dict[int, str] = {}   # index -> why, for samples replaced under on_bad="skip"
         self.paths = list_shards(source)
         folder = self.paths[0].parent
         self.meta = None
@@ -196,6 +205,19 @@ class ShardDataset(torch.utils.data.Dataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for a ShardDataset of {len(self)} samples")
         index = int(index) % len(self)
+        if self.on_bad == "error":
+            return self._sample(index)
+        for i in (index + j for j in range(len(self))):
+            i %= len(self)
+            try:
+                return self._sample(i)
+            except (ShardError, ValueError, OSError) as e:
+                if i not in self.skipped:
+                    self.skipped[i] = str(e)
+                    warnings.warn(f"on_bad='skip': {e}; the next readable sample is read in its place", stacklevel=2)
+        raise ShardError(f"no sample of the {len(self.paths)} shard(s) can be read (on_bad='skip')")
+
+    def _sample(self, index: int):
         if self.prepared:
             tokens = torch.from_numpy(np.load(io.BytesIO(self.member(index, "tokens.npy")), allow_pickle=False))
             text = torch.from_numpy(np.load(io.BytesIO(self.member(index, "text.npy")), allow_pickle=False))
