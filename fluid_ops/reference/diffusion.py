@@ -246,4 +246,5 @@ def diffusion_loss(net, target: torch.Tensor, z: torch.Tensor, mask: torch.Tenso
     if mask is None:
         return loss.mean()
     mask = mask.to(loss.dtype).repeat(diffusion_batch_mul)
-    return (loss * mask).sum() / mask.sum()
+    # a mean over no rows is 0 (zero gradient), not 0 / 0: docs/contracts.md §2.3
+    return (loss * mask).sum() / mask.sum().clamp(min=1)
