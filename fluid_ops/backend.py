@@ -125,15 +125,25 @@ def _status(backend: str) -> str | None:
     return _STATUS_CACHE[backend]
 
 
+_LIMITS: dict[str, dict[str, object]] = {}
+
+
+def declare_limits(what: str, per_backend: dict[str, object]) -> None:
+    """An op family states what each backend takes (e.g. attention's head dims), for backends()."""
+    for b, value in per_backend.items():
+        _LIMITS.setdefault(b, {})[what] = value
+
+
 def backends() -> dict[str, dict]:
-    """What is available and why not: {name: {"available": bool, "reason": str|None, "ops": [...]}}."""
+    """What is available and why not: {name: {"available": bool, "reason": str|None, "ops": [...],
+    "limits": {what: value}}}, limits as the op families declare them (`declare_limits`)."""
     out = {}
     for b in BACKENDS:
         reason = _status(b)
         ops = sorted(op for op, impls in _REGISTRY.items() if b in impls)
         if reason is None and not ops:
             reason = "no kernels registered for this backend yet"
-        out[b] = {"available": reason is None, "reason": reason, "ops": ops}
+        out[b] = {"available": reason is None, "reason": reason, "ops": ops, "limits": dict(_LIMITS.get(b, {}))}
     return out
 
 

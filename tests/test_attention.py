@@ -554,3 +554,6 @@ def test_attention_head_dims_report():
     for name in ("cuda", "triton", "cpu"):
         assert dims[name]["native"] == (32, 64, 80, 96, 128) and dims[name]["max"] == 128
     assert dims["reference"]["max"] == 256
+    # backends() says the same, per backend, under "limits"
+    report = fluid_ops.backends()
+    assert all(report[name]["limits"]["attention_head_dims"] == dims[name] for name in dims)

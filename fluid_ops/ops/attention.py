@@ -113,6 +113,9 @@ def attention_head_dims() -> dict[str, dict]:
             "reference": {"native": f"every D in 1..{MAX_HEAD_DIM}", "padded": None, "max": MAX_HEAD_DIM}}
 
 
+backend.declare_limits("attention_head_dims", attention_head_dims())
+
+
 # ---- backends ---------------------------------------------------------------------------
 @backend.register(FWD, "reference")
 def _fwd_reference(q, k, v, key_padding_mask, causal, softmax_scale):
