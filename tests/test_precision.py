@@ -16,6 +16,8 @@ CPUS = {  # the three kinds of CPU this project has run on (docs/measured.md)
 
 @pytest.fixture
 def as_cpu(monkeypatch):
+    monkeypatch.delenv("FLUID_OPS_PRECISION", raising=False)  # conftest pins fp32 for the other tests
+
     def use(flags):
         monkeypatch.setattr(backend, "_read_cpu_flags", lambda: frozenset(flags))
         monkeypatch.setattr(backend, "_CPU_FLAGS", None)
@@ -91,3 +93,36 @@ def test_mar_sample_tokens_precision(as_cpu):
     assert (bf16 - fp32).abs().max() < 0.25 * fp32.abs().max() + 0.1
     with pytest.raises(ValueError, match="precision must be one of"):
         run("half")
+
+
+def test_env_override_of_auto(as_cpu, monkeypatch):
+    as_cpu(CPUS["zen4_avx512_bf16"])
+    monkeypatch.setenv("FLUID_OPS_PRECISION", "fp32")
+    assert backend.resolve_precision("auto", "cpu") == "fp32"
+    assert backend.resolve_precision("bf16", "cpu") == "bf16"  # explicit wins
+    assert auto_gemm_dtype("cpu") == torch.bfloat16  # gemm_dtype="auto" is the hardware's alone
+    as_cpu(CPUS["amd_avx2"])
+    monkeypatch.setenv("FLUID_OPS_PRECISION", "bf16")
+    assert backend.resolve_precision("auto", "cpu") == "bf16"
+    monkeypatch.setenv("FLUID_OPS_PRECISION", "fp16")
+    with pytest.raises(ValueError, match="FLUID_OPS_PRECISION must be"):
+        backend.resolve_precision("auto", "cpu")
+
+
+def test_fluid_generate_precision(as_cpu):
+    """Fluid.generate: "fp32" exact and repeatable; "bf16" (transformer under autocast, bf16 head
+    GEMMs) close to it; "auto" on a CPU without native bf16 is fp32."""
+    from fluid_ops.models import Fluid
+    torch.manual_seed(0)
+    m = Fluid("tiny", **{"text.encoder": "hash"}).eval()
+
+    def gen(precision):
+        return m.generate(["a red circle", "a blue square"], num_iter=2, num_diffusion_steps=3, temperature=0.0,
+                          generator=torch.Generator().manual_seed(0), precision=precision)
+
+    fp32 = gen("fp32")
+    as_cpu(CPUS["amd_avx2"])
+    assert torch.equal(gen("auto"), fp32)
+    bf16 = gen("bf16")
+    assert bf16.shape == fp32.shape and bf16.dtype == torch.float32
+    assert (bf16 - fp32).abs().max() < 0.25

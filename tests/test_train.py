@@ -500,6 +500,7 @@ def test_precision_is_chosen_by_the_hardware_and_recorded(tmp_path, monkeypatch)
     in the checkpoint's train_args."""
     from fluid_ops import backend
     from fluid_ops.checkpoint import load_checkpoint
+    monkeypatch.delenv("FLUID_OPS_PRECISION", raising=False)  # conftest pins fp32 for the other tests
     for flags, want in (({"avx2", "fma"}, "fp32"), ({"avx2", "avx512f", "avx512_bf16"}, "bf16")):
         monkeypatch.setattr(backend, "_read_cpu_flags", lambda flags=flags: frozenset(flags))
         monkeypatch.setattr(backend, "_CPU_FLAGS", None)

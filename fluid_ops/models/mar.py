@@ -550,31 +550,32 @@ class MAR(nn.Module):
                 pass
         n_before = l
         bidx = torch.arange(bsz, device=dev)[:, None]
-        for k in steps:
-            n_after = masked_after[k]
-            if n_after == n_before:  # K > L: this step unmasks nothing (MAR predicts no tokens)
-                continue
-            tok_in, mask_in = (torch.cat([tokens, tokens]), torch.cat([mask, mask])) if guided else (tokens, mask)
-            known = None
-            if self.compact_encoder:  # the known tokens are the order's suffix orders[:, n_before:]
-                known = orders[:, n_before:]
-                known = torch.cat([known, known]) if guided else known
-            with torch.autocast(dev.type, torch.bfloat16, enabled=prec == "bf16"):
+        # one autocast context for the whole loop: its cache casts each weight to bf16 once per call
+        with torch.autocast(dev.type, torch.bfloat16, enabled=prec == "bf16"):
+            for k in steps:
+                n_after = masked_after[k]
+                if n_after == n_before:  # K > L: this step unmasks nothing (MAR predicts no tokens)
+                    continue
+                tok_in, mask_in = (torch.cat([tokens, tokens]), torch.cat([mask, mask])) if guided else (tokens, mask)
+                known = None
+                if self.compact_encoder:  # the known tokens are the order's suffix orders[:, n_before:]
+                    known = orders[:, n_before:]
+                    known = torch.cat([known, known]) if guided else known
                 z = self.forward_mae_encoder(tok_in, mask_in, cond, known_index=known)
-                z = self.forward_mae_decoder(z, mask_in, known_index=known)
-            z = z.float()
-            # this step's tokens: orders[:, n_after:n_before] (masked tokens are the order's prefix)
-            idx = orders[:, n_after:n_before]
-            zs = z[:bsz][bidx, idx].reshape(-1, z.shape[-1])
-            w = cfgs[k]
-            if guided and w != 1.0:
-                zs = torch.cat([zs, z[bsz:][bidx, idx].reshape(-1, z.shape[-1])])
-            new = self.diffloss.sample(zs, temperature, w if guided else 1.0, generator,
-                                       gemm_dtype=torch.bfloat16 if prec == "bf16" else None)
-            tokens = tokens.clone()
-            tokens[bidx, idx] = new.reshape(bsz, -1, c).to(tokens.dtype)
-            mask = schedules.next_mask(mask, orders, n_after)
-            n_before = n_after
+                z = self.forward_mae_decoder(z, mask_in, known_index=known).float()
+                # this step's tokens: orders[:, n_after:n_before] (masked tokens are the order's prefix)
+                idx = orders[:, n_after:n_before]
+                zs = z[:bsz][bidx, idx].reshape(-1, z.shape[-1])
+                w = cfgs[k]
+                if guided and w != 1.0:
+                    zs = torch.cat([zs, z[bsz:][bidx, idx].reshape(-1, z.shape[-1])])
+                with torch.autocast(dev.type, enabled=False):  # the head's GEMM dtype is gemm_dtype's
+                    new = self.diffloss.sample(zs, temperature, w if guided else 1.0, generator,
+                                               gemm_dtype=torch.bfloat16 if prec == "bf16" else None)
+                tokens = tokens.clone()
+                tokens[bidx, idx] = new.reshape(bsz, -1, c).to(tokens.dtype)
+                mask = schedules.next_mask(mask, orders, n_after)
+                n_before = n_after
         return self.unpatchify(tokens)
 
 
