@@ -55,6 +55,7 @@ paper's head is of that order too.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -617,7 +618,9 @@ class Fluid(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            with torch.autocast(self.device.type, torch.bfloat16, enabled=prec == "bf16"):
+            # "fp32" leaves autocast as the caller set it (the head's GEMMs follow gemm_dtype alone)
+            amp = torch.autocast(self.device.type, torch.bfloat16) if prec == "bf16" else contextlib.nullcontext()
+            with amp:
                 if self.config.order == "random":
                     tokens = self._generate_random(prompts, num_iter, cfg, cfg_schedule, temperature, steps,
                                                    generator, progress, gemm_dtype, cfg_uncond)

@@ -45,6 +45,7 @@ Host syncs that remain: the training mask ratio (`mask_ratio` returns a Python f
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from functools import partial
 from pathlib import Path
@@ -550,8 +551,9 @@ class MAR(nn.Module):
                 pass
         n_before = l
         bidx = torch.arange(bsz, device=dev)[:, None]
-        # one autocast context for the whole loop: its cache casts each weight to bf16 once per call
-        with torch.autocast(dev.type, torch.bfloat16, enabled=prec == "bf16"):
+        # one autocast context for the whole loop: its cache casts each weight to bf16 once per call;
+        # "fp32" leaves autocast as the caller set it
+        with torch.autocast(dev.type, torch.bfloat16) if prec == "bf16" else contextlib.nullcontext():
             for k in steps:
                 n_after = masked_after[k]
                 if n_after == n_before:  # K > L: this step unmasks nothing (MAR predicts no tokens)
