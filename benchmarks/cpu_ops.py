@@ -29,6 +29,8 @@ if str(ROOT) not in sys.path:  # run from a source checkout without installing
 
 import fluid_ops  # noqa: E402
 from fluid_ops import _compiled  # noqa: E402
+import importlib  # noqa: E402
+_attn_ops = importlib.import_module("fluid_ops.ops.attention")  # the module (fluid_ops re-exports the function)
 
 
 def machine_info() -> dict:
@@ -49,6 +51,8 @@ def machine_info() -> dict:
         "threads": torch.get_num_threads(),
         "fluid_ops": fluid_ops.__version__,
         "fluid_ops_attention_isa": _compiled.cpu.attention_fwd_isa() if _compiled.cpu is not None else None,
+        "cpu_simd_flags": fluid_ops.backend.cpu_simd_flags(),
+        "cpu_native_bf16": fluid_ops.backend.native_bf16("cpu"),
         "python": platform.python_version(),
         # other processes on a small machine skew timings (interleaving spreads it over both sides)
         "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
@@ -87,6 +91,9 @@ def bench_attention(args) -> list[dict]:
                     "ours": lambda: fluid_ops.attention(q, k, v, key_padding_mask=mask),
                     "sdpa": lambda: F.scaled_dot_product_attention(qt, kt, vt, attn_mask=attn_mask),
                 }
+                if dtype == torch.bfloat16 and _compiled.cpu.attention_fwd_isa() == "avx512bf16":
+                    # our own earlier path for bf16 inputs: packed to fp32, fp32 arithmetic (AVX-512)
+                    fns["ours_fp32_arith"] = lambda: _attn_ops._cpu_forward(q, k, v, mask, None, False, d ** -0.5, 3)[0]
                 # same numbers first: a benchmark of a wrong result is worthless
                 err = (fns["ours"]().float() - fns["sdpa"]().transpose(1, 2).float()).abs().max().item()
                 tol = 1e-4 if dtype == torch.float32 else 3e-2
@@ -107,7 +114,11 @@ def bench_attention(args) -> list[dict]:
                     "peer_gflops": flops / med["sdpa"] / 1e9,
                     "speedup": med["sdpa"] / med["ours"],
                     "max_abs_diff": err,
+                    "ours_isa": _compiled.cpu.attention_fwd_isa(),
                 })
+                if "ours_fp32_arith" in med:
+                    rows[-1].update(ours_fp32_arith_ms=med["ours_fp32_arith"] * 1e3,
+                                    native_bf16_speedup_over_fp32_arith=med["ours_fp32_arith"] / med["ours"])
         # causal self-attention (Nq == Nk, so SDPA's top-left is_causal equals our bottom-right);
         # FLOPs halved (docs/design.md)
         for dtype in (torch.float32, torch.bfloat16):

@@ -73,7 +73,9 @@ def machine_info(device: torch.device) -> dict:
             "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "fluid_ops": fluid_ops.__version__, "python": platform.python_version(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "backends": {k: v["available"] for k, v in fluid_ops.backends().items()}}
+            "backends": {k: v["available"] for k, v in fluid_ops.backends().items()},
+            "cpu_simd_flags": fluid_ops.backend.cpu_simd_flags(), "cpu_native_bf16": fluid_ops.backend.native_bf16("cpu"),
+            "load_average_1_5_15": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
         info["cuda"] = torch.version.cuda
@@ -108,13 +110,15 @@ def build_model(name: str, device, text_encoder: str, seed: int = 0) -> Fluid:
     return m
 
 
-def time_sampling(m: Fluid, backend: str, s: dict, device, autocast) -> tuple[float, torch.Tensor]:
+def time_sampling(m: Fluid, backend: str, s: dict, device, precision) -> tuple[float, torch.Tensor]:
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(s["batch"])]
     g = torch.Generator(device=device).manual_seed(0)
-    with _backend_ctx(backend), autocast():
+    with _backend_ctx(backend):
         _sync(device)
         t0 = time.perf_counter()
-        out = m.generate(prompts, num_iter=s["num_iter"], cfg=s["cfg"], num_diffusion_steps=s["steps"], generator=g)
+        # precision "bf16": the transformer under bf16 autocast, bf16 head GEMMs (Fluid.generate)
+        out = m.generate(prompts, num_iter=s["num_iter"], cfg=s["cfg"], num_diffusion_steps=s["steps"], generator=g,
+                         precision=precision)
         _sync(device)
     return time.perf_counter() - t0, out
 
@@ -138,10 +142,10 @@ def run_grid(grid: str, device, *, text_encoder: str, precision: str, rounds=Non
     spec = GRIDS[grid]
     explicit_rounds = rounds is not None
     rounds = rounds or spec["rounds"]
-    use_bf16 = precision == "bf16"
+    variants = [(b, p) for p in (("fp32", "bf16") if precision == "both" else (precision,)) for b in BACKENDS]
 
-    def autocast():
-        return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else contextlib.nullcontext()
+    def autocast_for(p):
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16) if p == "bf16" else contextlib.nullcontext()
 
     rows = []
     for name, settings in spec["models"].items():
@@ -152,23 +156,24 @@ def run_grid(grid: str, device, *, text_encoder: str, precision: str, rounds=Non
         nparams = m.num_parameters()
         if "sample" in tasks:
             s = settings["sample"]
-            times = {b: [] for b in BACKENDS}
+            times = {v: [] for v in variants}
             outs = {}
             m.eval()
             for r in range(spec["warmup"] + n_rounds):
-                for b in BACKENDS:
-                    t, out = time_sampling(m, b, s, device, autocast)
+                for v in variants:
+                    t, out = time_sampling(m, v[0], s, device, v[1])
                     if r >= spec["warmup"]:
-                        times[b].append(t)
-                    outs[b] = out
+                        times[v].append(t)
+                    outs[v] = out
                     if progress:
-                        print(f"  {name} sample {b} round {r}: {t:.3f} s", file=sys.stderr, flush=True)
-            diff = (outs["default"].float() - outs["reference"].float()).abs().max().item()
-            for b in BACKENDS:
-                med = statistics.median(times[b])
-                rows.append({"model": name, "params": nparams, "task": "sample", "backend": b, "settings": s,
-                             "times_s": times[b], "median_s": med, "throughput": s["batch"] / med,
-                             "unit": "images/s", "max_abs_image_diff_vs_other_backend": diff})
+                        print(f"  {name} sample {v[0]} {v[1]} round {r}: {t:.3f} s", file=sys.stderr, flush=True)
+            for v in variants:
+                other = outs[("reference" if v[0] == "default" else "default", v[1])]
+                med = statistics.median(times[v])
+                rows.append({"model": name, "params": nparams, "task": "sample", "backend": v[0], "precision": v[1],
+                             "settings": s, "times_s": times[v], "median_s": med, "throughput": s["batch"] / med,
+                             "unit": "images/s",
+                             "max_abs_image_diff_vs_other_backend": (outs[v].float() - other.float()).abs().max().item()})
         if "train" in tasks:
             s = settings["train"]
             m.train()
@@ -176,19 +181,19 @@ def run_grid(grid: str, device, *, text_encoder: str, precision: str, rounds=Non
             sz = m.config.image.size
             images = torch.rand(s["batch"], 3, sz, sz, generator=torch.Generator().manual_seed(2)).to(device)
             captions = [PROMPTS[i % len(PROMPTS)] for i in range(s["batch"])]
-            times = {b: [] for b in BACKENDS}
+            times = {v: [] for v in variants}
             for r in range(spec["warmup"] + n_rounds):
-                for b in BACKENDS:
-                    t = time_training(m, opt, b, s, device, autocast, images, captions)
+                for v in variants:
+                    t = time_training(m, opt, v[0], s, device, autocast_for(v[1]), images, captions)
                     if r >= spec["warmup"]:
-                        times[b].append(t)
+                        times[v].append(t)
                     if progress:
-                        print(f"  {name} train {b} round {r}: {t:.3f} s", file=sys.stderr, flush=True)
-            for b in BACKENDS:
-                med = statistics.median(times[b])
-                rows.append({"model": name, "params": nparams, "task": "train", "backend": b, "settings": s,
-                             "times_s": times[b], "median_s": med, "throughput": 1.0 / med, "unit": "steps/s",
-                             "images_per_s": s["batch"] / med})
+                        print(f"  {name} train {v[0]} {v[1]} round {r}: {t:.3f} s", file=sys.stderr, flush=True)
+            for v in variants:
+                med = statistics.median(times[v])
+                rows.append({"model": name, "params": nparams, "task": "train", "backend": v[0], "precision": v[1],
+                             "settings": s, "times_s": times[v], "median_s": med, "throughput": 1.0 / med,
+                             "unit": "steps/s", "images_per_s": s["batch"] / med})
             del opt
         del m
         if device.type == "cuda":
@@ -197,24 +202,31 @@ def run_grid(grid: str, device, *, text_encoder: str, precision: str, rounds=Non
 
 
 def ratios(rows: list[dict]) -> list[dict]:
+    """fluid_ops over the reference ops at each precision; with both precisions, also bf16 over fp32
+    (fluid_ops in bf16 against fluid_ops in fp32, and against the reference ops under autocast)."""
     out = []
-    by = {(r["model"], r["task"], r["backend"]): r for r in rows}
-    for (model, task, backend), r in by.items():
-        if backend != "default" or (model, task, "reference") not in by:
+    by = {(r["model"], r["task"], r["backend"], r.get("precision", "fp32")): r for r in rows}
+    for (model, task, backend, prec), r in by.items():
+        if backend != "default" or (model, task, "reference", prec) not in by:
             continue
-        ref = by[(model, task, "reference")]
-        out.append({"model": model, "task": task, "unit": r["unit"], "default": r["throughput"],
+        ref = by[(model, task, "reference", prec)]
+        out.append({"model": model, "task": task, "precision": prec, "unit": r["unit"], "default": r["throughput"],
                     "reference": ref["throughput"], "speedup": r["throughput"] / ref["throughput"]})
+        if prec == "bf16" and (model, task, "default", "fp32") in by:
+            f32 = by[(model, task, "default", "fp32")]
+            out[-1]["bf16_over_fp32"] = r["throughput"] / f32["throughput"]
     return out
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'model':12s} {'task':6s} {'settings':42s} {'fluid_ops':>10s} {'reference':>10s} {'unit':9s} {'speedup':>7s}"]
+    lines = [f"{'model':12s} {'task':6s} {'prec':5s} {'settings':42s} {'fluid_ops':>10s} {'reference':>10s} "
+             f"{'unit':9s} {'speedup':>7s} {'bf16/fp32':>9s}"]
     for q in ratios(rows):
         s = next(r["settings"] for r in rows if r["model"] == q["model"] and r["task"] == q["task"])
         st = ", ".join(f"{k}={v}" for k, v in s.items())
-        lines.append(f"{q['model']:12s} {q['task']:6s} {st:42s} {q['default']:10.4g} {q['reference']:10.4g} "
-                     f"{q['unit']:9s} {q['speedup']:6.2f}x")
+        bf = f"{q['bf16_over_fp32']:8.2f}x" if "bf16_over_fp32" in q else ""
+        lines.append(f"{q['model']:12s} {q['task']:6s} {q['precision']:5s} {st:42s} {q['default']:10.4g} "
+                     f"{q['reference']:10.4g} {q['unit']:9s} {q['speedup']:6.2f}x {bf:>9s}")
     return "\n".join(lines)
 
 
@@ -229,7 +241,7 @@ def plot(rows: list[dict], path: Path, title: str):
     for ax, q in zip(axes[0], qs):
         vals = [q["default"], q["reference"]]
         ax.bar(["fluid_ops", "reference"], vals, color=["tab:blue", "tab:gray"])
-        ax.set_title(f"{q['model']} {q['task']}\n{q['speedup']:.2f}x", fontsize=9)
+        ax.set_title(f"{q['model']} {q['task']} {q['precision']}\n{q['speedup']:.2f}x", fontsize=9)
         ax.set_ylabel(q["unit"])
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -242,9 +254,10 @@ def main(argv=None) -> int:
     p.add_argument("--grid", choices=list(GRIDS), default=None, help="default: gpu on CUDA, else cpu")
     p.add_argument("--quick", action="store_true", help="the tiny CI grid (same as --grid quick)")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--precision", choices=("fp32", "bf16"), default=None,
-                   help="bf16 = torch.autocast bf16 for sampling and training (default: bf16 on CUDA, fp32 on CPU, "
-                        "where bf16 autocast is much slower)")
+    p.add_argument("--precision", choices=("fp32", "bf16", "both", "auto"), default="auto",
+                   help="bf16: Fluid.generate(precision='bf16') and bf16 autocast for training; both: fp32 and bf16 "
+                        "interleaved; auto (default): both where the device computes bf16 natively (CUDA, CPUs "
+                        "with AVX512_BF16 / AMX), else fp32 (emulated bf16 is several times slower)")
     p.add_argument("--text-encoder", default="hash")
     p.add_argument("--models", nargs="*", default=None, help="a subset of the grid's models")
     p.add_argument("--tasks", nargs="*", default=["sample", "train"], choices=["sample", "train"])
@@ -257,7 +270,9 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     grid = "quick" if args.quick else (args.grid or ("gpu" if device.type == "cuda" else "cpu"))
-    precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
+    precision = args.precision
+    if precision == "auto":
+        precision = "both" if fluid_ops.backend.native_bf16(device) else "fp32"
     info = machine_info(device)
     print(json.dumps(info), file=sys.stderr)
     t0 = time.perf_counter()

@@ -14,7 +14,14 @@ with CFG and the linear CFG schedule, temperature 1.0, fp32:
   standin_accelerated  tests/mar_standin.py's MAR (MAR's own code structure: the real timm's blocks, DiffLoss,
                        IDDPM loop, nonzero gathers, host syncs) after fluid_ops.accelerate(model)
   standin              the same stand-in unaccelerated: the "MAR as published" baseline
-The stand-in loads fluid_ops' MAR state dict (same names), so all four run the same network.
+  fluid_ops_bf16       fluid_ops.models.MAR with precision="bf16" (transformer under bf16 autocast, our
+                       attention on bf16 inputs, bf16 head GEMMs)
+  standin_accelerated_bf16  the stand-in after fluid_ops.accelerate(model, precision="bf16")
+  standin_autocast     the stand-in under torch.autocast(device, torch.bfloat16): the one-line peer a
+                       user reaches for first
+The stand-in loads fluid_ops' MAR state dict (same names), so all variants run the same network;
+the first four in fp32 (precision="fp32"), the last three in bf16 (rounding-level; where bf16 is
+emulated, as on AVX2-only CPUs, they are slower than fp32).
 
 Timing: whole `sample_tokens` calls, variants interleaved round by round (round r runs every
 variant once; machine load hits all alike), reported as medians over rounds; one short warm-up
@@ -62,7 +69,8 @@ if str(ROOT) not in sys.path:  # run from a source checkout without installing
 import fluid_ops  # noqa: E402
 from fluid_ops.models.mar import FACTORIES  # noqa: E402
 
-VARIANTS = ("fluid_ops", "fluid_ops_reference", "standin_accelerated", "standin")
+VARIANTS = ("fluid_ops", "fluid_ops_reference", "standin_accelerated", "standin", "fluid_ops_bf16",
+            "standin_accelerated_bf16", "standin_autocast")
 # MAR's paper CFG scales per size (docs/contracts.md §1); tiny uses MAR-B's
 CFG = {"mar_base": 2.9, "mar_large": 3.0, "mar_huge": 3.2, "mar_tiny": 2.9}
 GRIDS = {
@@ -133,26 +141,31 @@ def build_models(name: str, steps: int, device, seed: int = 0) -> dict:
     standin.load_state_dict(ours.state_dict(), strict=True)
     standin = standin.to(device).eval()
     accelerated = fluid_ops.accelerate(copy.deepcopy(standin))
+    accelerated_bf16 = fluid_ops.accelerate(copy.deepcopy(standin), precision="bf16")
 
-    def ours_fn(backend):
+    def ours_fn(backend, precision="fp32"):
         def run(bsz, labels, num_iter, cfg, seed):
             gen = torch.Generator(device=device).manual_seed(seed)
             ctx = fluid_ops.use_backend(backend) if backend else contextlib.nullcontext()
             with ctx, torch.no_grad():
                 return ours.sample_tokens(bsz, num_iter=num_iter, cfg=cfg, cfg_schedule="linear", labels=labels,
-                                          temperature=1.0, generator=gen)
+                                          temperature=1.0, generator=gen, precision=precision)
         return run
 
-    def standin_fn(model):
+    def standin_fn(model, autocast=False):
         def run(bsz, labels, num_iter, cfg, seed):
             torch.manual_seed(seed)  # MAR's code draws orders and noise from the global RNG
-            with torch.no_grad():
+            ctx = torch.autocast(device.type, torch.bfloat16) if autocast else contextlib.nullcontext()
+            with ctx, torch.no_grad():
                 return model.sample_tokens(bsz, num_iter=num_iter, cfg=cfg, cfg_schedule="linear", labels=labels,
                                            temperature=1.0)
         return run
 
     return {"fluid_ops": (ours, ours_fn(None)), "fluid_ops_reference": (ours, ours_fn("reference")),
-            "standin_accelerated": (accelerated, standin_fn(accelerated)), "standin": (standin, standin_fn(standin))}
+            "standin_accelerated": (accelerated, standin_fn(accelerated)), "standin": (standin, standin_fn(standin)),
+            "fluid_ops_bf16": (ours, ours_fn(None, "bf16")),
+            "standin_accelerated_bf16": (accelerated_bf16, standin_fn(accelerated_bf16)),
+            "standin_autocast": (standin, standin_fn(standin, autocast=True))}
 
 
 # ---- timing -------------------------------------------------------------------------------------
@@ -282,6 +295,8 @@ def summarize(name, bsz, s, cfg, variants, times, splits, outputs, errors) -> li
         "fluid_ops_vs_reference_rel_max_diff": rel_diff(outputs.get("fluid_ops"), outputs.get("fluid_ops_reference")),
         "standin_accelerated_vs_standin_rel_max_diff": rel_diff(outputs.get("standin_accelerated"),
                                                                 outputs.get("standin")),
+        # bf16 against fp32: rounding-level, amplified by the loop (not an exactness check)
+        "fluid_ops_bf16_vs_fluid_ops_rel_max_diff": rel_diff(outputs.get("fluid_ops_bf16"), outputs.get("fluid_ops")),
     }
     rows = []
     for v in variants:
@@ -319,7 +334,10 @@ def print_table(rows: list[dict]) -> None:
         pct = [f"{100 * f[k]:>5.0f}%" if k in f else f"{'-':>6}" for k in ("transformer", "head", "other")]
         ours = next((x for x in rows if x["model"] == r["model"] and x["batch"] == r["batch"]
                      and x["variant"] == "fluid_ops" and "error" not in x), None)
-        vs = "" if ours is None or r["variant"] == "fluid_ops" else f"{ours['speedup_over'][r['variant']]:.2f}x faster"
+        if r["variant"].endswith(("_bf16", "_autocast")):  # bf16 rows against our bf16 row
+            ours = next((x for x in rows if x["model"] == r["model"] and x["batch"] == r["batch"]
+                         and x["variant"] == "fluid_ops_bf16" and "error" not in x), None)
+        vs = "" if ours is None or r["variant"] == ours["variant"] else f"{ours['speedup_over'][r['variant']]:.2f}x faster"
         print(f"{r['model']:<10} {r['batch']:>5} {r['variant']:<20} {r['seconds_median']:>10.3f} "
               f"{r['images_per_s']:>10.3f} {pct[0]:>8} {pct[1]} {pct[2]} {vs:>13}")
 
@@ -339,7 +357,8 @@ def plot(rows: list[dict], info: dict, settings: dict, path: Path) -> bool:
     groups = sorted({(r["model"], r["batch"]) for r in ok}, key=lambda g: (list(CFG).index(g[0]), g[1]))
     variants = [v for v in VARIANTS if any(r["variant"] == v for r in ok)]
     colors = {"fluid_ops": "#2a9d8f", "fluid_ops_reference": "#8ab17d", "standin_accelerated": "#e9c46a",
-              "standin": "#e76f51"}
+              "standin": "#e76f51", "fluid_ops_bf16": "#1d6f66", "standin_accelerated_bf16": "#b8962e",
+              "standin_autocast": "#a8432a"}
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 0.5 * len(ok) + 3.2), gridspec_kw={"width_ratios": [1.2, 1]})
     width = 0.8 / len(variants)
     for j, v in enumerate(variants):
@@ -357,7 +376,8 @@ def plot(rows: list[dict], info: dict, settings: dict, path: Path) -> bool:
     ax.set_yscale("log")
     ax.set_ylabel("images / s (higher is better)")
     ax.legend(fontsize=8)
-    ax.set_title(f"{settings['num_iter']} AR steps x {settings['steps']} diffusion steps, CFG (linear), fp32", fontsize=9)
+    ax.set_title(f"{settings['num_iter']} AR steps x {settings['steps']} diffusion steps, CFG (linear); "
+                 "*_bf16 / *_autocast in bf16, the rest fp32", fontsize=9)
     labels, left = [], None
     parts = [("transformer", "#264653"), ("head", "#f4a261"), ("other", "#bbbbbb")]
     split_rows = [r for r in ok if "split_fraction" in r]
@@ -424,7 +444,9 @@ def main(argv=None) -> int:
     out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     settings = {**s, "grid": args.grid, "cfg_by_model": {m: CFG[m] for m in s["models"]}, "cfg_schedule": "linear",
-                "temperature": 1.0, "dtype": "float32", "split_timers": not args.no_split, "seed": args.seed,
+                "temperature": 1.0, "dtype": "float32 (*_bf16, *_autocast: bfloat16)",
+                "precision_auto_here": fluid_ops.backend.auto_precision(device),
+                "split_timers": not args.no_split, "seed": args.seed,
                 "timing": "CUDA events" if device.type == "cuda" else "time.perf_counter"}
     t0 = time.perf_counter()
 

@@ -96,6 +96,7 @@ import logging
 import torch
 import torch.nn as nn
 
+from fluid_ops import backend
 from fluid_ops.nn.denoiser import DenoiserMLP
 from fluid_ops.ops.attention import HEAD_DIMS, MAX_HEAD_DIM, attention
 from fluid_ops.reference.diffusion import DiffusionSchedule
@@ -390,8 +391,12 @@ def _fast_sample(diffloss, z, temperature=1.0, cfg=1.0, *, gemm_dtype=None):
     # MAR's draws, in MAR's order: x_T on the CPU generator, then randn_like(x) per step.
     draws = [torch.randn(n, c).to(z.device)]
     draws += [torch.randn(m, c, device=z.device)[:n] for _ in range(steps)]
-    x = diffusion_sample(fast, z, num_steps=steps, temperature=temperature, cfg=cfg,
-                         noise=torch.stack(draws), gemm_dtype=gemm_dtype)
+    if gemm_dtype is None and torch.is_autocast_enabled(z.device.type) and \
+            torch.get_autocast_dtype(z.device.type) == torch.bfloat16:
+        gemm_dtype = torch.bfloat16  # the caller's bf16 autocast: MAR's own head would run its GEMMs in bf16
+    with torch.autocast(z.device.type, enabled=False):  # the head's GEMM dtype is gemm_dtype's
+        x = diffusion_sample(fast, z.float(), num_steps=steps, temperature=temperature, cfg=cfg,
+                             noise=torch.stack(draws), gemm_dtype=gemm_dtype)
     return torch.cat([x, x]) if guided else x
 
 
@@ -497,15 +502,28 @@ def _undo(model):
         if _is_ours(diffloss.__dict__.get("sample"), _fast_sample):
             del diffloss.__dict__["sample"]
         diffloss.__dict__.pop(_NET_KEY, None)
+    if _is_ours(model.__dict__.get("sample_tokens"), _bf16_sample_tokens):
+        del model.__dict__["sample_tokens"]
     return model
 
 
-def accelerate(model, *, undo: bool = False, gemm_dtype=None, verbose: bool = False):
+def _bf16_sample_tokens(model, *args, **kwargs):
+    """MAR's own sample_tokens under bf16 autocast (accelerate's precision resolving to bf16)."""
+    dev = next(model.parameters()).device
+    with torch.autocast(dev.type, torch.bfloat16):
+        return type(model).sample_tokens(model, *args, **kwargs)
+
+
+def accelerate(model, *, undo: bool = False, gemm_dtype=None, precision: str | None = None, verbose: bool = False):
     """Swap fluid_ops' attention and diffusion sampling into `model` (MAR's own class, timm
     Blocks) in place and return it, with `model.fluid_ops_report` (an AccelerateReport: modules
     and heads served) set and its summary logged (printed too with verbose=True); `undo=True`
     restores MAR's own code. See the module docstring for exactly what is swapped, what it
-    relies on and how noise is drawn."""
+    relies on and how noise is drawn.
+    precision None (default): MAR's numbers, the caller's own autocast followed (under bf16
+    autocast the head's GEMMs run in bf16 too); "auto" / "bf16" / "fp32": decided here
+    (`fluid_ops.backend.resolve_precision`); bf16 runs `model.sample_tokens` under bf16 autocast
+    with bf16 head GEMMs (unless gemm_dtype says otherwise)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{NAME}: model must be an nn.Module (MAR), got {type(model).__name__}")
     if undo:
@@ -513,6 +531,12 @@ def accelerate(model, *, undo: bool = False, gemm_dtype=None, verbose: bool = Fa
     if gemm_dtype is not None and not (isinstance(gemm_dtype, str) and gemm_dtype == "auto") and \
             gemm_dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"{NAME}: gemm_dtype must be None, 'auto', float32, bfloat16 or float16, got {gemm_dtype!r}")
+    prec = None
+    if precision is not None:
+        params = next(model.parameters(), None)
+        prec = backend.resolve_precision(precision, params.device if params is not None else "cpu")
+        if prec == "bf16" and gemm_dtype is None:
+            gemm_dtype = torch.bfloat16
     # 1. validate everything (structure, then numerical probes); nothing is changed before 2.
     attns = _attention_modules(model)
     if not attns:
@@ -532,6 +556,10 @@ def accelerate(model, *, undo: bool = False, gemm_dtype=None, verbose: bool = Fa
         if not _is_ours(attn.__dict__.get("forward"), _fast_attention_forward):
             attn.__dict__["forward"] = functools.partial(_fast_attention_forward, attn)
     diffloss.__dict__["sample"] = functools.partial(_fast_sample, diffloss, gemm_dtype=gemm_dtype)
+    if prec == "bf16" and hasattr(type(model), "sample_tokens"):
+        model.__dict__["sample_tokens"] = functools.partial(_bf16_sample_tokens, model)
+    elif _is_ours(model.__dict__.get("sample_tokens"), _bf16_sample_tokens):
+        del model.__dict__["sample_tokens"]
     report = _report(attns, gemm_dtype)
     model.__dict__["fluid_ops_report"] = report  # a plain attribute: no module, parameter or buffer
     _log.info("%s", report)

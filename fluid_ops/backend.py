@@ -200,3 +200,80 @@ def select(op: str, device: torch.device, *args, **kwargs) -> tuple[str, Callabl
 
 def dispatch(op: str, device: torch.device, *args, **kwargs):
     return select(op, device, *args, **kwargs)[1](*args, **kwargs)
+
+
+# ---- precision chosen by the hardware ---------------------------------------------------------
+# One place decides where bf16 is native (docs/design.md, "Precision"): the diffusion head's
+# gemm_dtype="auto", sampling's and training's precision="auto", and the benchmarks' records.
+
+PRECISIONS = ("auto", "bf16", "fp32")
+# The flags that make bf16 arithmetic native on a CPU (vdpbf16ps / AMX tiles). Without them
+# (AVX2-only CPUs) oneDNN emulates bf16 and a bf16 GEMM is several times slower than fp32.
+NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+
+def _read_cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+_CPU_FLAGS: frozenset[str] | None = None
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's flags as /proc/cpuinfo spells them (empty where it cannot be read); read once.
+    Tests monkeypatch `_read_cpu_flags` and reset `_CPU_FLAGS` to act as another CPU."""
+    global _CPU_FLAGS
+    if _CPU_FLAGS is None:
+        _CPU_FLAGS = _read_cpu_flags()
+    return _CPU_FLAGS
+
+
+def cpu_simd_flags() -> list[str]:
+    """The flags a benchmark record needs (AVX*, AMX*, FMA, F16C), sorted."""
+    return sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma", "f16c")))
+
+
+def native_bf16(device) -> bool:
+    """Whether bf16 arithmetic is native on `device`: CUDA devices with bf16 support, CPUs with
+    AVX512_BF16 or AMX-BF16."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return any(f in cpu_flags() for f in NATIVE_BF16_CPU_FLAGS)
+    return False
+
+
+def auto_precision(device) -> str:
+    """What precision="auto" means on `device`: "bf16" where bf16 is native, else "fp32"."""
+    return "bf16" if native_bf16(device) else "fp32"
+
+
+def resolve_precision(precision: str, device) -> str:
+    """"auto" | "bf16" | "fp32" -> "bf16" | "fp32" for `device` (ValueError for anything else).
+    FLUID_OPS_PRECISION=fp32|bf16 makes "auto" mean that for the process (the test suite pins
+    fp32 so that its exactness checks hold on every CPU); an explicit precision always wins."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    forced = os.environ.get("FLUID_OPS_PRECISION", "").strip().lower()
+    if forced in ("fp32", "bf16"):
+        return forced
+    if forced not in ("", "auto"):
+        raise ValueError(f"FLUID_OPS_PRECISION must be auto, bf16 or fp32 (or unset), got {forced!r}")
+    return auto_precision(device)
+
+
+def precision_record(precision: str, device) -> dict:
+    """What a checkpoint's run metadata or a benchmark JSON records about a precision choice."""
+    return {"precision": precision, "resolved": resolve_precision(precision, device),
+            "device": str(torch.device(device)), "cpu_native_bf16": native_bf16("cpu"),
+            "cpu_simd_flags": cpu_simd_flags()}

@@ -37,6 +37,8 @@ def machine_info() -> dict:
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_simd_flags": fluid_ops.backend.cpu_simd_flags(),
+        "cpu_native_bf16": fluid_ops.backend.native_bf16("cpu"),
         "fluid_ops": fluid_ops.__version__,
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d"),

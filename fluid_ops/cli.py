@@ -103,7 +103,7 @@ def _prompts(args) -> list[str]:
 
 def _sampling_kwargs(args) -> dict:
     kw = {}
-    for k in ("num_iter", "cfg", "temperature", "num_diffusion_steps", "cfg_uncond"):
+    for k in ("num_iter", "cfg", "temperature", "num_diffusion_steps", "cfg_uncond", "precision"):
         v = getattr(args, k, None)
         if v is not None:
             kw[k] = v
@@ -147,7 +147,8 @@ def cmd_train(args) -> int:
                        batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup, lr_decay=args.lr_decay,
                        ema_decay=args.ema_decay, ckpt_every=args.ckpt_every, seed=args.seed, device=device,
                        num_workers=args.workers,
-                       progress=not args.no_progress, grad_clip=args.grad_clip or None, amp=args.amp,
+                       progress=not args.no_progress, grad_clip=args.grad_clip or None,
+                       amp=args.precision if args.amp is None else args.amp,
                        fsdp=args.fsdp, collate_fn=getattr(ds, "collate", None))
     finally:
         import torch.distributed as dist
@@ -256,17 +257,19 @@ def cmd_demo(args) -> int:
     result = train(model, ds, out_dir=out / "run", minutes=args.minutes, steps=args.steps,
                    batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup, lr_decay=args.lr_decay,
                    ema_decay=args.ema_decay, ckpt_every=args.ckpt_every, seed=args.seed, device=_device(args.device),
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, amp=args.precision)
     model = load_model(out / "run", ema=not args.no_ema, device=_device(args.device))
     progress = not args.no_progress
     from fluid_ops.eval import geneval_prompts
     grid_prompts = [p.text for p in geneval_prompts(per_category=args.grid_rows, seed=args.seed + 1,
                                                     categories=["colors"])]
-    _grid(model, grid_prompts, args.n, args.seed, out / "grid.png", progress)
+    _grid(model, grid_prompts, args.n, args.seed, out / "grid.png", progress, precision=args.precision)
     report = _evaluate(model, per_category=args.per_category, seed=args.seed, categories=list(DEMO_CATEGORIES),
-                       progress=progress)
+                       progress=progress, precision=args.precision)
+    from fluid_ops import backend
     report["demo"] = {"config": args.config, "minutes": args.minutes, "steps": result.step,
-                      "seconds_total": round(time.time() - t0, 1), "seed": args.seed}
+                      "seconds_total": round(time.time() - t0, 1), "seed": args.seed,
+                      **backend.precision_record(args.precision, model.device)}
     (out / "eval.json").write_text(json.dumps(report, indent=1))
     (out / "loss.png").write_bytes((out / "run" / "loss.png").read_bytes())
     _print_report(report)
@@ -280,6 +283,10 @@ def _add_common(p, *, sampling=False):
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto",
+                   help="auto: bf16 where the device computes it natively (CUDA, CPUs with AVX512_BF16 or AMX), "
+                        "else fp32 (training: bf16 autocast; sampling: the transformer under autocast, bf16 "
+                        "head GEMMs)")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: torch's, one per core; on a machine shared with other "
                         "busy processes, 1 can be many times faster than oversubscribed cores)")
@@ -331,8 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_on_bad(p)
     p.add_argument("--fsdp", action="store_true",
                    help="under torchrun: shard parameters, gradients and AdamW state with FSDP2 (default: DDP)")
-    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "none"),
-                   help="bf16 autocast (auto: on CUDA only)")
+    p.add_argument("--amp", default=None, choices=("auto", "bf16", "none"),
+                   help="bf16 autocast (deprecated name of --precision; none = fp32)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="max global grad norm (0: no clipping)")
     _add_common(p)
     p.set_defaults(fn=cmd_train)

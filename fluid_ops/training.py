@@ -46,6 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fluid_ops import backend
 from fluid_ops import distributed as D
 from fluid_ops.checkpoint import (CheckpointError, RunInUseError, RunLock, _check_payload, load_checkpoint, previous_path,
                                   remove_stale_temporaries, save_checkpoint)
@@ -240,8 +241,8 @@ def _validate(model, dataset, *, steps, minutes, batch_size, lr, warmup_steps, l
         raise ValueError(f"ckpt_every: expected an int >= 1 (steps between checkpoints), got {ckpt_every!r}")
     if not _is_int(seed) or seed < 0:
         raise ValueError(f"seed: expected an int >= 0, got {seed!r}")
-    if amp not in ("auto", "bf16", "none"):
-        raise ValueError(f"amp: expected 'auto', 'bf16' or 'none', got {amp!r}")
+    if amp not in ("auto", "bf16", "none", "fp32"):
+        raise ValueError(f"amp: expected 'auto', 'bf16' or 'none' (= 'fp32'), got {amp!r}")
     if not _is_int(num_workers) or num_workers < 0:
         raise ValueError(f"num_workers: expected an int >= 0, got {num_workers!r}")
     if not _is_int(log_every) or log_every < 1:
@@ -432,7 +433,9 @@ def train(model: nn.Module, dataset, *, out_dir, steps: int | None = None, minut
     seed: data order (a permutation per epoch), per-step model randomness (a generator seeded
         from (seed, step), passed as `generator=`), global RNGs of a fresh run.
     device: None -> cuda if available else cpu; the model is moved there.
-    amp: "auto" (bf16 autocast on cuda, none on cpu), "bf16" or "none".
+    amp: the precision: "auto" (bf16 autocast where the device computes bf16 natively: CUDA, CPUs
+        with AVX512_BF16 or AMX; none elsewhere: `fluid_ops.backend.auto_precision`), "bf16", or
+        "none" / "fp32". The resolved choice is in the checkpoint's train_args["precision"].
     resume: continue from `out_dir/checkpoint.pt` if present (refused if it is corrupt or the
         model's config differs; never silently restarted). resume=False with a checkpoint there
         is an error: nothing is overwritten.
@@ -527,7 +530,8 @@ class _Run:
             warnings.warn(f"{type(model).__name__} does not draw its randomness per global batch (no "
                           "supports_batch_slice): each rank draws its own, so this run is statistically, not "
                           "exactly, the one-process run", stacklevel=3)
-        use_bf16 = a.amp == "bf16" or (a.amp == "auto" and self.device.type == "cuda")
+        self.precision = backend.resolve_precision("fp32" if a.amp == "none" else a.amp, self.device)
+        use_bf16 = self.precision == "bf16"
         self.amp_dtype = torch.bfloat16 if use_bf16 else None
         self.n_data = len(dataset)
         if a.out_dir.exists() and not a.out_dir.is_dir():
@@ -828,7 +832,8 @@ class _Run:
                                "lr_decay": float(a.lr_decay), "weight_decay": float(a.weight_decay),
                                "betas": [float(b) for b in a.betas],
                                "grad_clip": None if a.grad_clip is None else float(a.grad_clip),
-                               "ema_decay": float(a.ema_decay), "seed": a.seed, "amp": a.amp}}
+                               "ema_decay": float(a.ema_decay), "seed": a.seed, "amp": a.amp,
+                               "precision": self.precision, "cpu_simd_flags": backend.cpu_simd_flags()}}
 
     # ---- closing -----------------------------------------------------------------------------
     def release_lock(self) -> None:

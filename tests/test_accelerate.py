@@ -203,6 +203,39 @@ def test_sample_tokens_equal(calls, cfg):
     assert calls["attention"] == 4 * (len(ref.encoder_blocks) + len(ref.decoder_blocks))
 
 
+def test_precision_bf16_and_the_callers_autocast(calls):
+    """precision="bf16": sample_tokens under bf16 autocast (attention on bf16 inputs, bf16 head GEMMs),
+    rounding-level close to MAR's fp32; precision=None under the caller's own bf16 autocast does
+    the same; precision="fp32" and undo take the wrapper away."""
+    ref, fast = pair()
+    ref.eval(), fast.eval()
+    labels = torch.tensor([3, 5])
+
+    def sample(m):
+        torch.manual_seed(21)
+        with torch.no_grad():
+            return m.sample_tokens(2, num_iter=4, cfg=2.0, labels=labels, temperature=0.0)
+
+    want = sample(ref)
+    accelerate(fast, precision="bf16")
+    assert "sample_tokens" in fast.__dict__
+    got = sample(fast)
+    assert got.dtype == want.dtype and torch.isfinite(got).all()
+    assert not torch.equal(got, want)  # really in bf16
+    close(got, want, rel=0.1)
+    accelerate(fast)  # precision None: no wrapper; the caller's autocast is followed
+    assert "sample_tokens" not in fast.__dict__
+    with torch.autocast("cpu", torch.bfloat16):
+        close(sample(fast), want, rel=0.1)
+    accelerate(fast, precision="fp32")
+    close(sample(fast), want)
+    accelerate(fast, precision="bf16")
+    accelerate(fast, undo=True)
+    assert "sample_tokens" not in fast.__dict__
+    with pytest.raises(ValueError, match="precision must be one of"):
+        accelerate(fast, precision="half")
+
+
 # ---- the model stays the same model -------------------------------------------------------
 def test_state_dict_types_and_parameters_unchanged():
     m = tiny()

@@ -72,14 +72,28 @@ def test_backend_matches_reference_fp32(backend, b, nq, nk, h, d, causal, masked
     torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6)
 
 
-# avx2_w16: the AVX-512 kernels' 16-lane tiling run on AVX2 registers (checks that geometry here)
-_ISA_CODES = {"portable": 1, "avx2": 2, "avx512": 3, "avx2_w16": 4}
+# avx2_w16: the AVX-512 kernels' 16-lane tiling run on AVX2 registers (checks that geometry here);
+# avx512bf16: the AVX-512 kernels plus the native-bf16 forward for bf16 inputs
+_ISA_CODES = {"portable": 1, "avx2": 2, "avx512": 3, "avx2_w16": 4, "avx512bf16": 5}
+# the CPU flags (as /proc/cpuinfo spells them) each compiled path needs
+_ISA_FLAGS = {"portable": (), "avx2": ("avx2", "fma"), "avx512": ("avx512f", "avx512dq"),
+              "avx2_w16": ("avx2", "fma"), "avx512bf16": ("avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_bf16")}
 
 
-def _isa_params():
+def _isa_skip_reason(name):
     have = _compiled.cpu.attention_fwd_isas() if _compiled.cpu is not None else []
-    return [pytest.param(code, id=name, marks=pytest.mark.skipif(name not in have, reason=f"no {name} on this CPU/build"))
-            for name, code in _ISA_CODES.items()]
+    if name in have:
+        return None
+    missing = [f for f in _ISA_FLAGS[name] if f not in fluid_ops.backend.cpu_flags()]
+    if missing:
+        return f"the {name} attention path needs CPU flag(s) {', '.join(missing)}, which this CPU lacks"
+    return f"the {name} attention path is not in this build"
+
+
+def _isa_params(names=tuple(_ISA_CODES)):
+    return [pytest.param(_ISA_CODES[name], id=name,
+                         marks=pytest.mark.skipif(_isa_skip_reason(name) is not None, reason=str(_isa_skip_reason(name))))
+            for name in names]
 
 
 @pytest.mark.skipif(_compiled.cpu is None, reason="fluid_ops._C not built")
@@ -371,6 +385,91 @@ def test_kernel_rejects_bad_views_itself():
         q16 = torch.randn(1, 4, 1, 16)
         o16 = q16.clone()
         _compiled.cpu.attention_fwd(vw(q16), vw(q16), vw(q16), None, None, vw(o16), vw(lse), False, 0.1, 1)
+
+
+# ---- the native-bf16 forward (AVX512_BF16) ----------------------------------------------------
+_BF16_SHAPES = [  # (b, nq, nk, h, d)
+    (1, 1, 1, 1, 64),        # N = 1
+    (2, 1, 300, 2, 64),      # one query over keys past a block, not a multiple of the tile
+    (2, 65, 65, 2, 80),      # D = 80 (a 16-wide remainder of D), N not a multiple of 8 / 32 / 128
+    (2, 33, 7, 2, 128),      # Nq > Nk, odd Nk (a zero-weight key pair)
+    (1, 129, 257, 2, 96),
+    (2, 300, 129, 1, 32),
+]
+
+
+@pytest.mark.skipif(_compiled.cpu is None, reason="fluid_ops._C not built")
+@pytest.mark.parametrize("impl", _isa_params(("avx512bf16",)))
+@pytest.mark.parametrize("b,nq,nk,h,d", _BF16_SHAPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_native_bf16_forward_flash_rule(impl, b, nq, nk, h, d, causal, masked):
+    """bf16 inputs on the vdpbf16ps path: o by the 2x rule against fp64, lse close, rows with no
+    key (batch 1 fully masked, causal Nq > Nk) exactly 0 with lse -inf."""
+    q, k, v, mask = _inputs(b, nq, nk, h, d, dtype=torch.bfloat16, masked=masked, full_mask_batch=1)
+    ref64 = _naive(q, k, v, mask, causal)
+    ref_lowp = _naive(q, k, v, mask, causal, dtype=torch.bfloat16)
+    o, lse = ops_attn._cpu_forward(q, k, v, mask, None, causal, d ** -0.5, impl)
+    assert o.dtype == torch.bfloat16
+    assert_lowp_close(o, ref64, ref_lowp)
+    _, want_lse = ref.attention_with_lse(q.double(), k.double(), v.double(), key_padding_mask=mask, causal=causal)
+    assert torch.equal(torch.isinf(lse), torch.isinf(want_lse))
+    fin = torch.isfinite(want_lse)
+    torch.testing.assert_close(lse[fin].double(), want_lse[fin], rtol=0, atol=2e-2)
+    assert (o[torch.isinf(lse).transpose(1, 2)] == 0).all()
+
+
+@pytest.mark.skipif(_compiled.cpu is None, reason="fluid_ops._C not built")
+@pytest.mark.parametrize("impl", _isa_params(("avx512bf16",)))
+@pytest.mark.parametrize("causal", [False, True])
+def test_native_bf16_forward_seqlens_and_empty_blocks(impl, causal):
+    """KV-cache lengths and masks that empty whole key blocks, on the native-bf16 path."""
+    b, nq, nk, h, d = 3, 5, 400, 2, 80
+    q, k, v, _ = _inputs(b, nq, nk, h, d, dtype=torch.bfloat16, seed=8)
+    lens = torch.tensor([1, 129, 400])
+    o, _ = ops_attn._cpu_forward(q, k, v, None, lens, causal, d ** -0.5, impl)
+    for bi, n in enumerate(lens.tolist()):
+        sl = slice(bi, bi + 1)
+        want = _naive(q[sl], k[sl, :n], v[sl, :n], causal=causal)
+        want_lowp = _naive(q[sl], k[sl, :n], v[sl, :n], causal=causal, dtype=torch.bfloat16)
+        assert_lowp_close(o[sl], want, want_lowp, name=f"batch {bi}")
+    mask = torch.zeros(b, nk, dtype=torch.bool)
+    mask[0, :100] = True
+    mask[1, :128] = True
+    mask[1, 256:] = True
+    mask[2, 383] = True
+    o, _ = ops_attn._cpu_forward(q, k, v, mask, None, causal, d ** -0.5, impl)
+    assert_lowp_close(o, _naive(q, k, v, mask, causal), _naive(q, k, v, mask, causal, dtype=torch.bfloat16))
+
+
+@pytest.mark.skipif(_compiled.cpu is None, reason="fluid_ops._C not built")
+def test_native_bf16_dispatch(monkeypatch):
+    """impl 0 takes the native-bf16 forward exactly where the CPU has AVX512_BF16; forcing the
+    plain avx512 path runs bf16 inputs in fp32 arithmetic (a different rounding); the env override
+    names each path, and asking for one the CPU lacks is an error."""
+    have = _compiled.cpu.attention_fwd_isas()
+    flags = fluid_ops.backend.cpu_flags()
+    native = {"avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_bf16"} <= flags
+    assert ("avx512bf16" in have) == native
+    assert (_compiled.cpu.attention_fwd_isa() == "avx512bf16") == native
+    monkeypatch.setenv("FLUID_OPS_CPU_ATTENTION_ISA", "avx512bf16")
+    assert ops_attn._cpu_impl() == 5
+    q, k, v, _ = _inputs(2, 64, 200, 2, 64, dtype=torch.bfloat16)
+    if not native:
+        with pytest.raises(ValueError, match="avx512bf16 attention kernels are not available"):
+            _run("cpu", q, k, v)
+        return
+    got = _run("cpu", q, k, v)
+    monkeypatch.setenv("FLUID_OPS_CPU_ATTENTION_ISA", "")
+    torch.testing.assert_close(got, _run("cpu", q, k, v), rtol=0, atol=0)  # auto = the native path
+    monkeypatch.setenv("FLUID_OPS_CPU_ATTENTION_ISA", "avx512")
+    fp32_path = _run("cpu", q, k, v)
+    assert not torch.equal(got, fp32_path)  # P rounded to bf16 on the native path
+    assert_lowp_close(got, _naive(q, k, v), _naive(q, k, v, dtype=torch.bfloat16))
+    # fp32 / fp16 inputs under avx512bf16 run the AVX-512 fp32 kernels
+    q32, k32, v32 = q.float(), k.float(), v.float()
+    monkeypatch.setenv("FLUID_OPS_CPU_ATTENTION_ISA", "avx512bf16")
+    torch.testing.assert_close(_run("cpu", q32, k32, v32), ref.attention(q32, k32, v32), rtol=1e-5, atol=2e-6)
 
 
 @pytest.mark.skipif(_compiled.cpu is None, reason="fluid_ops._C not built")

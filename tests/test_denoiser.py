@@ -420,3 +420,30 @@ def test_cuda_nn_denoiser_forward_backward():
     wants = torch.autograd.grad(want, list(refnet.parameters()), gout)
     for (name, _), a, b in zip(net.named_parameters(), got, wants):
         torch.testing.assert_close(a.cpu(), b, rtol=2e-3, atol=2e-3, msg=name)
+
+
+def test_cpu_head_step_fused_linears_match_the_eager_step():
+    """The cpu backend's head step with bf16 GEMMs (oneDNN fused linears: bias and SiLU in the
+    epilogue) against the eager step (addmm + in-place SiLU): the same math, bf16 rounding apart;
+    fp32 GEMMs take the eager step exactly."""
+    import importlib
+    from fluid_ops.nn import DenoiserMLP
+    head = importlib.import_module("fluid_ops.ops.head")
+    torch.manual_seed(0)
+    net = DenoiserMLP(16, 64, 32, 24, 2).eval()
+    with torch.no_grad():
+        for p in net.parameters():
+            if not p.any():
+                p.copy_(0.05 * torch.randn_like(p))
+    z, x = torch.randn(6, 24), torch.randn(6, 16)
+    ts = torch.tensor([999, 500, 0])
+    for gd in (torch.bfloat16, torch.float32):
+        s = net.sampler(z, ts, gd)
+        fused, eager = head.CpuHeadStep(s), head.EagerHeadStep(s)
+        assert (fused.lp is not None) == (gd == torch.bfloat16 and head._linear_pointwise() is not None)
+        for step in range(3):
+            a, b = fused(x, step).float(), eager(x, step).float()
+            if gd == torch.float32:
+                assert torch.equal(a, b)
+            else:
+                torch.testing.assert_close(a, b, rtol=0, atol=0.05 * b.abs().max().item())

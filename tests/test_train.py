@@ -492,3 +492,24 @@ def test_cuda_bf16_train_and_resume(tmp_path):
         torch.testing.assert_close(resumed.model.state_dict()[n], p.detach(), msg=n)
     state = load_checkpoint(tmp_path / "run" / "checkpoint.pt")
     assert state["train_args"]["amp"] == "auto" and "cuda" in state["rng"]
+
+
+def test_precision_is_chosen_by_the_hardware_and_recorded(tmp_path, monkeypatch):
+    """amp="auto" is bf16 autocast where the device computes bf16 natively (backend.auto_precision),
+    fp32 elsewhere; "fp32" is the same as "none"; the resolved choice and the CPU's SIMD flags are
+    in the checkpoint's train_args."""
+    from fluid_ops import backend
+    from fluid_ops.checkpoint import load_checkpoint
+    monkeypatch.delenv("FLUID_OPS_PRECISION", raising=False)  # conftest pins fp32 for the other tests
+    for flags, want in (({"avx2", "fma"}, "fp32"), ({"avx2", "avx512f", "avx512_bf16"}, "bf16")):
+        monkeypatch.setattr(backend, "_read_cpu_flags", lambda flags=flags: frozenset(flags))
+        monkeypatch.setattr(backend, "_CPU_FLAGS", None)
+        out = tmp_path / want
+        run(out, steps=2, device="cpu")
+        args = load_checkpoint(out / "checkpoint.pt")["train_args"]
+        assert args["amp"] == "auto" and args["precision"] == want and "avx2" in args["cpu_simd_flags"]
+    run(tmp_path / "fp32", steps=2, device="cpu", amp="fp32")
+    assert load_checkpoint(tmp_path / "fp32" / "checkpoint.pt")["train_args"]["precision"] == "fp32"
+    with pytest.raises(ValueError, match="amp: expected"):
+        run(tmp_path / "bad", steps=1, device="cpu", amp="fp16")
+    monkeypatch.setattr(backend, "_CPU_FLAGS", None)

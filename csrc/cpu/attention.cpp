@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <vector>
@@ -273,11 +274,120 @@ void forward_simd(attn::FwdKernel kernel, const Geometry& g, const TensorView& q
   });
 }
 
+// Native-bf16 path (bf16 inputs, AVX512_BF16): as forward_simd, but K, V and Q keep their bf16
+// bits, only rearranged into the pair layouts of attn::FwdItemBf16 (no conversion, no scaling).
+void pack_keys_bf16(const Geometry& g, const TensorView& k, const TensorView& v, int64_t b, int64_t h, int64_t L,
+                    int64_t nkp, uint16_t* kt, uint16_t* v2, float* bias) {
+  const int64_t D = g.D;
+  for (int64_t c0 = 0; c0 < nkp; c0 += 16) {
+    uint16_t* dst = kt + c0 * D;
+    const int64_t n = std::max<int64_t>(0, std::min<int64_t>(16, L - c0));
+    if (n < 16) std::fill(dst, dst + 16 * D, uint16_t(0));
+    for (int64_t jj = 0; jj < n; ++jj) {
+      const int64_t j = c0 + jj;
+      if (j + kPrefetchRows < L) prefetch_row(row_ptr<bf16_t>(k, b, j + kPrefetchRows, h), D, false);
+      const uint16_t* kr = &row_ptr<bf16_t>(k, b, j, h)->bits;
+      for (int64_t p = 0; p < D / 2; ++p) std::memcpy(dst + p * 32 + jj * 2, kr + 2 * p, 2 * sizeof(uint16_t));
+      bias[j] = g.key_ok(b, j) ? 0.0f : kNegInf;
+    }
+  }
+  for (int64_t j = 0; j < nkp; j += 2) {
+    uint16_t* dst = v2 + j * D;  // (j / 2) * D * 2
+    for (int64_t jj = 0; jj < 2; ++jj) {
+      if (j + jj >= L) {
+        for (int64_t e = 0; e < D; ++e) dst[e * 2 + jj] = 0;
+        continue;
+      }
+      if (j + jj + kPrefetchRows < L) prefetch_row(row_ptr<bf16_t>(v, b, j + jj + kPrefetchRows, h), D, false);
+      const uint16_t* vr = &row_ptr<bf16_t>(v, b, j + jj, h)->bits;
+      for (int64_t e = 0; e < D; ++e) dst[e * 2 + jj] = vr[e];
+    }
+  }
+}
+
+void forward_native_bf16(attn::FwdKernelBf16 kernel, const Geometry& g, const TensorView& q, const TensorView& k,
+                         const TensorView& v, const TensorView& o, float* lse, float scale, int nthreads) {
+  using namespace attn;
+  const int64_t D = g.D;
+  const int64_t bh = g.B * g.H;
+  int64_t qsplit = 1;
+  if (bh < 4 * nthreads) qsplit = std::max<int64_t>(1, std::min<int64_t>((4 * nthreads + bh - 1) / bh, g.Nq / 32));
+  const int64_t qchunk = (g.Nq + qsplit - 1) / qsplit;
+  std::atomic<int64_t> next{0};
+  const int64_t ntasks = bh * qsplit;
+  parallel_for(std::min<int64_t>(ntasks, nthreads), nthreads, [&](int64_t, int64_t) {
+    std::vector<uint16_t> kt, v2, qb;
+    std::vector<float> bias, of, lse2;
+    std::vector<int32_t> block_end;
+    std::vector<uint8_t> block_full;
+    int64_t packed_for = -1;
+    for (int64_t t = next++; t < ntasks; t = next++) {
+      const int64_t bhi = t / qsplit, qc = t % qsplit;
+      const int64_t b = bhi / g.H, h = bhi % g.H;
+      const int64_t L = g.key_len(b);
+      const int64_t i0 = qc * qchunk, i1 = std::min(g.Nq, i0 + qchunk);
+      if (i0 >= i1) continue;
+      const int64_t nkp = std::max<int64_t>(kBlock, (L + kBlock - 1) / kBlock * kBlock);
+      if (packed_for != bhi) {
+        packed_for = bhi;
+        kt.resize(nkp * D);
+        v2.resize(nkp * D);
+        bias.assign(nkp, kNegInf);
+        pack_keys_bf16(g, k, v, b, h, L, nkp, kt.data(), v2.data(), bias.data());
+        const int64_t nb = nkp / kBlock;
+        block_end.assign(nb, 0);
+        block_full.assign(nb, 0);
+        for (int64_t kb = 0; kb < nb; ++kb) {
+          bool full = true;
+          for (int64_t jj = 0; jj < kBlock; ++jj) {
+            if (bias[kb * kBlock + jj] == 0.0f) block_end[kb] = static_cast<int32_t>(jj + 1);
+            else full = false;
+          }
+          block_full[kb] = full;
+        }
+      }
+      const int64_t nq = i1 - i0;
+      qb.resize(nq * D);
+      of.resize(nq * D);
+      lse2.resize(nq);
+      for (int64_t i = 0; i < nq; ++i)
+        std::memcpy(&qb[i * D], &row_ptr<bf16_t>(q, b, i0 + i, h)->bits, D * sizeof(uint16_t));
+      FwdItemBf16 it{qb.data(), kt.data(), v2.data(), bias.data(), block_end.data(), block_full.data(),
+                     nq, nkp, D, g.causal, i0 + L - g.Nq, scale * kLog2e, of.data(), lse2.data()};
+      kernel(it);
+      for (int64_t i = 0; i < nq; ++i) {
+        if (i + kPrefetchRows < nq) prefetch_row(row_ptr<bf16_t>(o, b, i0 + i + kPrefetchRows, h), D, true);
+        store_row(&of[i * D], D, row_ptr_mut<bf16_t>(o, b, i0 + i, h));
+        lse[(b * g.H + h) * g.Nq + i0 + i] = lse2[i] * kLn2;
+      }
+    }
+  });
+}
+
+bool cpu_has_avx512() {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") && attn::fwd_kernel_avx512();
+#else
+  return false;
+#endif
+}
+
+// AVX512_BF16 on top of the AVX-512 set (its kernel also uses BW / VL).
+bool cpu_has_avx512bf16() {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512bf16") && attn::fwd_kernel_avx512bf16();
+#else
+  return false;
+#endif
+}
+
 attn::FwdKernel pick_kernel(const char** name) {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") && attn::fwd_kernel_avx512()) {
-    *name = "avx512";
+  if (cpu_has_avx512()) {
+    *name = cpu_has_avx512bf16() ? "avx512bf16" : "avx512";
     return attn::fwd_kernel_avx512();
   }
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && attn::fwd_kernel_avx2()) {
@@ -442,10 +552,10 @@ std::vector<std::string> attention_fwd_isas() {
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && attn::fwd_kernel_avx2())
     out.push_back("avx2");
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") && attn::fwd_kernel_avx512())
-    out.push_back("avx512");
+  if (cpu_has_avx512()) out.push_back("avx512");
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && attn::fwd_kernel_avx2_w16())
     out.push_back("avx2_w16");
+  if (cpu_has_avx512bf16()) out.push_back("avx512bf16");
 #endif
   return out;
 }
@@ -459,8 +569,9 @@ const char* isa_of_impl(int impl) {
     case 2: return "avx2";
     case 3: return "avx512";
     case 4: return "avx2_w16";
+    case 5: return "avx512bf16";
   }
-  throw CheckError("impl must be 0 (fastest), 1 (portable), 2 (avx2), 3 (avx512) or 4 (avx2_w16)");
+  throw CheckError("impl must be 0 (fastest), 1 (portable), 2 (avx2), 3 (avx512), 4 (avx2_w16) or 5 (avx512bf16)");
 }
 void check_isa(const std::string& isa) {
   const auto have = attention_fwd_isas();
@@ -488,8 +599,13 @@ void attention_fwd(const TensorView& q, const TensorView& k, const TensorView& v
   attn::FwdKernel kernel = nullptr;
   if (isa != "portable") {
     check_isa(isa);
-    kernel = isa == "avx2" ? attn::fwd_kernel_avx2() : isa == "avx512" ? attn::fwd_kernel_avx512()
-                                                                      : attn::fwd_kernel_avx2_w16();
+    kernel = isa == "avx2" ? attn::fwd_kernel_avx2()
+             : (isa == "avx512" || isa == "avx512bf16") ? attn::fwd_kernel_avx512()
+                                                        : attn::fwd_kernel_avx2_w16();
+  }
+  if (isa == "avx512bf16" && q.dtype == DType::BF16 && g.D % 2 == 0) {
+    forward_native_bf16(attn::fwd_kernel_avx512bf16(), g, q, k, v, o, lsep, softmax_scale, nthreads);
+    return;
   }
   FLUID_DISPATCH_FLOAT(q.dtype, T, {
     if (kernel) forward_simd<T>(kernel, g, q, k, v, o, lsep, softmax_scale, nthreads);
@@ -522,8 +638,9 @@ void attention_bwd(const TensorView& dout, const TensorView& q, const TensorView
   attn::BwdKernel kernel = nullptr;
   if (isa != "portable") {
     check_isa(isa);
-    kernel = isa == "avx2" ? attn::bwd_kernel_avx2() : isa == "avx512" ? attn::bwd_kernel_avx512()
-                                                                      : attn::bwd_kernel_avx2_w16();
+    kernel = isa == "avx2" ? attn::bwd_kernel_avx2()
+             : (isa == "avx512" || isa == "avx512bf16") ? attn::bwd_kernel_avx512()  // fp32 backward
+                                                        : attn::bwd_kernel_avx2_w16();
   }
   FLUID_DISPATCH_FLOAT(q.dtype, T, {
     if (kernel) backward_simd<T>(kernel, g, dout, q, k, v, o, lsep, dq, dk, dv, softmax_scale, nthreads);

@@ -17,8 +17,9 @@ namespace cpu {
 // the number of valid keys of each batch (a KV cache's filled length); causal is bottom-right
 // relative to that length: query i attends key j iff j <= i + Lk_b - Nq.
 // impl: 0 = fastest available, 1 = portable C++, 2 = AVX2, 3 = AVX-512, 4 = "avx2_w16" (test
-// only: the AVX-512 kernels' 16-lane tiling on AVX2). Tests run each one the CPU has; asking for
-// one it lacks is an error.
+// only: the AVX-512 kernels' 16-lane tiling on AVX2), 5 = "avx512bf16" (the AVX-512 kernels, and
+// for bf16 inputs a forward with native bf16 dot products, AVX512_BF16 vdpbf16ps). Tests run each
+// one the CPU has; asking for one it lacks is an error.
 void attention_fwd(const TensorView& q, const TensorView& k, const TensorView& v,
                    const std::optional<TensorView>& key_padding_mask,
                    const std::optional<TensorView>& seqlens_k, const TensorView& o,
@@ -33,7 +34,8 @@ void attention_bwd(const TensorView& dout, const TensorView& q, const TensorView
                    const TensorView& dk, const TensorView& dv, bool causal, float softmax_scale,
                    int nthreads, int impl);
 
-// Which forward path impl=0 takes on this CPU: "avx512", "avx2" or "portable".
+// Which forward path impl=0 takes on this CPU: "avx512bf16", "avx512", "avx2" or "portable"
+// ("avx512bf16" differs from "avx512" for bf16 inputs only).
 const char* attention_fwd_isa();
 // Every forward / backward path this CPU and build can run, portable first.
 std::vector<std::string> attention_fwd_isas();
@@ -101,6 +103,33 @@ struct BwdItem {
   float* scratch;
 };
 using BwdKernel = void (*)(const BwdItem&);
+
+// One forward work item for the native-bf16 kernel (attention_avx512bf16.cpp): the inputs' bf16
+// bits, rearranged (not converted) by attention.cpp so that vdpbf16ps, which sums products of
+// adjacent bf16 pairs into fp32 lanes, runs over D for Q Kᵀ and over keys for P V:
+//   q   (nq, d) query rows as given (unscaled; qk_scale = softmax_scale * log2(e) multiplies the
+//       fp32 scores);
+//   kt  keys in chunks of 16, dims in pairs: kt[(j / 16) * d * 16 + (e / 2) * 32 + (j % 16) * 2 + e % 2];
+//   v   values in pairs of keys: v[(j / 2) * d * 2 + e * 2 + j % 2] = v[j][e], zero past the length.
+// kbias, block_end, block_full, causal, diag, o, lse2 as in FwdItem. P is rounded to bf16 for P V
+// (as flash attention does on GPUs); its row sum is taken over the rounded values.
+struct FwdItemBf16 {
+  const uint16_t* q;
+  const uint16_t* kt;
+  const uint16_t* v;
+  const float* kbias;
+  const int32_t* block_end;
+  const uint8_t* block_full;
+  int64_t nq, nkp, d;
+  bool causal;
+  int64_t diag;
+  float qk_scale;
+  float* o;
+  float* lse2;
+};
+using FwdKernelBf16 = void (*)(const FwdItemBf16&);
+// nullptr when attention_avx512bf16.cpp was not compiled for this target.
+FwdKernelBf16 fwd_kernel_avx512bf16();
 // Each returns nullptr when its file was not compiled for this target.
 FwdKernel fwd_kernel_avx2();
 FwdKernel fwd_kernel_avx512();

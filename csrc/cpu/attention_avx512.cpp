@@ -1,5 +1,5 @@
 // AVX-512 instantiation of the SIMD attention forward (attention_simd.h); CMake compiles this file
-// with -mavx512f/bw/vl/dq/bf16 and attention.cpp calls in only after __builtin_cpu_supports says
+// with -mavx512f/bw/vl/dq (not bf16: attention_avx512bf16.cpp) and attention.cpp calls in only after __builtin_cpu_supports says
 // the CPU has them. 16 lanes, 8 query rows per register tile (16 + 2 + 1 of the 32 zmm).
 #include <cstdint>
 

@@ -55,6 +55,7 @@ paper's head is of that order too.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 
@@ -62,7 +63,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fluid_ops import sampling
+from fluid_ops import backend, sampling
 from fluid_ops.models.fluid_config import (  # noqa: F401  (re-exported: their old home)
     CONFIGS, PAPER_SAMPLING, FluidConfig, check_cfg_uncond, config_from_dict, resolve_config, validate_config)
 from fluid_ops.nn.diffloss import DiffLoss
@@ -586,10 +587,12 @@ class Fluid(nn.Module):
                 # throwing x out of range: without it a tiny head trained 600 steps sampled noise of
                 # magnitude ~1e3, with it the right colours on a clean background.
                 clip = self.config.image.tokenizer == "patch"
-            return sampling.diffusion_sample(self.head.net, z, num_steps=steps, temperature=temperature,
-                                              cfg=1.0 if z_uncond is None else w, generator=generator,
-                                              gemm_dtype=gemm_dtype, clip_denoised=clip,
-                                              noise_shift=self.config.head.noise_shift)
+            # the head's GEMM dtype is gemm_dtype's, never autocast's (generate's precision="bf16")
+            with torch.autocast(self.device.type, enabled=False):
+                return sampling.diffusion_sample(self.head.net, z.float(), num_steps=steps, temperature=temperature,
+                                                  cfg=1.0 if z_uncond is None else w, generator=generator,
+                                                  gemm_dtype=gemm_dtype, clip_denoised=clip,
+                                                  noise_shift=self.config.head.noise_shift)
         logits = self.head(z_cond).float()
         if z_uncond is not None:
             lu = self.head(z_uncond).float()
@@ -606,7 +609,7 @@ class Fluid(nn.Module):
                  cfg_schedule: str = "linear", temperature: float | None = None,
                  num_diffusion_steps: int | None = None, cfg_uncond: str | None = None,
                  generator: torch.Generator | None = None, progress: bool = False, kv_cache: bool = True,
-                 gemm_dtype=None) -> torch.Tensor:
+                 gemm_dtype=None, precision: str = "auto") -> torch.Tensor:
         """Images (B, 3, H, W) float32 in [0, 1], one per prompt. Defaults (None) come from the
         config: num_iter (random order; raster always takes one step per token), cfg and temperature
         (the paper's values for the variant), num_diffusion_steps (config.sampling.num_diffusion_steps).
@@ -615,7 +618,13 @@ class Fluid(nn.Module):
         text and every known token ("all"); see FluidConfig. The same generator state gives the same
         images. kv_cache=False (raster only)
         recomputes the whole prefix every step instead of using the cache (same result; a check).
-        gemm_dtype: the diffusion head's GEMM dtype (see fluid_ops.diffusion_sample)."""
+        gemm_dtype: the diffusion head's GEMM dtype (see fluid_ops.diffusion_sample; None: the
+        precision's). precision: "auto" (bf16 where the device computes it natively:
+        `fluid_ops.backend.auto_precision`), "bf16" (the transformer under bf16 autocast, bf16 head
+        GEMMs; rounding-level) or "fp32" (exact)."""
+        prec = backend.resolve_precision(precision, self.device)
+        if gemm_dtype is None and prec == "bf16":
+            gemm_dtype = torch.bfloat16
         prompts, num_iter, cfg, temperature, steps, cfg_uncond = self._check_sampling_args(
             prompts, num_iter, cfg, cfg_schedule, temperature, num_diffusion_steps, cfg_uncond)
         if generator is not None and not isinstance(generator, torch.Generator):
@@ -630,12 +639,15 @@ class Fluid(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            if self.config.order == "random":
-                tokens = self._generate_random(prompts, num_iter, cfg, cfg_schedule, temperature, steps,
-                                               generator, progress, gemm_dtype, cfg_uncond)
-            else:
-                tokens = self._generate_raster(prompts, cfg, cfg_schedule, temperature, steps, generator,
-                                               progress, kv_cache, gemm_dtype)
+            # "fp32" leaves autocast as the caller set it (the head's GEMMs follow gemm_dtype alone)
+            amp = torch.autocast(self.device.type, torch.bfloat16) if prec == "bf16" else contextlib.nullcontext()
+            with amp:
+                if self.config.order == "random":
+                    tokens = self._generate_random(prompts, num_iter, cfg, cfg_schedule, temperature, steps,
+                                                   generator, progress, gemm_dtype, cfg_uncond)
+                else:
+                    tokens = self._generate_raster(prompts, cfg, cfg_schedule, temperature, steps, generator,
+                                                   progress, kv_cache, gemm_dtype)
         finally:
             self.train(was_training)
         return self.tokenizer.decode(tokens).float().clamp(0, 1)

@@ -45,6 +45,7 @@ Host syncs that remain: the training mask ratio (`mask_ratio` returns a Python f
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from functools import partial
 from pathlib import Path
@@ -54,6 +55,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from fluid_ops import backend
 from fluid_ops.models import io as model_io
 from fluid_ops.models import mar_checkpoint as _ckpt
 from fluid_ops.nn.diffloss import DiffLoss
@@ -512,11 +514,14 @@ class MAR(nn.Module):
     @torch.no_grad()
     def sample_tokens(self, bsz: int, num_iter: int = 64, cfg: float = 1.0, cfg_schedule: str = "linear",
                       labels: torch.Tensor | None = None, temperature: float = 1.0, progress: bool = False,
-                      generator: torch.Generator | None = None) -> torch.Tensor:
+                      generator: torch.Generator | None = None, precision: str = "auto") -> torch.Tensor:
         """Generate (bsz, vae_embed_dim, h, w) latents in `num_iter` steps (docs/contracts.md §2.4): random
         order per image, cosine mask schedule, CFG against the null class (`fake_latent`) with the
         "linear" or "constant" schedule, `fluid_ops.sampling.diffusion_sample` for the tokens of each step.
-        labels None: unconditional (every row uses the null class). Call in eval mode (as MAR)."""
+        labels None: unconditional (every row uses the null class). Call in eval mode (as MAR).
+        precision: "auto" (bf16 where the device computes it natively: `fluid_ops.backend.auto_precision`),
+        "bf16" (encoder / decoder under bf16 autocast, bf16 head GEMMs; rounding-level) or "fp32" (exact)."""
+        prec = backend.resolve_precision(precision, self.fake_latent.device)
         if isinstance(bsz, bool) or not isinstance(bsz, int) or bsz < 0:
             raise ValueError(f"MAR.sample_tokens: bsz must be an int >= 0, got {bsz!r}")
         if isinstance(num_iter, bool) or not isinstance(num_iter, int) or num_iter < 1:
@@ -552,28 +557,33 @@ class MAR(nn.Module):
                 pass
         n_before = l
         bidx = torch.arange(bsz, device=dev)[:, None]
-        for k in steps:
-            n_after = masked_after[k]
-            if n_after == n_before:  # K > L: this step unmasks nothing (MAR predicts no tokens)
-                continue
-            tok_in, mask_in = (torch.cat([tokens, tokens]), torch.cat([mask, mask])) if guided else (tokens, mask)
-            known = None
-            if self.compact_encoder:  # the known tokens are the order's suffix orders[:, n_before:]
-                known = orders[:, n_before:]
-                known = torch.cat([known, known]) if guided else known
-            z = self.forward_mae_encoder(tok_in, mask_in, cond, known_index=known)
-            z = self.forward_mae_decoder(z, mask_in, known_index=known)
-            # this step's tokens: orders[:, n_after:n_before] (masked tokens are the order's prefix)
-            idx = orders[:, n_after:n_before]
-            zs = z[:bsz][bidx, idx].reshape(-1, z.shape[-1])
-            w = cfgs[k]
-            if guided and w != 1.0:
-                zs = torch.cat([zs, z[bsz:][bidx, idx].reshape(-1, z.shape[-1])])
-            new = self.diffloss.sample(zs, temperature, w if guided else 1.0, generator)
-            tokens = tokens.clone()
-            tokens[bidx, idx] = new.reshape(bsz, -1, c).to(tokens.dtype)
-            mask = schedules.next_mask(mask, orders, n_after)
-            n_before = n_after
+        # one autocast context for the whole loop: its cache casts each weight to bf16 once per call;
+        # "fp32" leaves autocast as the caller set it
+        with torch.autocast(dev.type, torch.bfloat16) if prec == "bf16" else contextlib.nullcontext():
+            for k in steps:
+                n_after = masked_after[k]
+                if n_after == n_before:  # K > L: this step unmasks nothing (MAR predicts no tokens)
+                    continue
+                tok_in, mask_in = (torch.cat([tokens, tokens]), torch.cat([mask, mask])) if guided else (tokens, mask)
+                known = None
+                if self.compact_encoder:  # the known tokens are the order's suffix orders[:, n_before:]
+                    known = orders[:, n_before:]
+                    known = torch.cat([known, known]) if guided else known
+                z = self.forward_mae_encoder(tok_in, mask_in, cond, known_index=known)
+                z = self.forward_mae_decoder(z, mask_in, known_index=known).float()
+                # this step's tokens: orders[:, n_after:n_before] (masked tokens are the order's prefix)
+                idx = orders[:, n_after:n_before]
+                zs = z[:bsz][bidx, idx].reshape(-1, z.shape[-1])
+                w = cfgs[k]
+                if guided and w != 1.0:
+                    zs = torch.cat([zs, z[bsz:][bidx, idx].reshape(-1, z.shape[-1])])
+                with torch.autocast(dev.type, enabled=False):  # the head's GEMM dtype is gemm_dtype's
+                    new = self.diffloss.sample(zs, temperature, w if guided else 1.0, generator,
+                                               gemm_dtype=torch.bfloat16 if prec == "bf16" else None)
+                tokens = tokens.clone()
+                tokens[bidx, idx] = new.reshape(bsz, -1, c).to(tokens.dtype)
+                mask = schedules.next_mask(mask, orders, n_after)
+                n_before = n_after
         return self.unpatchify(tokens)
 
 

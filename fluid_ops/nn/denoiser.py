@@ -20,11 +20,10 @@ strict=True.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
+from fluid_ops import backend
 from fluid_ops.ops._checks import FLOAT_DTYPES, check_tensor
 from fluid_ops.ops.denoiser import gated_residual, layernorm_modulate
 from fluid_ops.ops.head import EagerHeadStep, head_step
@@ -35,28 +34,16 @@ __all__ = ["DenoiserMLP"]
 _GEMM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-@functools.lru_cache(maxsize=None)
 def _cpu_has_native_bf16() -> bool:
-    """AVX512_BF16 or AMX-BF16: where torch's bf16 GEMMs beat fp32 on a CPU. Without them (AVX2
-    machines) oneDNN emulates bf16 and a bf16 GEMM is several times SLOWER than fp32."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split())
-                    return "avx512_bf16" in flags or "amx_bf16" in flags
-    except OSError:
-        pass
-    return False
+    """AVX512_BF16 or AMX-BF16 (decided in `fluid_ops.backend.native_bf16`)."""
+    return backend.native_bf16("cpu")
 
 
 def auto_gemm_dtype(device) -> torch.dtype:
-    """The GEMM dtype `gemm_dtype="auto"` picks: bf16 on CUDA devices that support it and on CPUs
-    with native bf16 dot products, else float32."""
+    """The GEMM dtype `gemm_dtype="auto"` picks: bf16 where `backend.auto_precision` says bf16 is
+    native (CUDA devices that support it, CPUs with native bf16 dot products), else float32."""
     device = torch.device(device)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    if device.type == "cpu" and _cpu_has_native_bf16():
+    if device.type in ("cuda", "cpu") and backend.auto_precision(device) == "bf16":
         return torch.bfloat16
     return torch.float32
 

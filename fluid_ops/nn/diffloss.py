@@ -36,7 +36,7 @@ class DiffLoss(nn.Module):
                               generator=generator, schedule=self.train_schedule,
                               checkpoint=self.grad_checkpointing and self.training)
 
-    def sample(self, z, temperature=1.0, cfg=1.0, generator=None):
+    def sample(self, z, temperature=1.0, cfg=1.0, generator=None, gemm_dtype=None):
         return sampling.diffusion_sample(self.net, z, num_steps=self.num_sampling_steps,
                                          temperature=temperature, cfg=cfg, generator=generator,
-                                         noise_shift=self.noise_shift)
+                                         noise_shift=self.noise_shift, gemm_dtype=gemm_dtype)

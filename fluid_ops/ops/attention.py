@@ -135,16 +135,17 @@ def _kv_reference(q, k_cache, v_cache, k_new, v_new, cache_seqlens, causal, soft
                                  causal=causal, softmax_scale=softmax_scale)
 
 
-_ISA_CODES = {"": 0, "auto": 0, "portable": 1, "avx2": 2, "avx512": 3}
+_ISA_CODES = {"": 0, "auto": 0, "portable": 1, "avx2": 2, "avx512": 3, "avx512bf16": 5}
 
 
 def _cpu_impl() -> int:
-    """FLUID_OPS_CPU_ATTENTION_ISA=portable|avx2|avx512 forces a compiled path (default: the
-    fastest this CPU has; the AVX-512 one is chosen at run time and was not run on the AVX2
-    machine this was written on, so this is the switch to rule it out)."""
+    """FLUID_OPS_CPU_ATTENTION_ISA=portable|avx2|avx512|avx512bf16 forces a compiled path (default:
+    the fastest this CPU has, chosen at run time). avx512bf16 is avx512 plus, for bf16 inputs, a
+    forward with native bf16 dot products; avx512 runs bf16 inputs in fp32 arithmetic."""
     name = os.environ.get("FLUID_OPS_CPU_ATTENTION_ISA", "").strip().lower()
     if name not in _ISA_CODES:
-        raise ValueError(f"FLUID_OPS_CPU_ATTENTION_ISA must be one of portable, avx2, avx512 (or unset), got {name!r}")
+        raise ValueError("FLUID_OPS_CPU_ATTENTION_ISA must be one of portable, avx2, avx512, avx512bf16 "
+                         f"(or unset), got {name!r}")
     return _ISA_CODES[name]
 
 

@@ -6,7 +6,8 @@
   when forced, and not with bf16 GEMMs there);
 * cpu, reference: `EagerHeadStep`, torch GEMMs with the fused row ops (`layernorm_modulate_into`,
   `gated_residual_`), which pick their own backends; it is also the op's composite, so a forced
-  backend that cannot run the fused head gets it instead of an error.
+  backend that cannot run the fused head gets it instead of an error. The cpu backend's
+  `CpuHeadStep` runs bf16 GEMMs as oneDNN fused linears (bias and SiLU in the epilogue).
 
 An implementation takes the sampler and returns the step: `(x, step) -> (M, out)` in the GEMM
 dtype. `head_step(sampler)` asks the selector once (once per AR step).
@@ -94,7 +95,73 @@ class EagerHeadStep:
         return torch.addmm(ada[:, base + d:], a, w.final_wt)
 
 
-backend.register(HEAD_STEP, "cpu")(EagerHeadStep)
+_LINEAR_POINTWISE = None
+
+
+def _linear_pointwise():
+    """oneDNN's fused linear (+ bias + pointwise) for CPU bf16, or None where this torch lacks it
+    (probed once on a tiny input)."""
+    global _LINEAR_POINTWISE
+    if _LINEAR_POINTWISE is None:
+        fn = False
+        try:
+            if torch.backends.mkldnn.is_available():
+                f = torch.ops.mkldnn._linear_pointwise
+                x = torch.ones(2, 4, dtype=torch.bfloat16)
+                y = f(x, torch.ones(3, 4, dtype=torch.bfloat16), torch.zeros(3, dtype=torch.bfloat16), "swish", [], "")
+                if y.shape == (2, 3) and torch.allclose(y.float(), F.silu(torch.full((2, 3), 4.0)), rtol=1e-2):
+                    fn = f
+        except (AttributeError, RuntimeError):
+            pass
+        _LINEAR_POINTWISE = fn
+    return _LINEAR_POINTWISE or None
+
+
+class CpuHeadStep(EagerHeadStep):
+    """The cpu backend's step: with bf16 GEMMs on a CPU, each head MLP's two linears run as oneDNN
+    fused linears (bias, and SiLU after the first, applied in the GEMM's epilogue) and the adaLN
+    GEMM takes its bias the same way. Measured on the Zen 4 machine (2026-12-07, MAR-B head,
+    300 rows): addmm into a workspace plus an in-place SiLU spent about as long broadcasting the
+    bias into the output and in the separate SiLU pass as in the GEMM (docs/measured.md).
+    Otherwise (fp32, no oneDNN) the eager step."""
+
+    def __init__(self, sampler):
+        super().__init__(sampler)
+        self.lp = _linear_pointwise() if sampler.gd == torch.bfloat16 and sampler.h.device.type == "cpu" else None
+        if self.lp is not None:
+            w = sampler.w
+            # (out, in) weights as oneDNN takes them: the sampler's transposed views, transposed back
+            self.mlp_w = [(w0t.t(), b0, w2t.t(), b2) for (w0t, b0, w2t, b2) in w.mlp]
+            self.ada_w = w.ada_wt.t()
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, step: int) -> torch.Tensor:
+        if self.lp is None:
+            return super().__call__(x, step)
+        s, lp = self.s, self.lp
+        w, d = s.w, s.d
+        torch.add(s.temb[step], s.cemb, out=self.y)
+        F.silu(self.y, inplace=True)
+        self.sy.copy_(self.y)
+        ada = lp(self.sy, self.ada_w, w.ada_b, "none", [], "")
+        n = x.shape[0]
+        h = s.h
+        torch.addmm(s.in_b, x.float(), s.in_wt, out=h[:n])
+        if s.rows != n:
+            h[n:].copy_(h[:n])
+        a = self.a
+        for i, ((w0, b0, w2, b2), (lw, lb, eps)) in enumerate(zip(self.mlp_w, w.ln)):
+            base = 3 * d * i
+            layernorm_modulate_into(h, ada[:, base:base + d], ada[:, base + d:base + 2 * d], a,
+                                    weight=lw, bias=lb, eps=eps)
+            u = lp(a, w0, b0, "swish", [], "")
+            gated_residual_(h, ada[:, base + 2 * d:base + 3 * d], lp(u, w2, b2, "none", [], ""))
+        base = 3 * d * len(w.mlp)
+        layernorm_modulate_into(h, w.zero_shift, ada[:, base:base + d], a, eps=w.final_eps)
+        return torch.addmm(ada[:, base + d:], a, w.final_wt)
+
+
+backend.register(HEAD_STEP, "cpu")(CpuHeadStep)
 backend.register(HEAD_STEP, "reference")(EagerHeadStep)
 backend.register_composite(HEAD_STEP)(EagerHeadStep)
 
