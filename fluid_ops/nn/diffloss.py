@@ -36,7 +36,9 @@ class DiffLoss(nn.Module):
                               generator=generator, schedule=self.train_schedule,
                               checkpoint=self.grad_checkpointing and self.training)
 
-    def sample(self, z, temperature=1.0, cfg=1.0, generator=None):
-        return sampling.diffusion_sample(self.net, z, num_steps=self.num_sampling_steps,
+    def sample(self, z, temperature=1.0, cfg=1.0, generator=None, *, num_steps=None, solver="ddpm", eta=0.0):
+        """MAR's DiffLoss.sample; num_steps (default num_sampling_steps), solver and eta: see
+        fluid_ops.diffusion_sample."""
+        return sampling.diffusion_sample(self.net, z, num_steps=self.num_sampling_steps if num_steps is None else num_steps,
                                          temperature=temperature, cfg=cfg, generator=generator,
-                                         noise_shift=self.noise_shift)
+                                         noise_shift=self.noise_shift, solver=solver, eta=eta)
