@@ -297,3 +297,33 @@ def test_accelerate_solver_and_step_schedule():
     assert "sample_tokens" not in fast.__dict__ and "sample" not in fast.diffloss.__dict__
     with pytest.raises(ValueError, match="solver"):
         acc.accelerate(fast, solver="heun")
+
+
+def test_cli_fast_flag_and_solver():
+    from fluid_ops import cli
+    p = cli.build_parser()
+    for cmd in (["generate", "--ckpt", "x", "--prompt", "a red circle"], ["evaluate", "--ckpt", "x"]):
+        args = p.parse_args(cmd + ["--fast"])
+        assert cli._sampling_kwargs(args) == {"preset": "fast"}
+        args = p.parse_args(cmd + ["--fast", "--solver", "ddim", "--num-diffusion-steps", "30"])
+        assert cli._sampling_kwargs(args) == {"preset": "fast", "solver": "ddim", "num_diffusion_steps": 30}
+        assert cli._sampling_kwargs(p.parse_args(cmd)) == {}
+
+
+def test_benchmark_script_quick(tmp_path):
+    """benchmarks/fast_sampling.py --quick on tiny random models (every option, all three parts)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "benchmarks/fast_sampling.py", "--quick", "--out", str(tmp_path)], cwd=root,
+                       env=dict(os.environ, PYTHONUNBUFFERED="1"), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    data = json.loads((tmp_path / "fast_sampling_quick.json").read_text())
+    assert set(data["parts"]) == {"a", "b", "c"} and (tmp_path / "fast_sampling_quick.png").exists()
+    rows = {r["option"]: r for r in data["parts"]["a"]["rows"]}
+    assert set(rows) == set(__import__("benchmarks.fast_sampling", fromlist=["OPTIONS"]).OPTIONS)
+    assert rows["exact"]["speedup"] == 1.0 and rows["dpm++2m 10"]["head_nfe"] == 40  # 4 AR steps x 10
+    assert {"cpu", "cpu_flags", "load_average_1_5_15", "threads"} <= set(data["machine"])
