@@ -187,9 +187,27 @@ def test_respaced_schedules_are_built_once():
 
 
 # ---- models -----------------------------------------------------------------------------------
+def _randomize_zeros(module, seed=123, scale=0.05):
+    """MAR-style zero inits (adaLN, output layers) get small random values, so outputs depend on z."""
+    g = gen(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if not p.any():
+                p.copy_(scale * torch.randn(p.shape, generator=g))
+    return module
+
+
 def _fluid(name="tiny", **kw):
-    from tests.test_fluid import randomize_head, small
-    return randomize_head(small(name, **kw))
+    from fluid_ops.models import Fluid
+    small = {"text.encoder": "hash", "image.size": 16, "image.patch_size": 4, "model.width": 64, "model.depth": 2,
+             "model.num_heads": 2, "text.aligner_depth": 1, "head.depth": 2, "head.width": 64,
+             "sampling.num_diffusion_steps": 5}
+    if "raster" not in name:
+        kw.setdefault("sampling.num_iter", 4)
+    torch.manual_seed(0)
+    m = Fluid(name, **{**small, **kw})
+    _randomize_zeros(m.head)
+    return m
 
 
 CAPS = ["a red circle at the top left", "a blue square", "a green triangle at the bottom"]
@@ -248,10 +266,12 @@ def test_fluid_preset_fast_and_explicit_arguments_win(monkeypatch):
 
 
 def _mar():
-    from tests.test_mar import randomize_zero_inits, tiny
-    m = tiny().eval()
-    randomize_zero_inits(m)
-    return m
+    from fluid_ops.models.mar import MAR
+    torch.manual_seed(0)
+    m = MAR(img_size=64, vae_stride=16, encoder_embed_dim=64, encoder_depth=2, encoder_num_heads=2,
+            decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=2, buffer_size=4, class_num=10, diffloss_d=2,
+            diffloss_w=64, num_sampling_steps="8", attn_dropout=0.0, proj_dropout=0.0).eval()
+    return _randomize_zeros(m, scale=0.02)
 
 
 @pytest.mark.parametrize("cfg", [1.0, 3.0])

@@ -697,7 +697,8 @@ class Fluid(nn.Module):
             zc = z_c[bidx, idx].reshape(-1, z_c.shape[-1])
             zsrc = z_u if both else z_uncond_all
             zu = zsrc[bidx, idx].reshape(-1, zc.shape[-1]) if guided and w != 1.0 else None
-            new = self._sample_rows(zc, zu, w, temperature, steps[k], generator, gemm_dtype, **(head or {}))
+            new = self._sample_rows(zc, zu, w, temperature, steps if isinstance(steps, int) else steps[k], generator,
+                                    gemm_dtype, **(head or {}))
             tokens[bidx, idx] = new.reshape(b, idx.shape[1], *tokens.shape[2:]).to(tokens.dtype)
             known[bidx, idx] = True
             n_before = n_after
@@ -734,7 +735,8 @@ class Fluid(nn.Module):
             z = self._head_input(z, positions=[i])[:, 0]
             w = self._raster_scale(cfg, i, cfg_schedule)
             zu = z[b:] if guided and w != 1.0 else None
-            new = self._sample_rows(z[:b], zu, w, temperature, steps[i], generator, gemm_dtype, **(head or {}))
+            new = self._sample_rows(z[:b], zu, w, temperature, steps if isinstance(steps, int) else steps[i], generator,
+                                    gemm_dtype, **(head or {}))
             tokens[:, i] = new.to(tokens.dtype)
             if i + 1 < l:
                 e = self._embed_tokens(tokens[:, i:i + 1])
