@@ -100,7 +100,7 @@ from fluid_ops import backend
 from fluid_ops.nn.denoiser import DenoiserMLP
 from fluid_ops.ops.attention import HEAD_DIMS, MAX_HEAD_DIM, attention
 from fluid_ops.reference.diffusion import DiffusionSchedule
-from fluid_ops.sampling import diffusion_sample
+from fluid_ops.sampling import SOLVERS, diffusion_sample, step_schedule
 
 __all__ = ["accelerate", "AccelerateReport"]
 
@@ -138,6 +138,7 @@ class AccelerateReport:
                 f"diffusion sampling {'swapped' if self.diffusion_sample else 'not swapped'}"
                 f"{'' if self.gemm_dtype is None else f' (gemm_dtype {self.gemm_dtype})'}")
 _NET_KEY = "_fluid_ops_denoiser"  # diffloss.__dict__ entry: (param ids, DenoiserMLP)
+_AR_KEY = "_fluid_ops_ar_steps"   # diffloss.__dict__ entry while a swapped sample_tokens runs
 
 
 # ---- (a) attention ------------------------------------------------------------------------
@@ -378,12 +379,16 @@ def _to_float(name, v):
     return float(v)
 
 
-def _fast_sample(diffloss, z, temperature=1.0, cfg=1.0, *, gemm_dtype=None):
+def _fast_sample(diffloss, z, temperature=1.0, cfg=1.0, *, gemm_dtype=None, num_steps=None, solver="ddpm", eta=0.0):
     """MAR's DiffLoss.sample on fluid_ops.diffusion_sample (see the module docstring)."""
     cfg = _to_float("cfg", cfg)
     temperature = _to_float("temperature", temperature)
     fast = _bound_denoiser(diffloss)
-    steps = int(diffloss.gen_diffusion.num_timesteps)
+    steps = int(diffloss.gen_diffusion.num_timesteps) if num_steps is None else num_steps
+    ar = diffloss.__dict__.get(_AR_KEY)
+    if ar is not None:  # inside the swapped sample_tokens: this AR step's entry of the step schedule
+        steps = ar["steps"][min(ar["k"], len(ar["steps"]) - 1)]
+        ar["k"] += 1
     c = fast.in_channels
     guided = cfg != 1.0
     m = z.shape[0]
@@ -396,7 +401,7 @@ def _fast_sample(diffloss, z, temperature=1.0, cfg=1.0, *, gemm_dtype=None):
         gemm_dtype = torch.bfloat16  # the caller's bf16 autocast: MAR's own head would run its GEMMs in bf16
     with torch.autocast(z.device.type, enabled=False):  # the head's GEMM dtype is gemm_dtype's
         x = diffusion_sample(fast, z.float(), num_steps=steps, temperature=temperature, cfg=cfg,
-                             noise=torch.stack(draws), gemm_dtype=gemm_dtype)
+                             noise=torch.stack(draws), gemm_dtype=gemm_dtype, solver=solver, eta=eta)
     return torch.cat([x, x]) if guided else x
 
 
@@ -502,19 +507,42 @@ def _undo(model):
         if _is_ours(diffloss.__dict__.get("sample"), _fast_sample):
             del diffloss.__dict__["sample"]
         diffloss.__dict__.pop(_NET_KEY, None)
-    if _is_ours(model.__dict__.get("sample_tokens"), _bf16_sample_tokens):
+        diffloss.__dict__.pop(_AR_KEY, None)
+    if _is_ours(model.__dict__.get("sample_tokens"), _bf16_sample_tokens) or \
+            _is_ours(model.__dict__.get("sample_tokens"), _scheduled_sample_tokens):
         del model.__dict__["sample_tokens"]
     return model
 
 
-def _bf16_sample_tokens(model, *args, **kwargs):
-    """MAR's own sample_tokens under bf16 autocast (accelerate's precision resolving to bf16)."""
+def _bf16_sample_tokens(model, spec, *args, **kwargs):
+    """MAR's own sample_tokens under bf16 autocast (accelerate's precision resolving to bf16), with
+    a per-AR-step step schedule `spec` when one was given."""
     dev = next(model.parameters()).device
     with torch.autocast(dev.type, torch.bfloat16):
+        if spec is not None:
+            return _scheduled_sample_tokens(model, spec, *args, **kwargs)
         return type(model).sample_tokens(model, *args, **kwargs)
 
 
-def accelerate(model, *, undo: bool = False, gemm_dtype=None, precision: str | None = None, verbose: bool = False):
+def _scheduled_sample_tokens(model, spec, *args, **kwargs):
+    """MAR's own sample_tokens with a per-AR-step diffusion step schedule: each diffloss.sample
+    call (one per AR step in MAR's loop) takes the next count of `spec` over num_iter steps."""
+    import inspect
+    method = type(model).sample_tokens
+    bound = inspect.signature(method).bind(model, *args, **kwargs)
+    bound.apply_defaults()
+    num_iter = int(bound.arguments.get("num_iter", 64))
+    default = int(model.diffloss.gen_diffusion.num_timesteps)
+    steps = step_schedule(spec, num_iter, default, owner=NAME)
+    model.diffloss.__dict__[_AR_KEY] = {"steps": steps, "k": 0}
+    try:
+        return method(model, *args, **kwargs)
+    finally:
+        model.diffloss.__dict__.pop(_AR_KEY, None)
+
+
+def accelerate(model, *, undo: bool = False, gemm_dtype=None, precision: str | None = None,
+               num_diffusion_steps=None, solver: str = "ddpm", eta: float = 0.0, verbose: bool = False):
     """Swap fluid_ops' attention and diffusion sampling into `model` (MAR's own class, timm
     Blocks) in place and return it, with `model.fluid_ops_report` (an AccelerateReport: modules
     and heads served) set and its summary logged (printed too with verbose=True); `undo=True`
@@ -523,7 +551,13 @@ def accelerate(model, *, undo: bool = False, gemm_dtype=None, precision: str | N
     precision None (default): MAR's numbers, the caller's own autocast followed (under bf16
     autocast the head's GEMMs run in bf16 too); "auto" / "bf16" / "fp32": decided here
     (`fluid_ops.backend.resolve_precision`); bf16 runs `model.sample_tokens` under bf16 autocast
-    with bf16 head GEMMs (unless gemm_dtype says otherwise)."""
+    with bf16 head GEMMs (unless gemm_dtype says otherwise).
+
+    Faster sampling, opt-in (docs/contracts.md §2.3, "Fast sampling"): solver / eta for the head
+    ("ddpm" default, "ddim", "dpm++2m"); num_diffusion_steps an int (every AR step) or a per-AR-step
+    schedule (("linear", first, last), ("cosine", first, last), a name, a callable of progress):
+    a schedule also swaps `model.sample_tokens` for a wrapper that runs MAR's own loop and hands
+    each AR step's diffloss.sample its count. Feature caching needs our own loop (MAR.sample_tokens)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{NAME}: model must be an nn.Module (MAR), got {type(model).__name__}")
     if undo:
@@ -537,6 +571,13 @@ def accelerate(model, *, undo: bool = False, gemm_dtype=None, precision: str | N
         prec = backend.resolve_precision(precision, params.device if params is not None else "cpu")
         if prec == "bf16" and gemm_dtype is None:
             gemm_dtype = torch.bfloat16
+    if solver not in SOLVERS:
+        raise ValueError(f"{NAME}: solver must be one of {SOLVERS}, got {solver!r}")
+    scheduled = num_diffusion_steps is not None and not (isinstance(num_diffusion_steps, int)
+                                                           and not isinstance(num_diffusion_steps, bool))
+    step_schedule(num_diffusion_steps if num_diffusion_steps is not None else 1, 2, 100, owner=NAME)  # checks it
+    if scheduled and not callable(getattr(type(model), "sample_tokens", None)):
+        raise TypeError(f"{NAME}: a per-AR-step num_diffusion_steps needs model.sample_tokens (MAR's)")
     # 1. validate everything (structure, then numerical probes); nothing is changed before 2.
     attns = _attention_modules(model)
     if not attns:
@@ -555,10 +596,16 @@ def accelerate(model, *, undo: bool = False, gemm_dtype=None, precision: str | N
     for _, attn in attns:
         if not _is_ours(attn.__dict__.get("forward"), _fast_attention_forward):
             attn.__dict__["forward"] = functools.partial(_fast_attention_forward, attn)
-    diffloss.__dict__["sample"] = functools.partial(_fast_sample, diffloss, gemm_dtype=gemm_dtype)
+    diffloss.__dict__["sample"] = functools.partial(
+        _fast_sample, diffloss, gemm_dtype=gemm_dtype, solver=solver, eta=float(eta),
+        num_steps=None if scheduled else num_diffusion_steps)
+    spec = num_diffusion_steps if scheduled else None
     if prec == "bf16" and hasattr(type(model), "sample_tokens"):
-        model.__dict__["sample_tokens"] = functools.partial(_bf16_sample_tokens, model)
-    elif _is_ours(model.__dict__.get("sample_tokens"), _bf16_sample_tokens):
+        model.__dict__["sample_tokens"] = functools.partial(_bf16_sample_tokens, model, spec)
+    elif scheduled:
+        model.__dict__["sample_tokens"] = functools.partial(_scheduled_sample_tokens, model, spec)
+    elif _is_ours(model.__dict__.get("sample_tokens"), _bf16_sample_tokens) or \
+            _is_ours(model.__dict__.get("sample_tokens"), _scheduled_sample_tokens):
         del model.__dict__["sample_tokens"]
     report = _report(attns, gemm_dtype)
     model.__dict__["fluid_ops_report"] = report  # a plain attribute: no module, parameter or buffer

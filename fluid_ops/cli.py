@@ -103,10 +103,12 @@ def _prompts(args) -> list[str]:
 
 def _sampling_kwargs(args) -> dict:
     kw = {}
-    for k in ("num_iter", "cfg", "temperature", "num_diffusion_steps", "cfg_uncond", "precision"):
+    for k in ("num_iter", "cfg", "temperature", "num_diffusion_steps", "cfg_uncond", "precision", "solver"):
         v = getattr(args, k, None)
         if v is not None:
             kw[k] = v
+    if getattr(args, "fast", False):
+        kw["preset"] = "fast"
     return kw
 
 
@@ -298,6 +300,11 @@ def _add_common(p, *, sampling=False):
                        help="random order: CFG's unconditional branch drops the text ('text') or the text and the "
                             "tokens drawn so far ('all'); default: the config's")
         p.add_argument("--num-diffusion-steps", type=int, default=None)
+        p.add_argument("--fast", action="store_true",
+                       help="the 'fast' sampling preset (fluid_ops.sampling.FAST_PRESET: fewer diffusion steps with "
+                            "a better head solver; options given explicitly win); default: exact sampling")
+        p.add_argument("--solver", choices=("ddpm", "ddim", "dpm++2m"), default=None,
+                       help="the diffusion head's solver (default: ddpm, exact)")
         p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import collections
 import functools
 import itertools
+import math
 import os
 import sys
 import warnings
@@ -42,12 +43,16 @@ from fluid_ops.ops._checks import FLOAT_DTYPES, check_finite_scalar, check_tenso
 from fluid_ops.ops.ddpm import ddpm_step, ddpm_step_params
 from fluid_ops.reference.diffusion import DiffusionSchedule, check_noise_shift, draw_sampling_noise
 
-__all__ = ["diffusion_sample", "graph_bucket"]
+__all__ = ["SOLVERS", "diffusion_sample", "graph_bucket", "step_schedule"]
 
 OP = "diffusion_sample"
 
 
-@functools.lru_cache(maxsize=16)
+SOLVERS = ("ddpm", "ddim", "dpm++2m")
+LOWER_ORDER_FINAL = 0  # dpm++2m: respaced steps <= this take the first-order update
+
+
+@functools.lru_cache(maxsize=1024)
 def _schedule(num_steps: int, noise_shift: float = 1.0) -> DiffusionSchedule:
     """Cached so its device tables (DiffusionSchedule.table) are built once per device."""
     return DiffusionSchedule(num_steps, noise_shift=noise_shift)
@@ -82,7 +87,8 @@ def diffusion_sample(net, z: torch.Tensor, *, num_steps: int = 100, temperature:
                      cfg: float = 1.0, noise: torch.Tensor | None = None,
                      generator: torch.Generator | None = None, gemm_dtype: torch.dtype | None = None,
                      progress: bool = False, cuda_graph: bool | None = None,
-                     clip_denoised: bool = False, noise_shift: float = 1.0) -> torch.Tensor:
+                     clip_denoised: bool = False, noise_shift: float = 1.0, solver: str = "ddpm",
+                     eta: float = 0.0) -> torch.Tensor:
     """Sample N tokens from MAR's diffusion head; returns (N, C) float32, C = net.in_channels.
 
     net: a `fluid_ops.nn.DenoiserMLP` (fast path) or any module with `in_channels` called as
@@ -101,7 +107,12 @@ def diffusion_sample(net, z: torch.Tensor, *, num_steps: int = 100, temperature:
     tokens in [-1, 1] such as pixel patches; MAR's latents are unbounded and MAR samples without
     it, the default).
     noise_shift: the schedule's SNR divided by noise_shift ** 2 (`fluid_ops.reference.diffusion.
-    cosine_alpha_bar`); it must be the value the head was trained with (1: MAR's schedule)."""
+    cosine_alpha_bar`); it must be the value the head was trained with (1: MAR's schedule).
+    solver: "ddpm" (default: MAR's ancestral loop, exact), "ddim" (with `eta`: 0 deterministic,
+    1 ~ DDPM) or "dpm++2m" (DPM-Solver++(2M), data prediction), on the same respaced schedule and
+    with the same CFG; formulas and what temperature means for each in docs/contracts.md §2.3.
+    ddim / dpm++2m run the eager loop (no CUDA graph) and read the same noise tensor (rows they do
+    not need are drawn but unused, so the generator advances the same way for every solver)."""
     if not isinstance(net, torch.nn.Module) and not callable(net):
         raise TypeError(f"{OP}: net must be a callable module, got {type(net).__name__}")
     c = getattr(net, "in_channels", None)
@@ -120,6 +131,9 @@ def diffusion_sample(net, z: torch.Tensor, *, num_steps: int = 100, temperature:
     if not isinstance(clip_denoised, bool):
         raise TypeError(f"{OP}: clip_denoised must be a bool, got {type(clip_denoised).__name__}")
     noise_shift = check_noise_shift(OP, noise_shift)
+    if solver not in SOLVERS:
+        raise ValueError(f"{OP}: solver must be one of {SOLVERS}, got {solver!r}")
+    eta = check_finite_scalar(OP, "eta", eta, min_value=0.0)
     guided = cfg != 1.0
     if guided and z.shape[0] % 2:
         raise ValueError(f"{OP}: with cfg != 1, z must have an even number of rows ([cond; uncond], 2N), "
@@ -162,7 +176,10 @@ def diffusion_sample(net, z: torch.Tensor, *, num_steps: int = 100, temperature:
     bar = _progress_bar(num_steps) if progress else None
     with torch.no_grad():
         x = None
-        if _want_graph(net, z, cuda_graph):
+        if solver != "ddpm":
+            x = _solver_loop(net, z, noise, sched, temperature, cfg, guided, use_fast, gemm_dtype, bar,
+                             clip_denoised=clip_denoised, solver=solver, eta=eta)
+        elif _want_graph(net, z, cuda_graph):
             x = _sample_with_graph(net, z, noise, sched, n, temperature, cfg, guided, use_fast, gemm_dtype,
                                    clip_denoised)
             if x is not None and bar is not None:
@@ -212,6 +229,149 @@ def _loop(net, z, noise, table, ts, num_steps, temperature, cfg, params, guided,
         if bar is not None:
             bar.update(1)
     return x
+
+
+# ---- DDIM and DPM-Solver++(2M) on the respaced schedule (docs/contracts.md §2.3) ------------
+def solver_coefficients(sched: DiffusionSchedule, solver: str, eta: float = 0.0) -> list:
+    """Per respaced step i (S-1 .. 0, loop order) the host floats of the update x_i -> x_{i-1}:
+    ddim: (sqrt(1/ab), sqrt(1/ab - 1), sqrt(ab_prev), sqrt(1 - ab_prev - sigma^2), sigma);
+    dpm++2m: (sqrt(1/ab), sqrt(1/ab - 1), sigma_prev / sigma, alpha_prev * (1 - exp(-h)), h).
+    ab_prev = 1 after step 0. Cached on the schedule (built once per (solver, eta))."""
+    key = (solver, float(eta))
+    cache = sched.__dict__.setdefault("_solver_coefs", {})
+    if key in cache:
+        return cache[key]
+    ab = sched.alphas_cumprod
+    out = []
+    for i in range(sched.num_steps - 1, -1, -1):
+        a, ap = float(ab[i]), (float(ab[i - 1]) if i > 0 else 1.0)
+        r1, rm1 = math.sqrt(1.0 / a), math.sqrt(1.0 / a - 1.0)
+        if solver == "ddim":
+            sig = eta * math.sqrt((1.0 - ap) / (1.0 - a)) * math.sqrt(max(0.0, 1.0 - a / ap))
+            out.append((r1, rm1, math.sqrt(ap), math.sqrt(max(0.0, 1.0 - ap - sig * sig)), sig))
+        else:
+            lam = 0.5 * math.log(a / (1.0 - a))
+            if i == 0:  # to ab_prev = 1 (sigma_prev = 0): x_prev = the data prediction itself
+                out.append((r1, rm1, 0.0, 1.0, math.inf))
+            else:
+                lam_p = 0.5 * math.log(ap / (1.0 - ap))
+                h = lam_p - lam
+                out.append((r1, rm1, math.sqrt((1.0 - ap) / (1.0 - a)), math.sqrt(ap) * -math.expm1(-h), h))
+    cache[key] = out
+    return out
+
+
+def _solver_loop(net, z, noise, sched, temperature, cfg, guided, use_fast, gemm_dtype, bar=None, *,
+                 clip_denoised=False, solver="ddim", eta=0.0):
+    """x_0 (N, C) float32 by DDIM or DPM-Solver++(2M); the net is evaluated as in `_loop`."""
+    num_steps = sched.num_steps
+    ts = sched.model_timesteps(z.device)
+    coefs = solver_coefficients(sched, solver, eta)
+    fast = net.sampler(z, ts, gemm_dtype) if use_fast else None
+    c = noise.shape[2]
+    x = noise[0] * temperature
+    x0_last, h_last = None, None
+    for i, step in enumerate(range(num_steps - 1, -1, -1)):
+        if fast is not None:
+            out = fast(x, step)
+        else:
+            xin = torch.cat([x, x]) if guided else x
+            out = net(xin, ts[step].expand(xin.shape[0]), z)
+        eps = out[:, :c].float()
+        if guided:
+            n = x.shape[0]
+            eps = eps[n:] + cfg * (eps[:n] - eps[n:])
+        r1, rm1, a, b, d = coefs[i]
+        x0 = r1 * x - rm1 * eps
+        if clip_denoised:
+            x0 = x0.clamp(-1.0, 1.0)
+        if solver == "ddim":
+            eps_hat = (r1 * x - x0) / rm1  # eps consistent with the (clipped) x0
+            x = a * x0 + b * eps_hat
+            if d > 0.0 and temperature > 0.0:
+                x = x + (d * temperature) * noise[i + 1]
+        else:
+            if h_last is None or step <= LOWER_ORDER_FINAL:
+                dx = x0                     # first order: the first step and the last ones (see §2.3)
+            else:
+                r = h_last / d
+                dx = (1.0 + 0.5 / r) * x0 - (0.5 / r) * x0_last
+            x = a * x + b * dx
+            x0_last, h_last = x0, d
+        if bar is not None:
+            bar.update(1)
+    return x
+
+
+# ---- per-AR-step diffusion step schedules ---------------------------------------------------
+def step_schedule(spec, num_iter: int, default: int = 100, *, owner: str = "step_schedule") -> list[int]:
+    """Diffusion steps for each of `num_iter` AR steps (docs/contracts.md §2.3, "Step schedules").
+
+    spec: an int (every AR step); ("linear", first, last) or ("cosine", first, last); the names
+    "linear" / "cosine" alone (first = default, last = max(1, default // 10)); or a callable
+    progress p in [0, 1] -> steps. AR step k has p = k / (num_iter - 1) (0 when num_iter = 1).
+    linear: round(first + (last - first) p); cosine: round(last + (first - last) (1 + cos(pi p)) / 2).
+    Every count must be an int in [1, 1000]."""
+    if isinstance(num_iter, bool) or not isinstance(num_iter, int) or num_iter < 1:
+        raise ValueError(f"{owner}: num_iter must be an int >= 1, got {num_iter!r}")
+    if isinstance(spec, str):
+        spec = (spec, default, max(1, default // 10))
+    ps = [k / (num_iter - 1) if num_iter > 1 else 0.0 for k in range(num_iter)]
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        out = [spec] * num_iter
+    elif isinstance(spec, (tuple, list)) and len(spec) == 3 and spec[0] in ("linear", "cosine"):
+        name, first, last = spec
+        for v in (first, last):
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise ValueError(f"{owner}: the endpoints of a {name!r} step schedule must be ints, got {spec!r}")
+        if name == "linear":
+            out = [int(round(first + (last - first) * p)) for p in ps]
+        else:
+            out = [int(round(last + (first - last) * (1.0 + math.cos(math.pi * p)) / 2.0)) for p in ps]
+    elif callable(spec):
+        out = [spec(p) for p in ps]
+        out = [int(v) if isinstance(v, float) and v == int(v) else v for v in out]
+    else:
+        raise ValueError(f"{owner}: num_diffusion_steps must be an int, 'linear', 'cosine', (name, first, last) "
+                         f"or a callable of progress in [0, 1], got {spec!r}")
+    for v in out:
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 1000:
+            raise ValueError(f"{owner}: every diffusion step count must be an int in [1, 1000], got {v!r} "
+                             f"from {spec!r}")
+    return out
+
+
+# ---- opt-in fast sampling: options and the `fast` preset -------------------------------------
+# Chosen from benchmarks/fast_sampling.py (benchmarks/results/README.md). Every key is a keyword
+# of Fluid.generate / MAR.sample_tokens; an argument given explicitly wins over the preset.
+FAST_PRESET = {"num_diffusion_steps": ("linear", 25, 10), "solver": "dpm++2m", "eta": 0.0, "cache_interval": 1,
+               "uncond_cache_interval": None}
+PRESETS = {"fast": FAST_PRESET}
+
+
+def resolve_fast_options(owner: str, preset, num_diffusion_steps, solver, eta, cache_interval,
+                         uncond_cache_interval) -> dict:
+    """The sampling options after applying `preset` (None or "fast") to the arguments left None,
+    checked; defaults: exact sampling (solver "ddpm", eta 0, cache_interval 1, the uncond branch
+    refreshed with the cond one)."""
+    if preset is not None and preset not in PRESETS:
+        raise ValueError(f"{owner}: preset must be None or one of {tuple(PRESETS)}, got {preset!r}")
+    p = PRESETS.get(preset, {})
+    given = {"num_diffusion_steps": num_diffusion_steps, "solver": solver, "eta": eta,
+             "cache_interval": cache_interval, "uncond_cache_interval": uncond_cache_interval}
+    o = {k: (p.get(k) if v is None else v) for k, v in given.items()}
+    o["solver"] = "ddpm" if o["solver"] is None else o["solver"]
+    if o["solver"] not in SOLVERS:
+        raise ValueError(f"{owner}: solver must be one of {SOLVERS}, got {o['solver']!r}")
+    o["eta"] = check_finite_scalar(owner, "eta", 0.0 if o["eta"] is None else o["eta"], min_value=0.0)
+    o["cache_interval"] = 1 if o["cache_interval"] is None else o["cache_interval"]
+    if o["uncond_cache_interval"] is None:
+        o["uncond_cache_interval"] = o["cache_interval"]
+    for k in ("cache_interval", "uncond_cache_interval"):
+        v = o[k]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"{owner}: {k} must be an int >= 1 (1: no feature caching), got {v!r}")
+    return o
 
 
 # ---- CUDA graphs of the whole loop ----------------------------------------------------------

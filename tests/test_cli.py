@@ -42,7 +42,7 @@ def test_generate_cfg_uncond_flag_reaches_the_sampler(run_dir, tmp_path, monkeyp
     """--cfg-uncond overrides the config's ('all' in the tiny config) in the sampling loop."""
     from fluid_ops.models.fluid import Fluid
     seen, real = [], Fluid._generate_random
-    monkeypatch.setattr(Fluid, "_generate_random", lambda self, *a: seen.append(a[-1]) or real(self, *a))
+    monkeypatch.setattr(Fluid, "_generate_random", lambda self, *a, **k: seen.append(a[-1]) or real(self, *a, **k))
     args = ["generate", "--ckpt", str(run_dir), "--prompt", "a red circle at the top left", "-n", "2",
             "--num-diffusion-steps", "5", "--no-progress", "--out", str(tmp_path / "a.png")]
     for flag in ([], ["--cfg-uncond", "text"], ["--cfg-uncond", "all"]):

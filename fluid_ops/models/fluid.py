@@ -572,11 +572,12 @@ class Fluid(nn.Module):
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
                 or not math.isfinite(temperature) or temperature < 0:
             raise ValueError(f"Fluid.generate: temperature must be a finite number >= 0, got {temperature!r}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= 1000:
-            raise ValueError(f"Fluid.generate: num_diffusion_steps must be an int in [1, 1000], got {steps!r}")
+        # one count per AR step (raster: per token); an int, a named schedule or a callable
+        steps = sampling.step_schedule(steps, num_iter, self.config.sampling.num_diffusion_steps,
+                                       owner="Fluid.generate")
         return prompts, num_iter, float(cfg), float(temperature), steps, cfg_uncond
 
-    def _sample_rows(self, z_cond, z_uncond, w, temperature, steps, generator, gemm_dtype):
+    def _sample_rows(self, z_cond, z_uncond, w, temperature, steps, generator, gemm_dtype, solver="ddpm", eta=0.0):
         """Tokens for rows z_cond (N, W); CFG with scale w against z_uncond when given."""
         if self.config.token_kind == "continuous":
             z = z_cond if z_uncond is None else torch.cat([z_cond, z_uncond])
@@ -592,7 +593,7 @@ class Fluid(nn.Module):
                 return sampling.diffusion_sample(self.head.net, z.float(), num_steps=steps, temperature=temperature,
                                                   cfg=1.0 if z_uncond is None else w, generator=generator,
                                                   gemm_dtype=gemm_dtype, clip_denoised=clip,
-                                                  noise_shift=self.config.head.noise_shift)
+                                                  noise_shift=self.config.head.noise_shift, solver=solver, eta=eta)
         logits = self.head(z_cond).float()
         if z_uncond is not None:
             lu = self.head(z_uncond).float()
@@ -609,7 +610,9 @@ class Fluid(nn.Module):
                  cfg_schedule: str = "linear", temperature: float | None = None,
                  num_diffusion_steps: int | None = None, cfg_uncond: str | None = None,
                  generator: torch.Generator | None = None, progress: bool = False, kv_cache: bool = True,
-                 gemm_dtype=None, precision: str = "auto") -> torch.Tensor:
+                 gemm_dtype=None, precision: str = "auto", solver: str | None = None, eta: float | None = None,
+                 cache_interval: int | None = None, uncond_cache_interval: int | None = None,
+                 preset: str | None = None) -> torch.Tensor:
         """Images (B, 3, H, W) float32 in [0, 1], one per prompt. Defaults (None) come from the
         config: num_iter (random order; raster always takes one step per token), cfg and temperature
         (the paper's values for the variant), num_diffusion_steps (config.sampling.num_diffusion_steps).
@@ -621,12 +624,25 @@ class Fluid(nn.Module):
         gemm_dtype: the diffusion head's GEMM dtype (see fluid_ops.diffusion_sample; None: the
         precision's). precision: "auto" (bf16 where the device computes it natively:
         `fluid_ops.backend.auto_precision`), "bf16" (the transformer under bf16 autocast, bf16 head
-        GEMMs; rounding-level) or "fp32" (exact)."""
+        GEMMs; rounding-level) or "fp32" (exact).
+
+        Faster sampling, all opt-in (docs/contracts.md §2.3, "Fast sampling"); the defaults are exact:
+        num_diffusion_steps may also be a per-AR-step schedule: ("linear", first, last),
+        ("cosine", first, last), "linear" / "cosine" (the config's count down to a tenth of it) or a
+        callable of the progress p in [0, 1] -> steps (fluid_ops.sampling.step_schedule).
+        solver: "ddpm" (default), "ddim" (with eta) or "dpm++2m" (fluid_ops.diffusion_sample).
+        cache_interval k (random order): the transformer runs on every k-th AR step only; in between,
+        the tokens still masked (whose inputs did not change) reuse their cached features.
+        uncond_cache_interval: the same for CFG's unconditional branch (default: cache_interval).
+        preset="fast": fluid_ops.sampling.FAST_PRESET for the options left None."""
         prec = backend.resolve_precision(precision, self.device)
         if gemm_dtype is None and prec == "bf16":
             gemm_dtype = torch.bfloat16
+        fast = sampling.resolve_fast_options("Fluid.generate", preset, num_diffusion_steps, solver, eta,
+                                             cache_interval, uncond_cache_interval)
         prompts, num_iter, cfg, temperature, steps, cfg_uncond = self._check_sampling_args(
-            prompts, num_iter, cfg, cfg_schedule, temperature, num_diffusion_steps, cfg_uncond)
+            prompts, num_iter, cfg, cfg_schedule, temperature, fast["num_diffusion_steps"], cfg_uncond)
+        head = {"solver": fast["solver"], "eta": fast["eta"]}
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"Fluid.generate: generator must be a torch.Generator or None, got "
                             f"{type(generator).__name__} (fluid_ops.generate takes seed=...)")
@@ -644,10 +660,11 @@ class Fluid(nn.Module):
             with amp:
                 if self.config.order == "random":
                     tokens = self._generate_random(prompts, num_iter, cfg, cfg_schedule, temperature, steps,
-                                                   generator, progress, gemm_dtype, cfg_uncond)
+                                                   generator, progress, gemm_dtype, cfg_uncond, head=head,
+                                                   cache=(fast["cache_interval"], fast["uncond_cache_interval"]))
                 else:
                     tokens = self._generate_raster(prompts, cfg, cfg_schedule, temperature, steps, generator,
-                                                   progress, kv_cache, gemm_dtype)
+                                                   progress, kv_cache, gemm_dtype, head=head)
         finally:
             self.train(was_training)
         return self.tokenizer.decode(tokens).float().clamp(0, 1)
@@ -663,7 +680,7 @@ class Fluid(nn.Module):
         return ctx, cmask, pooled
 
     def _generate_random(self, prompts, num_iter, cfg, cfg_schedule, temperature, steps, generator, progress,
-                         gemm_dtype, cfg_uncond="text"):
+                         gemm_dtype, cfg_uncond="text", head=None, cache=(1, 1)):
         b, l, dev = len(prompts), self.seq_len, self.device
         guided = cfg != 1.0
         ctx, cmask, pooled = self._conditions(prompts, guided)
@@ -683,19 +700,38 @@ class Fluid(nn.Module):
         scales = schedules.cfg_schedule(cfg, l, num_iter, cfg_schedule)
         bidx = torch.arange(b, device=dev)[:, None]
         n_before = l
+        every, every_u = cache
+        z_c = z_u = None   # the features of the last pass (feature caching, LazyMAR): cond rows, uncond rows
+        done = 0           # AR steps that revealed tokens so far
         for k in _progress(range(num_iter), progress, "Fluid.generate"):
             n_after = masked_after[k]
             if n_after == n_before:  # num_iter > L: this step reveals nothing
                 continue
-            x = torch.where(known[..., None], self._embed_tokens(tokens), self.mask_token.to(ctx.dtype))
-            x = self._add_position_and_text(torch.cat([x, x]) if both else x, pooled)
-            z = self._head_input(self.transformer(x, context=ctx, context_mask=cmask, cond=self._cond(pooled)))
+            # The tokens sampled now are still masked: their inputs are the ones they had at the last
+            # pass, so between refreshes their cached features stand in (exact when every == 1).
+            run_c = z_c is None or done % every == 0
+            run_u = both and (z_u is None or done % every_u == 0)
+            if run_c or run_u:
+                x = torch.where(known[..., None], self._embed_tokens(tokens), self.mask_token.to(ctx.dtype))
+                if run_c and run_u:
+                    rows, xs = slice(None), torch.cat([x, x])
+                else:
+                    rows, xs = (slice(0, b), x) if run_c else (slice(b, None), x)
+                pr = None if pooled is None else pooled[rows]
+                z = self._head_input(self.transformer(self._add_position_and_text(xs, pr), context=ctx[rows],
+                                                      context_mask=cmask[rows], cond=self._cond(pr)))
+                if run_c:
+                    z_c = z[:b]
+                if run_u:
+                    z_u = z[-b:]
+            done += 1
             idx = orders[:, n_after:n_before]              # this step's tokens (masked = order prefix)
             w = scales[k]
-            zc = z[:b][bidx, idx].reshape(-1, z.shape[-1])
-            z_u = z[b:] if both else z_uncond_all
-            zu = z_u[bidx, idx].reshape(-1, z.shape[-1]) if guided and w != 1.0 else None
-            new = self._sample_rows(zc, zu, w, temperature, steps, generator, gemm_dtype)
+            zc = z_c[bidx, idx].reshape(-1, z_c.shape[-1])
+            zsrc = z_u if both else z_uncond_all
+            zu = zsrc[bidx, idx].reshape(-1, zc.shape[-1]) if guided and w != 1.0 else None
+            new = self._sample_rows(zc, zu, w, temperature, steps if isinstance(steps, int) else steps[k], generator,
+                                    gemm_dtype, **(head or {}))
             tokens[bidx, idx] = new.reshape(b, idx.shape[1], *tokens.shape[2:]).to(tokens.dtype)
             known[bidx, idx] = True
             n_before = n_after
@@ -706,7 +742,7 @@ class Fluid(nn.Module):
         return cfg if kind == "constant" else 1.0 + (cfg - 1.0) * (i + 1) / self.seq_len
 
     def _generate_raster(self, prompts, cfg, cfg_schedule, temperature, steps, generator, progress, kv_cache,
-                         gemm_dtype):
+                         gemm_dtype, head=None):
         b, l = len(prompts), self.seq_len
         guided = cfg != 1.0
         ctx, cmask, pooled = self._conditions(prompts, guided)
@@ -732,7 +768,8 @@ class Fluid(nn.Module):
             z = self._head_input(z, positions=[i])[:, 0]
             w = self._raster_scale(cfg, i, cfg_schedule)
             zu = z[b:] if guided and w != 1.0 else None
-            new = self._sample_rows(z[:b], zu, w, temperature, steps, generator, gemm_dtype)
+            new = self._sample_rows(z[:b], zu, w, temperature, steps if isinstance(steps, int) else steps[i], generator,
+                                    gemm_dtype, **(head or {}))
             tokens[:, i] = new.to(tokens.dtype)
             if i + 1 < l:
                 e = self._embed_tokens(tokens[:, i:i + 1])

@@ -55,7 +55,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from fluid_ops import backend
+from fluid_ops import backend, sampling
 from fluid_ops.models import io as model_io
 from fluid_ops.models import mar_checkpoint as _ckpt
 from fluid_ops.nn.diffloss import DiffLoss
@@ -514,14 +514,25 @@ class MAR(nn.Module):
     @torch.no_grad()
     def sample_tokens(self, bsz: int, num_iter: int = 64, cfg: float = 1.0, cfg_schedule: str = "linear",
                       labels: torch.Tensor | None = None, temperature: float = 1.0, progress: bool = False,
-                      generator: torch.Generator | None = None, precision: str = "auto") -> torch.Tensor:
+                      generator: torch.Generator | None = None, precision: str = "auto", *,
+                      num_diffusion_steps=None, solver: str | None = None, eta: float | None = None,
+                      cache_interval: int | None = None, uncond_cache_interval: int | None = None,
+                      preset: str | None = None) -> torch.Tensor:
         """Generate (bsz, vae_embed_dim, h, w) latents in `num_iter` steps (docs/contracts.md §2.4): random
         order per image, cosine mask schedule, CFG against the null class (`fake_latent`) with the
         "linear" or "constant" schedule, `fluid_ops.sampling.diffusion_sample` for the tokens of each step.
         labels None: unconditional (every row uses the null class). Call in eval mode (as MAR).
         precision: "auto" (bf16 where the device computes it natively: `fluid_ops.backend.auto_precision`),
-        "bf16" (encoder / decoder under bf16 autocast, bf16 head GEMMs; rounding-level) or "fp32" (exact)."""
+        "bf16" (encoder / decoder under bf16 autocast, bf16 head GEMMs; rounding-level) or "fp32" (exact).
+
+        Faster sampling, opt-in as in `Fluid.generate` (docs/contracts.md §2.3, "Fast sampling"):
+        num_diffusion_steps (default diffloss.num_sampling_steps) an int or a per-AR-step schedule;
+        solver / eta for the head; cache_interval / uncond_cache_interval: the encoder and decoder run
+        every k-th AR step, the still-masked tokens reusing their cached decoder features in between;
+        preset="fast"."""
         prec = backend.resolve_precision(precision, self.fake_latent.device)
+        fast = sampling.resolve_fast_options("MAR.sample_tokens", preset, num_diffusion_steps, solver, eta,
+                                             cache_interval, uncond_cache_interval)
         if isinstance(bsz, bool) or not isinstance(bsz, int) or bsz < 0:
             raise ValueError(f"MAR.sample_tokens: bsz must be an int >= 0, got {bsz!r}")
         if isinstance(num_iter, bool) or not isinstance(num_iter, int) or num_iter < 1:
@@ -535,6 +546,10 @@ class MAR(nn.Module):
             raise ValueError(f"MAR.sample_tokens: temperature must be a finite number >= 0, got {temperature!r}")
         if labels is not None:
             self._check_labels("sample_tokens", labels, bsz)
+        steps_k = sampling.step_schedule(fast["num_diffusion_steps"] if fast["num_diffusion_steps"] is not None
+                                         else self.diffloss.num_sampling_steps, num_iter,
+                                         self.diffloss.num_sampling_steps, owner="MAR.sample_tokens")
+        every, every_u = fast["cache_interval"], fast["uncond_cache_interval"]
         dev = self.fake_latent.device
         l, c = self.seq_len, self.token_embed_dim
         tokens = torch.zeros(bsz, l, c, device=dev, dtype=self.fake_latent.dtype)
@@ -557,29 +572,43 @@ class MAR(nn.Module):
                 pass
         n_before = l
         bidx = torch.arange(bsz, device=dev)[:, None]
+        z_c = z_u = None  # cached decoder features (feature caching; refreshed every `every` AR steps)
         # one autocast context for the whole loop: its cache casts each weight to bf16 once per call;
         # "fp32" leaves autocast as the caller set it
         with torch.autocast(dev.type, torch.bfloat16) if prec == "bf16" else contextlib.nullcontext():
+            done = 0
             for k in steps:
                 n_after = masked_after[k]
                 if n_after == n_before:  # K > L: this step unmasks nothing (MAR predicts no tokens)
                     continue
-                tok_in, mask_in = (torch.cat([tokens, tokens]), torch.cat([mask, mask])) if guided else (tokens, mask)
-                known = None
-                if self.compact_encoder:  # the known tokens are the order's suffix orders[:, n_before:]
-                    known = orders[:, n_before:]
-                    known = torch.cat([known, known]) if guided else known
-                z = self.forward_mae_encoder(tok_in, mask_in, cond, known_index=known)
-                z = self.forward_mae_decoder(z, mask_in, known_index=known).float()
+                run_c = z_c is None or done % every == 0
+                run_u = guided and (z_u is None or done % every_u == 0)
+                if run_c or run_u:
+                    two = run_c and run_u
+                    tok_in, mask_in = (torch.cat([tokens, tokens]), torch.cat([mask, mask])) if two else (tokens, mask)
+                    c_in = cond if two else (cond[:bsz] if run_c else cond[bsz:])
+                    known = None
+                    if self.compact_encoder:  # the known tokens are the order's suffix orders[:, n_before:]
+                        known = orders[:, n_before:]
+                        known = torch.cat([known, known]) if two else known
+                    z = self.forward_mae_encoder(tok_in, mask_in, c_in, known_index=known)
+                    z = self.forward_mae_decoder(z, mask_in, known_index=known).float()
+                    if run_c:
+                        z_c = z[:bsz]
+                    if run_u:
+                        z_u = z[-bsz:]
+                done += 1
                 # this step's tokens: orders[:, n_after:n_before] (masked tokens are the order's prefix)
                 idx = orders[:, n_after:n_before]
-                zs = z[:bsz][bidx, idx].reshape(-1, z.shape[-1])
+                zs = z_c[bidx, idx].reshape(-1, z_c.shape[-1])
                 w = cfgs[k]
                 if guided and w != 1.0:
-                    zs = torch.cat([zs, z[bsz:][bidx, idx].reshape(-1, z.shape[-1])])
+                    zs = torch.cat([zs, z_u[bidx, idx].reshape(-1, z_c.shape[-1])])
+                head = {} if (steps_k[k] == self.diffloss.num_sampling_steps and fast["solver"] == "ddpm") else \
+                    {"num_steps": steps_k[k], "solver": fast["solver"], "eta": fast["eta"]}
                 with torch.autocast(dev.type, enabled=False):  # the head's GEMM dtype is gemm_dtype's
                     new = self.diffloss.sample(zs, temperature, w if guided else 1.0, generator,
-                                               gemm_dtype=torch.bfloat16 if prec == "bf16" else None)
+                                               gemm_dtype=torch.bfloat16 if prec == "bf16" else None, **head)
                 tokens = tokens.clone()
                 tokens[bidx, idx] = new.reshape(bsz, -1, c).to(tokens.dtype)
                 mask = schedules.next_mask(mask, orders, n_after)

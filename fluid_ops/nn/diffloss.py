@@ -36,7 +36,10 @@ class DiffLoss(nn.Module):
                               generator=generator, schedule=self.train_schedule,
                               checkpoint=self.grad_checkpointing and self.training)
 
-    def sample(self, z, temperature=1.0, cfg=1.0, generator=None, gemm_dtype=None):
-        return sampling.diffusion_sample(self.net, z, num_steps=self.num_sampling_steps,
+    def sample(self, z, temperature=1.0, cfg=1.0, generator=None, gemm_dtype=None, *, num_steps=None, solver="ddpm",
+               eta=0.0):
+        """MAR's DiffLoss.sample; gemm_dtype, num_steps (default num_sampling_steps), solver and eta:
+        see fluid_ops.diffusion_sample."""
+        return sampling.diffusion_sample(self.net, z, num_steps=self.num_sampling_steps if num_steps is None else num_steps,
                                          temperature=temperature, cfg=cfg, generator=generator,
-                                         noise_shift=self.noise_shift, gemm_dtype=gemm_dtype)
+                                         noise_shift=self.noise_shift, gemm_dtype=gemm_dtype, solver=solver, eta=eta)
