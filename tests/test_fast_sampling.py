@@ -323,11 +323,12 @@ def test_cli_fast_flag_and_solver():
     from fluid_ops import cli
     p = cli.build_parser()
     for cmd in (["generate", "--ckpt", "x", "--prompt", "a red circle"], ["evaluate", "--ckpt", "x"]):
+        auto = {"precision": "auto"}  # --precision's default, always passed
         args = p.parse_args(cmd + ["--fast"])
-        assert cli._sampling_kwargs(args) == {"preset": "fast"}
+        assert cli._sampling_kwargs(args) == {"preset": "fast", **auto}
         args = p.parse_args(cmd + ["--fast", "--solver", "ddim", "--num-diffusion-steps", "30"])
-        assert cli._sampling_kwargs(args) == {"preset": "fast", "solver": "ddim", "num_diffusion_steps": 30}
-        assert cli._sampling_kwargs(p.parse_args(cmd)) == {}
+        assert cli._sampling_kwargs(args) == {"preset": "fast", "solver": "ddim", "num_diffusion_steps": 30, **auto}
+        assert cli._sampling_kwargs(p.parse_args(cmd)) == auto
 
 
 def test_benchmark_script_quick(tmp_path):
