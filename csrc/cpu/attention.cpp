@@ -209,6 +209,23 @@ void forward_portable(const Geometry& g, const TensorView& q, const TensorView& 
   });
 }
 
+// Per key block of kBlock: the index after its last key that may be attended (0: none) and
+// whether every key in it may be, read from the packed bias (0 = may attend, -inf = masked).
+static void mark_key_blocks(const std::vector<float>& bias, int64_t nkp, std::vector<int32_t>& block_end,
+                            std::vector<uint8_t>& block_full) {
+  const int64_t nb = nkp / kBlock;
+  block_end.assign(nb, 0);
+  block_full.assign(nb, 0);
+  for (int64_t kb = 0; kb < nb; ++kb) {
+    bool full = true;
+    for (int64_t jj = 0; jj < kBlock; ++jj) {
+      if (bias[kb * kBlock + jj] == 0.0f) block_end[kb] = static_cast<int32_t>(jj + 1);
+      else full = false;
+    }
+    block_full[kb] = full;
+  }
+}
+
 // SIMD path: per (batch, head, query chunk) pack K (in chunks of 16 keys), V and the key bias to
 // fp32 once, then run the kernel over the chunk's query rows.
 template <typename T>
@@ -242,17 +259,7 @@ void forward_simd(attn::FwdKernel kernel, const Geometry& g, const TensorView& q
         vf.resize(nkp * D);
         bias.assign(nkp, kNegInf);
         pack_keys<T>(g, k, v, b, h, L, nkp, kt.data(), vf.data(), bias.data());
-        const int64_t nb = nkp / kBlock;
-        block_end.assign(nb, 0);
-        block_full.assign(nb, 0);
-        for (int64_t kb = 0; kb < nb; ++kb) {
-          bool full = true;
-          for (int64_t jj = 0; jj < kBlock; ++jj) {
-            if (bias[kb * kBlock + jj] == 0.0f) block_end[kb] = static_cast<int32_t>(jj + 1);
-            else full = false;
-          }
-          block_full[kb] = full;
-        }
+        mark_key_blocks(bias, nkp, block_end, block_full);
       }
       const int64_t nq = i1 - i0;
       qf.resize(nq * D);
@@ -334,17 +341,7 @@ void forward_native_bf16(attn::FwdKernelBf16 kernel, const Geometry& g, const Te
         v2.resize(nkp * D);
         bias.assign(nkp, kNegInf);
         pack_keys_bf16(g, k, v, b, h, L, nkp, kt.data(), v2.data(), bias.data());
-        const int64_t nb = nkp / kBlock;
-        block_end.assign(nb, 0);
-        block_full.assign(nb, 0);
-        for (int64_t kb = 0; kb < nb; ++kb) {
-          bool full = true;
-          for (int64_t jj = 0; jj < kBlock; ++jj) {
-            if (bias[kb * kBlock + jj] == 0.0f) block_end[kb] = static_cast<int32_t>(jj + 1);
-            else full = false;
-          }
-          block_full[kb] = full;
-        }
+        mark_key_blocks(bias, nkp, block_end, block_full);
       }
       const int64_t nq = i1 - i0;
       qb.resize(nq * D);
@@ -501,15 +498,7 @@ void backward_simd(attn::BwdKernel kernel, const Geometry& g, const TensorView& 
       std::fill(bias.begin(), bias.end(), kNegInf);
       pack_keys<T>(g, k, v, b, h, L, nkp, kt.data(), nullptr, bias.data());  // K chunks
       pack_keys<T>(g, v, k, b, h, L, nkp, vt.data(), kf.data(), bias.data());  // V chunks, K rows
-      for (int64_t kb = 0; kb < nkp / kBlock; ++kb) {
-        bool full = true;
-        block_end[kb] = 0;
-        for (int64_t jj = 0; jj < kBlock; ++jj) {
-          if (bias[kb * kBlock + jj] == 0.0f) block_end[kb] = static_cast<int32_t>(jj + 1);
-          else full = false;
-        }
-        block_full[kb] = full;
-      }
+      mark_key_blocks(bias, nkp, block_end, block_full);
       for (int64_t i = 0; i < Nq; ++i) {
         if (i + kPrefetchRows < Nq) {
           prefetch_row(row_ptr<T>(q, b, i + kPrefetchRows, h), D, false);
