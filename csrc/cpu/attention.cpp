@@ -213,6 +213,7 @@ void forward_portable(const Geometry& g, const TensorView& q, const TensorView& 
 // whether every key in it may be, read from the packed bias (0 = may attend, -inf = masked).
 static void mark_key_blocks(const std::vector<float>& bias, int64_t nkp, std::vector<int32_t>& block_end,
                             std::vector<uint8_t>& block_full) {
+  using attn::kBlock;
   const int64_t nb = nkp / kBlock;
   block_end.assign(nb, 0);
   block_full.assign(nb, 0);
