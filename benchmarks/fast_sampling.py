@@ -251,26 +251,39 @@ def part_b(args, options):
                 attn_dropout=0.0,
                 proj_dropout=0.0, label_drop_prob=0.1)
     minutes = 0.05 if args.quick else args.mar_minutes
-    pool, labels_pool = _mar_data(256 if args.quick else 4096, seed=1)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-    ema = [p.detach().clone() for p in model.parameters()]
-    g = torch.Generator().manual_seed(2)
-    t0, steps = time.time(), 0
-    model.train()
-    while time.time() - t0 < minutes * 60:
-        idx = torch.randint(0, pool.shape[0], (32,), generator=g)
-        loss = model(pool[idx] * 2 - 1, labels_pool[idx], generator=g)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        steps += 1
+    max_steps = None if args.quick else args.mar_steps
+    ckpt = Path(args.mar_ckpt) if args.mar_ckpt and not args.quick else None
+    if ckpt is not None and ckpt.exists():  # sampling reruns reuse one trained model
+        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["ema"])
+        steps, train_s = saved["steps"], saved["seconds"]
+    else:
+        pool, labels_pool = _mar_data(256 if args.quick else 4096, seed=1)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
+        ema = [p.detach().clone() for p in model.parameters()]
+        g = torch.Generator().manual_seed(2)
+        t0, steps = time.time(), 0
+        model.train()
+        # a step budget makes the model independent of the machine's load; minutes are the fallback
+        while (steps < max_steps) if max_steps else (time.time() - t0 < minutes * 60):
+            idx = torch.randint(0, pool.shape[0], (32,), generator=g)
+            loss = model(pool[idx] * 2 - 1, labels_pool[idx], generator=g)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            steps += 1
+            with torch.no_grad():
+                for e, p in zip(ema, model.parameters()):
+                    e.lerp_(p, 1 - min(0.999, (1 + steps) / (10 + steps)))
+            if not args.quick and steps % 250 == 0:
+                print(f"  (b) step {steps}  loss {loss.item():.4f}  {time.time() - t0:.0f} s", flush=True)
+        train_s = time.time() - t0
         with torch.no_grad():
             for e, p in zip(ema, model.parameters()):
-                e.lerp_(p, 1 - min(0.999, (1 + steps) / (10 + steps)))
-    train_s = time.time() - t0
-    with torch.no_grad():
-        for e, p in zip(ema, model.parameters()):
-            p.copy_(e)
+                p.copy_(e)
+        if ckpt is not None:
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"ema": model.state_dict(), "steps": steps, "seconds": round(train_s, 1)}, ckpt)
     model.eval()
     n = 8 if args.quick else args.mar_images
     bs = 4 if args.quick else args.batch
@@ -364,6 +377,9 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--mar-minutes", type=float, default=4.0, help="(b): training minutes")
+    ap.add_argument("--mar-steps", type=int, default=None, help="(b): training steps (instead of --mar-minutes)")
+    ap.add_argument("--mar-ckpt", default=None,
+                    help="(b): load the trained MAR from this file if it exists, else train and save it there")
     ap.add_argument("--mar-images", type=int, default=144, help="(b): images per option")
     ap.add_argument("--marb-size", type=int, default=64, help="(c): image size (tokens = (size / 16) ** 2)")
     ap.add_argument("--marb-images", type=int, default=2)

@@ -19,6 +19,12 @@ with CFG and the linear CFG schedule, temperature 1.0, fp32:
   standin_accelerated_bf16  the stand-in after fluid_ops.accelerate(model, precision="bf16")
   standin_autocast     the stand-in under torch.autocast(device, torch.bfloat16): the one-line peer a
                        user reaches for first
+  standin_compile      the stand-in with torch.compile(dynamic=True) on its encoder, decoder and head
+                       network (MAR's sampling loop itself has host syncs and data-dependent shapes, so
+                       the loop stays eager, as a user compiling MAR would leave it); fp32
+  standin_autocast_compile  the same under bf16 autocast: the strongest one-file peer
+  (compile time is paid in the warm-up call and is not in the medians; it is reported as
+  compile_seconds)
 The stand-in loads fluid_ops' MAR state dict (same names), so all variants run the same network;
 the first four in fp32 (precision="fp32"), the last three in bf16 (rounding-level; where bf16 is
 emulated, as on AVX2-only CPUs, they are slower than fp32).
@@ -69,8 +75,8 @@ if str(ROOT) not in sys.path:  # run from a source checkout without installing
 import fluid_ops  # noqa: E402
 from fluid_ops.models.mar import FACTORIES  # noqa: E402
 
-VARIANTS = ("fluid_ops", "fluid_ops_reference", "standin_accelerated", "standin", "fluid_ops_bf16",
-            "standin_accelerated_bf16", "standin_autocast")
+VARIANTS = ("fluid_ops", "fluid_ops_reference", "standin_accelerated", "standin", "standin_compile",
+            "fluid_ops_bf16", "standin_accelerated_bf16", "standin_autocast", "standin_autocast_compile")
 # MAR's paper CFG scales per size (docs/contracts.md §1); tiny uses MAR-B's
 CFG = {"mar_base": 2.9, "mar_large": 3.0, "mar_huge": 3.2, "mar_tiny": 2.9}
 GRIDS = {
@@ -161,7 +167,19 @@ def build_models(name: str, steps: int, device, seed: int = 0) -> dict:
                                            temperature=1.0)
         return run
 
+    def compiled(model):
+        # only the networks: MAR's loop has .item()/nonzero syncs and a varying token count per step
+        model = copy.deepcopy(model)
+        model.forward_mae_encoder = torch.compile(model.forward_mae_encoder, dynamic=True)
+        model.forward_mae_decoder = torch.compile(model.forward_mae_decoder, dynamic=True)
+        model.diffloss.net = torch.compile(model.diffloss.net, dynamic=True)
+        return model
+
+    standin_c = compiled(standin)
+    standin_ac = compiled(standin)
     return {"fluid_ops": (ours, ours_fn(None)), "fluid_ops_reference": (ours, ours_fn("reference")),
+            "standin_compile": (standin_c, standin_fn(standin_c)),
+            "standin_autocast_compile": (standin_ac, standin_fn(standin_ac, autocast=True)),
             "standin_accelerated": (accelerated, standin_fn(accelerated)), "standin": (standin, standin_fn(standin)),
             "fluid_ops_bf16": (ours, ours_fn(None, "bf16")),
             "standin_accelerated_bf16": (accelerated_bf16, standin_fn(accelerated_bf16)),
@@ -262,11 +280,13 @@ def bench_group(name: str, bsz: int, s: dict, device, args, progress, on_round=N
     variants = [v for v in VARIANTS if v in args.variants]
     times = {v: [] for v in variants}
     splits = {v: [] for v in variants}
-    outputs, errors = {}, {}
+    outputs, errors, warm = {}, {}, {}
     for v in variants:  # warm-up: lazy caches, kernels, allocator (2 AR steps, same diffusion steps)
         model, fn = models[v]
         try:
+            t_w = time.perf_counter()
             fn(bsz, labels, 2, cfg, args.seed)
+            warm[v] = time.perf_counter() - t_w  # torch.compile's compile time is in here
         except Exception as e:  # record and go on: one failing variant must not lose the others
             errors[v] = f"{type(e).__name__}: {e}"
             traceback.print_exc()
@@ -284,8 +304,15 @@ def bench_group(name: str, bsz: int, s: dict, device, args, progress, on_round=N
                 outputs[v] = out
             progress(f"{name} b={bsz} round {r + 1}/{s['rounds']} {v}: {t:.3f} s")
         if on_round is not None:
-            on_round(summarize(name, bsz, s, cfg, variants, times, splits, outputs, errors))
-    return summarize(name, bsz, s, cfg, variants, times, splits, outputs, errors)
+            on_round(_with_warmup(summarize(name, bsz, s, cfg, variants, times, splits, outputs, errors), warm))
+    return _with_warmup(summarize(name, bsz, s, cfg, variants, times, splits, outputs, errors), warm)
+
+
+def _with_warmup(rows, warm):
+    for r in rows:
+        if r["variant"] in warm:
+            r["warmup_seconds"] = round(warm[r["variant"]], 2)
+    return rows
 
 
 def summarize(name, bsz, s, cfg, variants, times, splits, outputs, errors) -> list[dict]:
@@ -322,13 +349,13 @@ def summarize(name, bsz, s, cfg, variants, times, splits, outputs, errors) -> li
 
 # ---- output -------------------------------------------------------------------------------------
 def print_table(rows: list[dict]) -> None:
-    hdr = (f"{'model':<10} {'batch':>5} {'variant':<20} {'median s':>10} {'images/s':>10} {'transf.':>8} "
+    hdr = (f"{'model':<10} {'batch':>5} {'variant':<25} {'median s':>10} {'images/s':>10} {'transf.':>8} "
            f"{'head':>6} {'other':>6} {'fluid_ops is':>13}")
     print(hdr)
     print("-" * len(hdr))
     for r in rows:
         if "error" in r:
-            print(f"{r['model']:<10} {r['batch']:>5} {r['variant']:<20} ERROR {r['error'][:60]}")
+            print(f"{r['model']:<10} {r['batch']:>5} {r['variant']:<25} ERROR {r['error'][:60]}")
             continue
         f = r.get("split_fraction", {})
         pct = [f"{100 * f[k]:>5.0f}%" if k in f else f"{'-':>6}" for k in ("transformer", "head", "other")]
@@ -338,7 +365,7 @@ def print_table(rows: list[dict]) -> None:
             ours = next((x for x in rows if x["model"] == r["model"] and x["batch"] == r["batch"]
                          and x["variant"] == "fluid_ops_bf16" and "error" not in x), None)
         vs = "" if ours is None or r["variant"] == ours["variant"] else f"{ours['speedup_over'][r['variant']]:.2f}x faster"
-        print(f"{r['model']:<10} {r['batch']:>5} {r['variant']:<20} {r['seconds_median']:>10.3f} "
+        print(f"{r['model']:<10} {r['batch']:>5} {r['variant']:<25} {r['seconds_median']:>10.3f} "
               f"{r['images_per_s']:>10.3f} {pct[0]:>8} {pct[1]} {pct[2]} {vs:>13}")
 
 
@@ -358,7 +385,7 @@ def plot(rows: list[dict], info: dict, settings: dict, path: Path) -> bool:
     variants = [v for v in VARIANTS if any(r["variant"] == v for r in ok)]
     colors = {"fluid_ops": "#2a9d8f", "fluid_ops_reference": "#8ab17d", "standin_accelerated": "#e9c46a",
               "standin": "#e76f51", "fluid_ops_bf16": "#1d6f66", "standin_accelerated_bf16": "#b8962e",
-              "standin_autocast": "#a8432a"}
+              "standin_autocast": "#a8432a", "standin_compile": "#f4a261", "standin_autocast_compile": "#7a2e1c"}
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(13, 0.5 * len(ok) + 3.2), gridspec_kw={"width_ratios": [1.2, 1]})
     width = 0.8 / len(variants)
     for j, v in enumerate(variants):
