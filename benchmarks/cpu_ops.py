@@ -31,6 +31,7 @@ import fluid_ops  # noqa: E402
 from fluid_ops import _compiled  # noqa: E402
 import importlib  # noqa: E402
 _attn_ops = importlib.import_module("fluid_ops.ops.attention")  # the module (fluid_ops re-exports the function)
+_ISA_ENV = "FLUID_OPS_CPU_ATTENTION_ISA"
 
 
 def machine_info() -> dict:
@@ -157,8 +158,31 @@ def bench_attention(args) -> list[dict]:
             tol = 1e-4 if dtype == torch.float32 else 5e-2
             if err > tol:
                 raise AssertionError(f"attention backward disagrees with SDPA: max error in dq {err:.3e} > {tol}")
-            med = time_interleaved({"ours": ours_step, "sdpa": sdpa_step}, rounds=args.rounds,
-                                   min_run_time=args.min_run_time)
+            fns = {"ours": ours_step, "sdpa": sdpa_step}
+            if dtype == torch.bfloat16 and _compiled.cpu.attention_bwd_isa("bfloat16", d) == "avx512bf16":
+                # our earlier paths for bf16 inputs, forced per pass through the ISA override (read
+                # at each call): the native forward with the fp32-arithmetic backward (what shipped
+                # before the native backward), and both passes in fp32 arithmetic
+                def forced_step(fwd_isa, bwd_isa):
+                    saved = os.environ.get(_ISA_ENV)
+                    try:
+                        os.environ[_ISA_ENV] = fwd_isa
+                        out = fluid_ops.attention(q, k, v)
+                        os.environ[_ISA_ENV] = bwd_isa
+                        return torch.autograd.grad(out, (q, k, v), do)
+                    finally:
+                        if saved is None:
+                            os.environ.pop(_ISA_ENV, None)
+                        else:
+                            os.environ[_ISA_ENV] = saved
+
+                fns["ours_fp32_bwd"] = lambda: forced_step("avx512bf16", "avx512")
+                fns["ours_fp32_arith"] = lambda: forced_step("avx512", "avx512")
+                for name in ("ours_fp32_bwd", "ours_fp32_arith"):
+                    e = (fns[name]()[0].float() - gq_ref.float()).abs().max().item()
+                    if e > tol:
+                        raise AssertionError(f"{name}: attention backward disagrees with SDPA: max error in dq {e:.3e}")
+            med = time_interleaved(fns, rounds=args.rounds, min_run_time=args.min_run_time)
             flops = 3.5 * 4 * b * h * n * n * d
             rows.append({
                 "op": "attention", "pass": "forward+backward",
@@ -167,7 +191,14 @@ def bench_attention(args) -> list[dict]:
                 "ours_ms": med["ours"] * 1e3, "peer": "torch SDPA (B,H,N,D) + autograd", "peer_ms": med["sdpa"] * 1e3,
                 "ours_gflops": flops / med["ours"] / 1e9, "peer_gflops": flops / med["sdpa"] / 1e9,
                 "speedup": med["sdpa"] / med["ours"], "max_abs_diff": err,
+                "ours_isa": _compiled.cpu.attention_fwd_isa(),
+                "ours_bwd_isa": _compiled.cpu.attention_bwd_isa(str(dtype).replace("torch.", ""), d),
             })
+            if "ours_fp32_arith" in med:
+                rows[-1].update(ours_fp32_bwd_ms=med["ours_fp32_bwd"] * 1e3,
+                                native_bwd_speedup_over_fp32_bwd=med["ours_fp32_bwd"] / med["ours"],
+                                ours_fp32_arith_ms=med["ours_fp32_arith"] * 1e3,
+                                native_bf16_speedup_over_fp32_arith=med["ours_fp32_arith"] / med["ours"])
     return rows
 
 
@@ -230,6 +261,11 @@ def print_table(rows: list[dict]) -> None:
         print(f"{r['op']:<10} {kind:<14} {shape:<16} {r['dtype']:<9} {'yes' if r.get('key_padding_mask') else 'no':<5} "
               f"{r['ours_ms']:>9.3f} {r['peer_ms']:>9.3f} {r['ours_gflops']:>10.1f} {r['peer_gflops']:>10.1f} "
               f"{r['speedup']:>7.2f}x")
+        # our earlier bf16 paths, where timed (native bf16 vs fp32 arithmetic)
+        for key, ratio, what in (("ours_fp32_bwd_ms", "native_bwd_speedup_over_fp32_bwd", "fp32-arithmetic backward"),
+                                 ("ours_fp32_arith_ms", "native_bf16_speedup_over_fp32_arith", "fp32 arithmetic")):
+            if key in r:
+                print(f"{'':<10}   vs ours with {what}: {r[key]:.3f} ms, native {r[ratio]:.2f}x")
 
 
 def plot(rows: list[dict], info: dict, path: Path) -> bool:

@@ -84,12 +84,14 @@ def ref_grads(q, k, v, mask, causal, do):
     return o, torch.autograd.grad(o, (q64, k64, v64), do.cpu().double())
 
 
-def naive_attention_autograd_lowp(q, k, v, mask):
+def naive_attention_autograd_lowp(q, k, v, mask, causal=True):
     """The contract formula (docs/contracts.md) in the low precision itself, differentiable (the 2x rule's baseline)."""
     nq, nk, d = q.shape[1], k.shape[1], q.shape[3]
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     s = (qt @ kt.transpose(-1, -2)) * d ** -0.5
-    allowed = mask.view(-1, 1, 1, nk) & (torch.arange(nk).view(1, nk) <= torch.arange(nq).view(nq, 1) + nk - nq)
+    allowed = torch.ones(1, 1, 1, nk, dtype=torch.bool) if mask is None else mask.view(-1, 1, 1, nk)
+    if causal:
+        allowed = allowed & (torch.arange(nk).view(1, nk) <= torch.arange(nq).view(nq, 1) + nk - nq)
     s = s.masked_fill(~allowed, float("-inf"))
     p = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)
     return (p @ vt).transpose(1, 2)

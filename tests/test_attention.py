@@ -14,6 +14,7 @@ from fluid_ops import _compiled
 from tests.conftest import assert_lowp_close, backend_params
 from tests.helpers import attention_inputs as _inputs, naive_attention as _naive
 from tests.helpers import naive_attention_autograd_lowp as _naive_autograd_lowp
+from tests.helpers import grads_on, ref_grads
 
 ref = importlib.import_module("fluid_ops.reference.attention")
 ops_attn = importlib.import_module("fluid_ops.ops.attention")
@@ -73,7 +74,7 @@ def test_backend_matches_reference_fp32(backend, b, nq, nk, h, d, causal, masked
 
 
 # avx2_w16: the AVX-512 kernels' 16-lane tiling run on AVX2 registers (checks that geometry here);
-# avx512bf16: the AVX-512 kernels plus the native-bf16 forward for bf16 inputs
+# avx512bf16: the AVX-512 kernels plus the native-bf16 forward and backward for bf16 inputs
 _ISA_CODES = {"portable": 1, "avx2": 2, "avx512": 3, "avx2_w16": 4, "avx512bf16": 5}
 # the CPU flags (as /proc/cpuinfo spells them) each compiled path needs
 _ISA_FLAGS = {"portable": (), "avx2": ("avx2", "fma"), "avx512": ("avx512f", "avx512dq"),
@@ -470,6 +471,167 @@ def test_native_bf16_dispatch(monkeypatch):
     q32, k32, v32 = q.float(), k.float(), v.float()
     monkeypatch.setenv("FLUID_OPS_CPU_ATTENTION_ISA", "avx512bf16")
     torch.testing.assert_close(_run("cpu", q32, k32, v32), ref.attention(q32, k32, v32), rtol=1e-5, atol=2e-6)
+
+
+# ---- the native-bf16 backward (AVX512_BF16) ---------------------------------------------------
+def _bf16_backward_bound(do, q, k, v, o, lse, mask, causal, scale, want):
+    """Elementwise error bound (dq, dk, dv) of a bf16 backward against the fp32 formula on the same
+    bf16 inputs: P and dS rounded to bf16 as product operands (relative 2^-9 each) and each output
+    once (2^-9) give 2^-8 (|want| + |dS||K|, |dS|ᵀ|Q|, |P|ᵀ|dO|); plus fp32 dot-product noise in
+    dP - delta (<= 2^-16 of |dO||V| + |dO||O| for D <= 256), which a row that attends one key
+    cancels to ~0 on both sides."""
+    qf, kf, vf, of, dof = (t.double().transpose(1, 2) for t in (q, k, v, o, do))
+    nq, nk = q.shape[1], k.shape[1]
+    allowed = ref.allowed_mask(nq, nk, key_padding_mask=mask, causal=causal, batch=q.shape[0], device=q.device)
+    lse_f = lse.double().unsqueeze(-1)
+    p = torch.exp((qf @ kf.transpose(-1, -2)) * scale - lse_f.masked_fill(torch.isinf(lse_f), 0.0))
+    p = p.masked_fill(~allowed | torch.isinf(lse_f), 0.0)
+    ds = (p * (dof @ vf.transpose(-1, -2) - (dof * of).sum(-1, keepdim=True))).abs() * scale
+    noise = p * (dof.abs() @ vf.abs().transpose(-1, -2) + (dof * of).abs().sum(-1, keepdim=True)) * scale * 2.0 ** -16
+    absprod = (ds @ kf.abs(), ds.transpose(-1, -2) @ qf.abs(), p.transpose(-1, -2) @ dof.abs())
+    fp32 = (noise @ kf.abs(), noise.transpose(-1, -2) @ qf.abs(), torch.zeros_like(vf))
+    return tuple((2.0 ** -8 * (w.double().abs() + a.transpose(1, 2)) + n.transpose(1, 2) + 1e-6)
+                 for w, a, n in zip(want, absprod, fp32))
+
+
+def _check_native_bf16_backward(q, k, v, mask, causal, impl, seed=1):
+    """The compiled backward `impl` on bf16 inputs (outputs pre-filled with NaN: every element must
+    be written): (1) against the fp32 formula of fluid_ops/reference on the same bf16 inputs, o and
+    lse, within the bf16 rounding bound above; (2) the contract's 2x rule against fp64 autograd,
+    with the formula run in bf16 autograd as the baseline; (3) masked keys and rows that attend
+    nothing get exactly 0."""
+    d = q.shape[-1]
+    scale = d ** -0.5
+    o, lse = ops_attn._cpu_forward(q, k, v, mask, None, causal, scale, impl)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+    got = [torch.full_like(t, float("nan")) for t in (q, k, v)]
+    vw = _compiled.view
+    _compiled.cpu.attention_bwd(vw(do), vw(q), vw(k), vw(v), vw(o), vw(lse), vw(mask), *[vw(t) for t in got],
+                                causal, scale, 2, impl)
+    want = ref.attention_backward(do.float(), q.float(), k.float(), v.float(), o.float(), lse,
+                                  key_padding_mask=mask, causal=causal, softmax_scale=scale)
+    bound = _bf16_backward_bound(do, q, k, v, o, lse, mask, causal, scale, want)
+    for name, g, w, lim in zip("qkv", got, want, bound):
+        assert g.dtype == torch.bfloat16 and not torch.isnan(g).any(), f"d{name} not fully written"
+        err = (g.double() - w.double()).abs()
+        worst = (err - lim).argmax()
+        assert (err <= lim).all(), (f"d{name}: error {err.flatten()[worst]:.3e} > bound {lim.flatten()[worst]:.3e} "
+                                    f"at flat index {worst.item()}")
+    # the contract (docs/contracts.md §2): the 2x rule against fp64, atol 1e-3 for attention gradients
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    w64 = torch.autograd.grad(ref.attention(q64, k64, v64, key_padding_mask=mask, causal=causal), (q64, k64, v64),
+                              do.double())
+    ql, kl, vl = (t.clone().requires_grad_() for t in (q, k, v))
+    lowp = torch.autograd.grad(_naive_autograd_lowp(ql, kl, vl, mask, causal), (ql, kl, vl), do)
+    for name, g, w, lo in zip("qkv", got, w64, lowp):
+        assert_lowp_close(g, w, lo, atol=1e-3, name=f"d{name}")
+    if mask is not None:
+        dead = ~mask.view(mask.shape[0], -1, 1, 1).expand_as(got[1])
+        assert (got[1][dead] == 0).all() and (got[2][dead] == 0).all()
+    assert (got[0][torch.isinf(lse).transpose(1, 2)] == 0).all()
+    return got
+
+
+_BF16_BWD_SHAPES = _BF16_SHAPES + [
+    (2, 17, 17, 2, 64),      # odd N, one partial row tile and key pair
+    (1, 67, 130, 1, 96),     # odd Nq: the last row pairs with a zero row; Nk past a block
+    (2, 129, 33, 2, 32),     # more queries than a row group (64), odd
+]
+
+
+@pytest.mark.skipif(_compiled.cpu is None, reason="fluid_ops._C not built")
+@pytest.mark.parametrize("impl", _isa_params(("avx512bf16",)))
+@pytest.mark.parametrize("b,nq,nk,h,d", _BF16_BWD_SHAPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("masked", [False, True])
+def test_native_bf16_backward(impl, b, nq, nk, h, d, causal, masked):
+    """The vdpbf16ps backward on bf16 inputs (batch 1 fully masked when masked; causal Nq > Nk has
+    rows that attend nothing)."""
+    q, k, v, mask = _inputs(b, nq, nk, h, d, dtype=torch.bfloat16, masked=masked, full_mask_batch=1)
+    _check_native_bf16_backward(q, k, v, mask, causal, impl)
+
+
+@pytest.mark.skipif(_compiled.cpu is None, reason="fluid_ops._C not built")
+@pytest.mark.parametrize("impl", _isa_params(("avx512bf16",)))
+@pytest.mark.parametrize("causal", [False, True])
+def test_native_bf16_backward_empty_key_blocks(impl, causal):
+    """Masks that empty whole key blocks (skipped), a hole, a single key far out, on the native path."""
+    b, nq, nk, h, d = 3, 70, 400, 1, 80
+    q, k, v, _ = _inputs(b, nq, nk, h, d, dtype=torch.bfloat16, seed=7)
+    mask = torch.zeros(b, nk, dtype=torch.bool)
+    mask[0, :100] = True
+    mask[1, :128] = True
+    mask[1, 256:] = True
+    mask[2, 383] = True
+    _check_native_bf16_backward(q, k, v, mask, causal, impl)
+
+
+@pytest.mark.skipif(_compiled.cpu is None, reason="fluid_ops._C not built")
+def test_native_bf16_backward_dispatch(monkeypatch):
+    """attention_bwd_isa names the backward a call takes: the native one only for bf16 inputs under
+    the avx512bf16 set (impl 0 on a CPU with AVX512_BF16); forcing avx512 runs bf16 inputs in fp32
+    arithmetic (different rounding, also within the contract); fp32 inputs under avx512bf16 run
+    the fp32 kernel bit for bit; forcing avx512bf16 on a CPU without it is an error."""
+    flags = fluid_ops.backend.cpu_flags()
+    native = {"avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512_bf16"} <= flags
+    isa = _compiled.cpu.attention_bwd_isa
+    q, k, v, mask = _inputs(2, 40, 150, 2, 64, dtype=torch.bfloat16, masked=True)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+
+    def grads(xq, xk, xv, xdo):
+        return grads_on("cpu", xq, xk, xv, mask, True, xdo)[1]
+
+    monkeypatch.setenv("FLUID_OPS_CPU_ATTENTION_ISA", "avx512bf16")
+    if not native:
+        with pytest.raises(ValueError, match="avx512bf16 attention kernels are not available"):
+            isa("bfloat16", 64, 5)
+        with pytest.raises(ValueError, match="avx512bf16 attention kernels are not available"):
+            grads(q, k, v, do)
+        assert isa("bfloat16", 64, 0) != "avx512bf16"
+        return
+    assert isa("bfloat16", 64, 0) == "avx512bf16" and isa("bfloat16", 80, 5) == "avx512bf16"
+    assert isa("float32", 64, 0) == "avx512" and isa("float16", 64, 5) == "avx512"
+    assert isa("bfloat16", 64, 3) == "avx512" and isa("bfloat16", 64, 1) == "portable"
+    with pytest.raises(ValueError, match="unsupported head dim 16"):
+        isa("bfloat16", 16, 5)
+    native_g = grads(q, k, v, do)
+    monkeypatch.setenv("FLUID_OPS_CPU_ATTENTION_ISA", "")
+    for a, b_ in zip(native_g, grads(q, k, v, do)):  # auto = the native path
+        assert torch.equal(a, b_)
+    monkeypatch.setenv("FLUID_OPS_CPU_ATTENTION_ISA", "avx512")
+    fp32_arith = grads(q, k, v, do)
+    assert any(not torch.equal(a, b_) for a, b_ in zip(native_g, fp32_arith))  # P, dS rounded on the native path
+    _, w64 = ref_grads(q, k, v, mask, True, do)
+    ql, kl, vl = (t.clone().requires_grad_() for t in (q, k, v))
+    lowp = torch.autograd.grad(_naive_autograd_lowp(ql, kl, vl, mask, True), (ql, kl, vl), do)
+    for name, a, b_, w, lo in zip("qkv", native_g, fp32_arith, w64, lowp):
+        assert_lowp_close(a, w, lo, atol=1e-3, name=f"native d{name}")
+        assert_lowp_close(b_, w, lo, atol=1e-3, name=f"fp32-arithmetic d{name}")
+    # fp32 inputs under avx512bf16 run the AVX-512 fp32 backward: identical to forcing avx512
+    q32, k32, v32, do32 = (t.float() for t in (q, k, v, do))
+    want = grads(q32, k32, v32, do32)
+    monkeypatch.setenv("FLUID_OPS_CPU_ATTENTION_ISA", "avx512bf16")
+    for a, b_ in zip(grads(q32, k32, v32, do32), want):
+        assert torch.equal(a, b_)
+
+
+@pytest.mark.skipif(_compiled.cpu is None, reason="fluid_ops._C not built")
+@pytest.mark.parametrize("d", [5, 17, 40, 100])
+def test_native_bf16_backward_padded_head_dims(monkeypatch, d):
+    """Head dims the kernels lack reach them zero-padded to the next compiled dim (exact), through
+    the public op's autograd, under the forced native set; the 2x rule against fp64."""
+    if "avx512bf16" not in _compiled.cpu.attention_fwd_isas():
+        pytest.skip(str(_isa_skip_reason("avx512bf16")))
+    monkeypatch.setenv("FLUID_OPS_CPU_ATTENTION_ISA", "avx512bf16")
+    q, k, v, mask = _inputs(2, 21, 37, 2, d, dtype=torch.bfloat16, masked=True)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(4)).to(torch.bfloat16)
+    _, got = grads_on("cpu", q, k, v, mask, False, do)
+    _, w64 = ref_grads(q, k, v, mask, False, do)
+    ql, kl, vl = (t.clone().requires_grad_() for t in (q, k, v))
+    lowp = torch.autograd.grad(_naive_autograd_lowp(ql, kl, vl, mask, False), (ql, kl, vl), do)
+    for name, g, w, lo, x in zip("qkv", got, w64, lowp, (q, k, v)):
+        assert g.dtype == torch.bfloat16 and g.shape == x.shape
+        assert_lowp_close(g, w, lo, atol=1e-3, name=f"d{name}")
 
 
 @pytest.mark.skipif(_compiled.cpu is None, reason="fluid_ops._C not built")

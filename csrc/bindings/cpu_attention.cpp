@@ -17,6 +17,7 @@ void bind_attention(py::module_& m) {
         py::arg("impl") = 0);
   m.def("attention_fwd_isa", &attention_fwd_isa);
   m.def("attention_fwd_isas", &attention_fwd_isas);
+  m.def("attention_bwd_isa", &attention_bwd_isa, py::arg("dtype"), py::arg("d"), py::arg("impl") = 0);
 }
 }  // namespace cpu
 }  // namespace fluid

@@ -227,6 +227,54 @@ static void mark_key_blocks(const std::vector<float>& bias, int64_t nkp, std::ve
   }
 }
 
+// The SIMD forwards' work split (fp32 and native bf16 alike): tasks of (batch, head, query chunk),
+// queries split when there are fewer (batch, head) pairs than 4 x threads to keep every thread
+// busy. Each thread makes its buffers once (make_state) and calls
+// task(state, b, h, L, nkp, i0, i1, repack); repack: the (batch, head) changed since the thread's
+// last task, so its packed keys are stale.
+template <class MakeState, class Task>
+void forward_tasks(const Geometry& g, int nthreads, MakeState make_state, Task task) {
+  using attn::kBlock;
+  const int64_t bh = g.B * g.H;
+  int64_t qsplit = 1;
+  if (bh < 4 * nthreads) qsplit = std::max<int64_t>(1, std::min<int64_t>((4 * nthreads + bh - 1) / bh, g.Nq / 32));
+  const int64_t qchunk = (g.Nq + qsplit - 1) / qsplit;
+  std::atomic<int64_t> next{0};
+  const int64_t ntasks = bh * qsplit;
+  parallel_for(std::min<int64_t>(ntasks, nthreads), nthreads, [&](int64_t, int64_t) {
+    auto state = make_state();
+    int64_t packed_for = -1;
+    for (int64_t t = next++; t < ntasks; t = next++) {
+      const int64_t bhi = t / qsplit, qc = t % qsplit;
+      const int64_t b = bhi / g.H, h = bhi % g.H;
+      const int64_t L = g.key_len(b);
+      const int64_t i0 = qc * qchunk, i1 = std::min(g.Nq, i0 + qchunk);
+      if (i0 >= i1) continue;
+      const int64_t nkp = std::max<int64_t>(kBlock, (L + kBlock - 1) / kBlock * kBlock);
+      task(state, b, h, L, nkp, i0, i1, packed_for != bhi);
+      packed_for = bhi;
+    }
+  });
+}
+
+// The forwards' fp32 rows of o and base-2 lse of rows [i0, i0 + nq) of (b, h) to the outputs.
+template <typename T>
+void forward_store(const Geometry& g, const float* of, const float* lse2, int64_t b, int64_t h, int64_t i0,
+                   int64_t nq, const TensorView& o, float* lse) {
+  const int64_t D = g.D;
+  for (int64_t i = 0; i < nq; ++i) {
+    if (i + kPrefetchRows < nq) prefetch_row(row_ptr<T>(o, b, i0 + i + kPrefetchRows, h), D, true);
+    store_row(&of[i * D], D, row_ptr_mut<T>(o, b, i0 + i, h));
+    lse[(b * g.H + h) * g.Nq + i0 + i] = lse2[i] * kLn2;
+  }
+}
+
+struct FwdBuffers {
+  std::vector<float> bias, of, lse2;
+  std::vector<int32_t> block_end;
+  std::vector<uint8_t> block_full;
+};
+
 // SIMD path: per (batch, head, query chunk) pack K (in chunks of 16 keys), V and the key bias to
 // fp32 once, then run the kernel over the chunk's query rows.
 template <typename T>
@@ -234,82 +282,79 @@ void forward_simd(attn::FwdKernel kernel, const Geometry& g, const TensorView& q
                   const TensorView& v, const TensorView& o, float* lse, float scale, int nthreads) {
   using namespace attn;
   const int64_t D = g.D;
-  // Split queries when there are fewer (batch, head) pairs than threads to keep every thread busy.
-  const int64_t bh = g.B * g.H;
-  int64_t qsplit = 1;
-  if (bh < 4 * nthreads) qsplit = std::max<int64_t>(1, std::min<int64_t>((4 * nthreads + bh - 1) / bh, g.Nq / 32));
-  const int64_t qchunk = (g.Nq + qsplit - 1) / qsplit;
-  std::atomic<int64_t> next{0};
-  const int64_t ntasks = bh * qsplit;
-  parallel_for(std::min<int64_t>(ntasks, nthreads), nthreads, [&](int64_t, int64_t) {
-    std::vector<float> kt, vf, bias, qf, of, lse2;
-    std::vector<int32_t> block_end;
-    std::vector<uint8_t> block_full;
-    std::vector<float> scratch(kScratchFloats);
-    int64_t packed_for = -1;
-    for (int64_t t = next++; t < ntasks; t = next++) {
-      const int64_t bhi = t / qsplit, qc = t % qsplit;
-      const int64_t b = bhi / g.H, h = bhi % g.H;
-      const int64_t L = g.key_len(b);
-      const int64_t i0 = qc * qchunk, i1 = std::min(g.Nq, i0 + qchunk);
-      if (i0 >= i1) continue;
-      const int64_t nkp = std::max<int64_t>(kBlock, (L + kBlock - 1) / kBlock * kBlock);
-      if (packed_for != bhi) {
-        packed_for = bhi;
-        kt.resize(nkp * D);
-        vf.resize(nkp * D);
-        bias.assign(nkp, kNegInf);
-        pack_keys<T>(g, k, v, b, h, L, nkp, kt.data(), vf.data(), bias.data());
-        mark_key_blocks(bias, nkp, block_end, block_full);
-      }
-      const int64_t nq = i1 - i0;
-      qf.resize(nq * D);
-      of.resize(nq * D);
-      lse2.resize(nq);
-      for (int64_t i = 0; i < nq; ++i) {
-        if (i + kPrefetchRows < nq) prefetch_row(row_ptr<T>(q, b, i0 + i + kPrefetchRows, h), D, false);
-        load_row(row_ptr<T>(q, b, i0 + i, h), D, scale * kLog2e, &qf[i * D]);
-      }
-      FwdItem it{qf.data(), kt.data(), vf.data(), bias.data(), block_end.data(), block_full.data(),
-                 nq, nkp, D, g.causal, i0 + L - g.Nq, of.data(), lse2.data(), scratch.data()};
-      kernel(it);
-      for (int64_t i = 0; i < nq; ++i) {
-        if (i + kPrefetchRows < nq) prefetch_row(row_ptr<T>(o, b, i0 + i + kPrefetchRows, h), D, true);
-        store_row(&of[i * D], D, row_ptr_mut<T>(o, b, i0 + i, h));
-        lse[(b * g.H + h) * g.Nq + i0 + i] = lse2[i] * kLn2;
-      }
+  struct State : FwdBuffers {
+    std::vector<float> kt, vf, qf, scratch = std::vector<float>(kScratchFloats);
+  };
+  forward_tasks(g, nthreads, [] { return State(); },
+                [&](State& st, int64_t b, int64_t h, int64_t L, int64_t nkp, int64_t i0, int64_t i1, bool repack) {
+    if (repack) {
+      st.kt.resize(nkp * D);
+      st.vf.resize(nkp * D);
+      st.bias.assign(nkp, kNegInf);
+      pack_keys<T>(g, k, v, b, h, L, nkp, st.kt.data(), st.vf.data(), st.bias.data());
+      mark_key_blocks(st.bias, nkp, st.block_end, st.block_full);
     }
+    const int64_t nq = i1 - i0;
+    st.qf.resize(nq * D);
+    st.of.resize(nq * D);
+    st.lse2.resize(nq);
+    for (int64_t i = 0; i < nq; ++i) {
+      if (i + kPrefetchRows < nq) prefetch_row(row_ptr<T>(q, b, i0 + i + kPrefetchRows, h), D, false);
+      load_row(row_ptr<T>(q, b, i0 + i, h), D, scale * kLog2e, &st.qf[i * D]);
+    }
+    FwdItem it{st.qf.data(), st.kt.data(), st.vf.data(), st.bias.data(), st.block_end.data(), st.block_full.data(),
+               nq, nkp, D, g.causal, i0 + L - g.Nq, st.of.data(), st.lse2.data(), st.scratch.data()};
+    kernel(it);
+    forward_store<T>(g, st.of.data(), st.lse2.data(), b, h, i0, nq, o, lse);
   });
 }
 
-// Native-bf16 path (bf16 inputs, AVX512_BF16): as forward_simd, but K, V and Q keep their bf16
-// bits, only rearranged into the pair layouts of attn::FwdItemBf16 (no conversion, no scaling).
-void pack_keys_bf16(const Geometry& g, const TensorView& k, const TensorView& v, int64_t b, int64_t h, int64_t L,
-                    int64_t nkp, uint16_t* kt, uint16_t* v2, float* bias) {
+// Native-bf16 paths (bf16 inputs, AVX512_BF16): K, V, Q (and the backward's dO) keep their bf16
+// bits, only rearranged into the pair layouts of attn::FwdItemBf16 / BwdItemBf16 (no conversion,
+// no scaling). Rows [0, L) of (b, h) of t in 16-row chunks with dims in pairs
+// (dst[(j / 16) * D * 16 + (e / 2) * 32 + (j % 16) * 2 + e % 2]), zero up to n; bias (when given)
+// gets each row's key-padding bias.
+void pack_chunks_bf16(const Geometry& g, const TensorView& t, int64_t b, int64_t h, int64_t L, int64_t n,
+                      uint16_t* dst, float* bias) {
   const int64_t D = g.D;
-  for (int64_t c0 = 0; c0 < nkp; c0 += 16) {
-    uint16_t* dst = kt + c0 * D;
-    const int64_t n = std::max<int64_t>(0, std::min<int64_t>(16, L - c0));
-    if (n < 16) std::fill(dst, dst + 16 * D, uint16_t(0));
-    for (int64_t jj = 0; jj < n; ++jj) {
+  for (int64_t c0 = 0; c0 < n; c0 += 16) {
+    uint16_t* chunk = dst + c0 * D;
+    const int64_t m = std::max<int64_t>(0, std::min<int64_t>(16, L - c0));
+    if (m < 16) std::fill(chunk, chunk + 16 * D, uint16_t(0));
+    for (int64_t jj = 0; jj < m; ++jj) {
       const int64_t j = c0 + jj;
-      if (j + kPrefetchRows < L) prefetch_row(row_ptr<bf16_t>(k, b, j + kPrefetchRows, h), D, false);
-      const uint16_t* kr = &row_ptr<bf16_t>(k, b, j, h)->bits;
-      for (int64_t p = 0; p < D / 2; ++p) std::memcpy(dst + p * 32 + jj * 2, kr + 2 * p, 2 * sizeof(uint16_t));
-      bias[j] = g.key_ok(b, j) ? 0.0f : kNegInf;
+      if (j + kPrefetchRows < L) prefetch_row(row_ptr<bf16_t>(t, b, j + kPrefetchRows, h), D, false);
+      const uint16_t* src = &row_ptr<bf16_t>(t, b, j, h)->bits;
+      for (int64_t p = 0; p < D / 2; ++p) std::memcpy(chunk + p * 32 + jj * 2, src + 2 * p, 2 * sizeof(uint16_t));
+      if (bias) bias[j] = g.key_ok(b, j) ? 0.0f : kNegInf;
     }
   }
-  for (int64_t j = 0; j < nkp; j += 2) {
-    uint16_t* dst = v2 + j * D;  // (j / 2) * D * 2
+}
+
+// Rows [0, L) of (b, h) of t in pairs (dst[(j / 2) * D * 2 + e * 2 + j % 2]), zero up to n (even).
+void pack_pairs_bf16(const Geometry& g, const TensorView& t, int64_t b, int64_t h, int64_t L, int64_t n,
+                     uint16_t* dst) {
+  const int64_t D = g.D;
+  for (int64_t j = 0; j < n; j += 2) {
+    uint16_t* pair = dst + j * D;  // (j / 2) * D * 2
     for (int64_t jj = 0; jj < 2; ++jj) {
       if (j + jj >= L) {
-        for (int64_t e = 0; e < D; ++e) dst[e * 2 + jj] = 0;
+        for (int64_t e = 0; e < D; ++e) pair[e * 2 + jj] = 0;
         continue;
       }
-      if (j + jj + kPrefetchRows < L) prefetch_row(row_ptr<bf16_t>(v, b, j + jj + kPrefetchRows, h), D, false);
-      const uint16_t* vr = &row_ptr<bf16_t>(v, b, j + jj, h)->bits;
-      for (int64_t e = 0; e < D; ++e) dst[e * 2 + jj] = vr[e];
+      if (j + jj + kPrefetchRows < L) prefetch_row(row_ptr<bf16_t>(t, b, j + jj + kPrefetchRows, h), D, false);
+      const uint16_t* src = &row_ptr<bf16_t>(t, b, j + jj, h)->bits;
+      for (int64_t e = 0; e < D; ++e) pair[e * 2 + jj] = src[e];
     }
+  }
+}
+
+// Rows [0, n) of (b, h) of t as (n, D) bf16 rows.
+void copy_rows_bf16(const Geometry& g, const TensorView& t, int64_t b, int64_t h, int64_t i0, int64_t n,
+                    uint16_t* dst) {
+  for (int64_t i = 0; i < n; ++i) {
+    if (i + kPrefetchRows < n) prefetch_row(row_ptr<bf16_t>(t, b, i0 + i + kPrefetchRows, h), g.D, false);
+    std::memcpy(dst + i * g.D, &row_ptr<bf16_t>(t, b, i0 + i, h)->bits, g.D * sizeof(uint16_t));
   }
 }
 
@@ -317,48 +362,29 @@ void forward_native_bf16(attn::FwdKernelBf16 kernel, const Geometry& g, const Te
                          const TensorView& v, const TensorView& o, float* lse, float scale, int nthreads) {
   using namespace attn;
   const int64_t D = g.D;
-  const int64_t bh = g.B * g.H;
-  int64_t qsplit = 1;
-  if (bh < 4 * nthreads) qsplit = std::max<int64_t>(1, std::min<int64_t>((4 * nthreads + bh - 1) / bh, g.Nq / 32));
-  const int64_t qchunk = (g.Nq + qsplit - 1) / qsplit;
-  std::atomic<int64_t> next{0};
-  const int64_t ntasks = bh * qsplit;
-  parallel_for(std::min<int64_t>(ntasks, nthreads), nthreads, [&](int64_t, int64_t) {
+  struct State : FwdBuffers {
     std::vector<uint16_t> kt, v2, qb;
-    std::vector<float> bias, of, lse2;
-    std::vector<int32_t> block_end;
-    std::vector<uint8_t> block_full;
-    int64_t packed_for = -1;
-    for (int64_t t = next++; t < ntasks; t = next++) {
-      const int64_t bhi = t / qsplit, qc = t % qsplit;
-      const int64_t b = bhi / g.H, h = bhi % g.H;
-      const int64_t L = g.key_len(b);
-      const int64_t i0 = qc * qchunk, i1 = std::min(g.Nq, i0 + qchunk);
-      if (i0 >= i1) continue;
-      const int64_t nkp = std::max<int64_t>(kBlock, (L + kBlock - 1) / kBlock * kBlock);
-      if (packed_for != bhi) {
-        packed_for = bhi;
-        kt.resize(nkp * D);
-        v2.resize(nkp * D);
-        bias.assign(nkp, kNegInf);
-        pack_keys_bf16(g, k, v, b, h, L, nkp, kt.data(), v2.data(), bias.data());
-        mark_key_blocks(bias, nkp, block_end, block_full);
-      }
-      const int64_t nq = i1 - i0;
-      qb.resize(nq * D);
-      of.resize(nq * D);
-      lse2.resize(nq);
-      for (int64_t i = 0; i < nq; ++i)
-        std::memcpy(&qb[i * D], &row_ptr<bf16_t>(q, b, i0 + i, h)->bits, D * sizeof(uint16_t));
-      FwdItemBf16 it{qb.data(), kt.data(), v2.data(), bias.data(), block_end.data(), block_full.data(),
-                     nq, nkp, D, g.causal, i0 + L - g.Nq, scale * kLog2e, of.data(), lse2.data()};
-      kernel(it);
-      for (int64_t i = 0; i < nq; ++i) {
-        if (i + kPrefetchRows < nq) prefetch_row(row_ptr<bf16_t>(o, b, i0 + i + kPrefetchRows, h), D, true);
-        store_row(&of[i * D], D, row_ptr_mut<bf16_t>(o, b, i0 + i, h));
-        lse[(b * g.H + h) * g.Nq + i0 + i] = lse2[i] * kLn2;
-      }
+  };
+  forward_tasks(g, nthreads, [] { return State(); },
+                [&](State& st, int64_t b, int64_t h, int64_t L, int64_t nkp, int64_t i0, int64_t i1, bool repack) {
+    if (repack) {
+      st.kt.resize(nkp * D);
+      st.v2.resize(nkp * D);
+      st.bias.assign(nkp, kNegInf);
+      pack_chunks_bf16(g, k, b, h, L, nkp, st.kt.data(), st.bias.data());
+      pack_pairs_bf16(g, v, b, h, L, nkp, st.v2.data());
+      mark_key_blocks(st.bias, nkp, st.block_end, st.block_full);
     }
+    const int64_t nq = i1 - i0;
+    st.qb.resize(nq * D);
+    st.of.resize(nq * D);
+    st.lse2.resize(nq);
+    copy_rows_bf16(g, q, b, h, i0, nq, st.qb.data());
+    FwdItemBf16 it{st.qb.data(), st.kt.data(), st.v2.data(), st.bias.data(), st.block_end.data(),
+                   st.block_full.data(), nq, nkp, D, g.causal, i0 + L - g.Nq, scale * kLog2e, st.of.data(),
+                   st.lse2.data()};
+    kernel(it);
+    forward_store<bf16_t>(g, st.of.data(), st.lse2.data(), b, h, i0, nq, o, lse);
   });
 }
 
@@ -476,6 +502,39 @@ void backward_impl(const Geometry& g, const TensorView& dout, const TensorView& 
   });
 }
 
+// The per-(batch, head) parts the fp32 SIMD and native-bf16 backwards share.
+// Row i's dO as fp32 into dorow, delta = rowsum(dO * O) in fp32, and the base-2 lse with +inf
+// for a row that attends nothing (so P = exp2(S - lse2) = 0 there).
+template <typename T>
+inline void bwd_row_stats(const Geometry& g, const TensorView& dout, const TensorView& o, const float* lse,
+                          int64_t b, int64_t h, int64_t i, float* dorow, float* delta, float* lse2) {
+  const int64_t D = g.D;
+  if (i + kPrefetchRows < g.Nq) {
+    prefetch_row(row_ptr<T>(dout, b, i + kPrefetchRows, h), D, false);
+    prefetch_row(row_ptr<T>(o, b, i + kPrefetchRows, h), D, false);
+  }
+  float orow[128];
+  load_row(row_ptr<T>(dout, b, i, h), D, 1.0f, dorow);
+  load_row(row_ptr<T>(o, b, i, h), D, 1.0f, orow);
+  float dl = 0.0f;
+  for (int64_t e = 0; e < D; ++e) dl += dorow[e] * orow[e];
+  delta[i] = dl;
+  const float li = lse[(b * g.H + h) * g.Nq + i];
+  lse2[i] = std::isfinite(li) ? li * kLog2e : std::numeric_limits<float>::infinity();
+}
+
+// The fp32 accumulators dq (Nq, D), dk / dv (>= Nk, D) of (b, h) to the outputs.
+template <typename T>
+void bwd_store(const Geometry& g, const float* dqf, const float* dkf, const float* dvf, const TensorView& dq,
+               const TensorView& dk, const TensorView& dv, int64_t b, int64_t h) {
+  const int64_t D = g.D;
+  for (int64_t i = 0; i < g.Nq; ++i) store_row(&dqf[i * D], D, row_ptr_mut<T>(dq, b, i, h));
+  for (int64_t j = 0; j < g.Nk; ++j) {
+    store_row(&dkf[j * D], D, row_ptr_mut<T>(dk, b, j, h));
+    store_row(&dvf[j * D], D, row_ptr_mut<T>(dv, b, j, h));
+  }
+}
+
 // SIMD backward: per (batch, head), pack everything to fp32 (see attn::BwdItem), run the kernel,
 // store dq / dk / dv. One thread per (batch, head): deterministic.
 template <typename T>
@@ -493,7 +552,6 @@ void backward_simd(attn::BwdKernel kernel, const Geometry& g, const TensorView& 
     std::vector<int32_t> block_end(nkp / kBlock);
     std::vector<uint8_t> block_full(nkp / kBlock);
     std::vector<float> scratch(kBwdScratchFloats);
-    float orow[128];
     for (int64_t t = next++; t < ntasks; t = next++) {
       const int64_t b = t / g.H, h = t % g.H;
       std::fill(bias.begin(), bias.end(), kNegInf);
@@ -501,20 +559,10 @@ void backward_simd(attn::BwdKernel kernel, const Geometry& g, const TensorView& 
       pack_keys<T>(g, v, k, b, h, L, nkp, vt.data(), kf.data(), bias.data());  // V chunks, K rows
       mark_key_blocks(bias, nkp, block_end, block_full);
       for (int64_t i = 0; i < Nq; ++i) {
-        if (i + kPrefetchRows < Nq) {
-          prefetch_row(row_ptr<T>(q, b, i + kPrefetchRows, h), D, false);
-          prefetch_row(row_ptr<T>(dout, b, i + kPrefetchRows, h), D, false);
-          prefetch_row(row_ptr<T>(o, b, i + kPrefetchRows, h), D, false);
-        }
+        if (i + kPrefetchRows < Nq) prefetch_row(row_ptr<T>(q, b, i + kPrefetchRows, h), D, false);
         load_row(row_ptr<T>(q, b, i, h), D, 1.0f, &qf[i * D]);
         for (int64_t e = 0; e < D; ++e) qs[i * D + e] = qf[i * D + e] * (scale * kLog2e);
-        load_row(row_ptr<T>(dout, b, i, h), D, 1.0f, &dof[i * D]);
-        load_row(row_ptr<T>(o, b, i, h), D, 1.0f, orow);
-        float dl = 0.0f;
-        for (int64_t e = 0; e < D; ++e) dl += dof[i * D + e] * orow[e];
-        delta[i] = dl;
-        const float li = lse[(b * g.H + h) * Nq + i];
-        lse2[i] = std::isfinite(li) ? li * kLog2e : std::numeric_limits<float>::infinity();
+        bwd_row_stats<T>(g, dout, o, lse, b, h, i, &dof[i * D], delta.data(), lse2.data());
       }
       std::fill(dqf.begin(), dqf.end(), 0.0f);
       std::fill(dkf.begin(), dkf.end(), 0.0f);
@@ -523,11 +571,49 @@ void backward_simd(attn::BwdKernel kernel, const Geometry& g, const TensorView& 
                  bias.data(), block_end.data(), block_full.data(), Nq, nkp, D, g.causal, L - Nq, scale,
                  dqf.data(), dkf.data(), dvf.data(), scratch.data()};
       kernel(it);
-      for (int64_t i = 0; i < Nq; ++i) store_row(&dqf[i * D], D, row_ptr_mut<T>(dq, b, i, h));
-      for (int64_t j = 0; j < L; ++j) {
-        store_row(&dkf[j * D], D, row_ptr_mut<T>(dk, b, j, h));
-        store_row(&dvf[j * D], D, row_ptr_mut<T>(dv, b, j, h));
-      }
+      bwd_store<T>(g, dqf.data(), dkf.data(), dvf.data(), dq, dk, dv, b, h);
+    }
+  });
+}
+
+// Native-bf16 backward (bf16 inputs, AVX512_BF16): as backward_simd, but Q, dO, K, V keep their
+// bf16 bits in the pair layouts of attn::BwdItemBf16; delta, lse2 and the accumulators are fp32.
+void backward_native_bf16(attn::BwdKernelBf16 kernel, const Geometry& g, const TensorView& dout,
+                          const TensorView& q, const TensorView& k, const TensorView& v, const TensorView& o,
+                          const float* lse, const TensorView& dq, const TensorView& dk, const TensorView& dv,
+                          float scale, int nthreads) {
+  using namespace attn;
+  const int64_t D = g.D, L = g.Nk, Nq = g.Nq;
+  const int64_t nkp = std::max<int64_t>(kBlock, (L + kBlock - 1) / kBlock * kBlock);
+  const int64_t nqp = (Nq + 1) / 2 * 2;  // q2 / do2 in whole pairs
+  std::atomic<int64_t> next{0};
+  const int64_t ntasks = g.B * g.H;
+  parallel_for(std::min<int64_t>(ntasks, nthreads), nthreads, [&](int64_t, int64_t) {
+    std::vector<uint16_t> qb(Nq * D), dob(Nq * D), q2(nqp * D), do2(nqp * D), kt(nkp * D), vt(nkp * D),
+        k2(nkp * D);
+    std::vector<float> dorow(D), lse2(Nq), delta(Nq), dqf(Nq * D), bias(nkp), dkf(nkp * D), dvf(nkp * D);
+    std::vector<int32_t> block_end;
+    std::vector<uint8_t> block_full;
+    for (int64_t t = next++; t < ntasks; t = next++) {
+      const int64_t b = t / g.H, h = t % g.H;
+      std::fill(bias.begin(), bias.end(), kNegInf);
+      pack_chunks_bf16(g, k, b, h, L, nkp, kt.data(), bias.data());
+      pack_chunks_bf16(g, v, b, h, L, nkp, vt.data(), nullptr);
+      pack_pairs_bf16(g, k, b, h, L, nkp, k2.data());
+      mark_key_blocks(bias, nkp, block_end, block_full);
+      copy_rows_bf16(g, q, b, h, 0, Nq, qb.data());
+      copy_rows_bf16(g, dout, b, h, 0, Nq, dob.data());
+      pack_pairs_bf16(g, q, b, h, Nq, nqp, q2.data());
+      pack_pairs_bf16(g, dout, b, h, Nq, nqp, do2.data());
+      for (int64_t i = 0; i < Nq; ++i) bwd_row_stats<bf16_t>(g, dout, o, lse, b, h, i, dorow.data(), delta.data(), lse2.data());
+      std::fill(dqf.begin(), dqf.end(), 0.0f);
+      std::fill(dkf.begin(), dkf.end(), 0.0f);
+      std::fill(dvf.begin(), dvf.end(), 0.0f);
+      BwdItemBf16 it{qb.data(), dob.data(), q2.data(), do2.data(), kt.data(), vt.data(), k2.data(), lse2.data(),
+                     delta.data(), bias.data(), block_end.data(), block_full.data(), Nq, nkp, D, g.causal,
+                     L - Nq, scale * kLog2e, scale, dqf.data(), dkf.data(), dvf.data()};
+      kernel(it);
+      bwd_store<bf16_t>(g, dqf.data(), dkf.data(), dvf.data(), dq, dk, dv, b, h);
     }
   });
 }
@@ -568,7 +654,24 @@ void check_isa(const std::string& isa) {
   FLUID_CHECK(std::find(have.begin(), have.end(), isa) != have.end(),
               "the " + isa + " attention kernels are not available on this CPU / build");
 }
+// Where the native-bf16 kernels run (forward and backward alike): the avx512bf16 set (checked by
+// check_isa), bf16 inputs, and an even head dim (they read D in bf16 pairs); elsewhere the
+// set's fp32 kernels.
+bool native_bf16_path(const std::string& isa, DType dtype, int64_t d) {
+  return isa == "avx512bf16" && dtype == DType::BF16 && d % 2 == 0;
+}
 }  // namespace
+
+std::string attention_bwd_isa(const std::string& dtype, int64_t d, int impl) {
+  const std::string isa = isa_of_impl(impl);
+  if (isa != "portable") check_isa(isa);
+  FLUID_CHECK(dtype == "float32" || dtype == "float16" || dtype == "bfloat16",
+              "dtype must be float32, float16 or bfloat16");
+  FLUID_DISPATCH_HEAD_DIM(d, kD, { (void)kD; });  // the dims a call admits
+  if (isa == "avx512bf16" && !native_bf16_path(isa, dtype == "bfloat16" ? DType::BF16 : DType::F32, d))
+    return "avx512";  // the same kernel set, fp32 arithmetic
+  return isa;
+}
 
 void attention_fwd(const TensorView& q, const TensorView& k, const TensorView& v,
                    const std::optional<TensorView>& key_padding_mask,
@@ -593,7 +696,7 @@ void attention_fwd(const TensorView& q, const TensorView& k, const TensorView& v
              : (isa == "avx512" || isa == "avx512bf16") ? attn::fwd_kernel_avx512()
                                                         : attn::fwd_kernel_avx2_w16();
   }
-  if (isa == "avx512bf16" && q.dtype == DType::BF16 && g.D % 2 == 0) {
+  if (native_bf16_path(isa, q.dtype, g.D)) {
     forward_native_bf16(attn::fwd_kernel_avx512bf16(), g, q, k, v, o, lsep, softmax_scale, nthreads);
     return;
   }
@@ -629,8 +732,13 @@ void attention_bwd(const TensorView& dout, const TensorView& q, const TensorView
   if (isa != "portable") {
     check_isa(isa);
     kernel = isa == "avx2" ? attn::bwd_kernel_avx2()
-             : (isa == "avx512" || isa == "avx512bf16") ? attn::bwd_kernel_avx512()  // fp32 backward
+             : (isa == "avx512" || isa == "avx512bf16") ? attn::bwd_kernel_avx512()
                                                         : attn::bwd_kernel_avx2_w16();
+  }
+  if (native_bf16_path(isa, q.dtype, g.D)) {
+    backward_native_bf16(attn::bwd_kernel_avx512bf16(), g, dout, q, k, v, o, lsep, dq, dk, dv, softmax_scale,
+                         nthreads);
+    return;
   }
   FLUID_DISPATCH_FLOAT(q.dtype, T, {
     if (kernel) backward_simd<T>(kernel, g, dout, q, k, v, o, lsep, dq, dk, dv, softmax_scale, nthreads);

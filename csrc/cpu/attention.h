@@ -18,7 +18,7 @@ namespace cpu {
 // relative to that length: query i attends key j iff j <= i + Lk_b - Nq.
 // impl: 0 = fastest available, 1 = portable C++, 2 = AVX2, 3 = AVX-512, 4 = "avx2_w16" (test
 // only: the AVX-512 kernels' 16-lane tiling on AVX2), 5 = "avx512bf16" (the AVX-512 kernels, and
-// for bf16 inputs a forward with native bf16 dot products, AVX512_BF16 vdpbf16ps). Tests run each
+// for bf16 inputs a forward and backward with native bf16 dot products, AVX512_BF16 vdpbf16ps). Tests run each
 // one the CPU has; asking for one it lacks is an error.
 void attention_fwd(const TensorView& q, const TensorView& k, const TensorView& v,
                    const std::optional<TensorView>& key_padding_mask,
@@ -37,6 +37,10 @@ void attention_bwd(const TensorView& dout, const TensorView& q, const TensorView
 // Which forward path impl=0 takes on this CPU: "avx512bf16", "avx512", "avx2" or "portable"
 // ("avx512bf16" differs from "avx512" for bf16 inputs only).
 const char* attention_fwd_isa();
+// Which backward path a call takes: the kernel set of `impl` (0: this CPU's fastest) for inputs
+// of `dtype` ("float32", "float16", "bfloat16") and head dim `d`, i.e. "avx512bf16" only where
+// the native-bf16 backward runs (bf16, AVX512_BF16, even d); an impl this CPU lacks is an error.
+std::string attention_bwd_isa(const std::string& dtype, int64_t d, int impl);
 // Every forward / backward path this CPU and build can run, portable first.
 std::vector<std::string> attention_fwd_isas();
 
@@ -128,8 +132,44 @@ struct FwdItemBf16 {
   float* lse2;
 };
 using FwdKernelBf16 = void (*)(const FwdItemBf16&);
+
+// One backward work item (one batch and head) for the native-bf16 kernel: bf16 bits rearranged by
+// attention.cpp so that every product is a vdpbf16ps over its reduction dimension:
+//   q, dout  (nq, d) rows (S = Q Kᵀ and dP = dO Vᵀ reduce over D);
+//   q2, do2  rows in pairs: q2[(i / 2) * d * 2 + e * 2 + i % 2] = q[i][e], a zero row past nq
+//            (dK += dSᵀ Q and dV += Pᵀ dO reduce over query rows);
+//   kt, vt   keys / values in 16-key chunks, dims in pairs (FwdItemBf16::kt's layout);
+//   k2       keys in pairs (FwdItemBf16::v's layout; dQ += dS K reduces over keys).
+// lse2, delta, kbias, block_end, block_full, causal, diag, dq, dk, dv as in BwdItem; qk_scale =
+// scale * log2(e) multiplies the fp32 scores. P and dS are computed in fp32 and rounded to bf16
+// only as operands of the dV, dK and dQ products (what a bf16 GEMM would see, as flash attention's
+// bf16 backward does); every sum is fp32.
+struct BwdItemBf16 {
+  const uint16_t* q;
+  const uint16_t* dout;
+  const uint16_t* q2;
+  const uint16_t* do2;
+  const uint16_t* kt;
+  const uint16_t* vt;
+  const uint16_t* k2;
+  const float* lse2;
+  const float* delta;
+  const float* kbias;
+  const int32_t* block_end;
+  const uint8_t* block_full;
+  int64_t nq, nkp, d;
+  bool causal;
+  int64_t diag;
+  float qk_scale, scale;
+  float* dq;
+  float* dk;
+  float* dv;
+};
+using BwdKernelBf16 = void (*)(const BwdItemBf16&);
+
 // nullptr when attention_avx512bf16.cpp was not compiled for this target.
 FwdKernelBf16 fwd_kernel_avx512bf16();
+BwdKernelBf16 bwd_kernel_avx512bf16();
 // Each returns nullptr when its file was not compiled for this target.
 FwdKernel fwd_kernel_avx2();
 FwdKernel fwd_kernel_avx512();

@@ -74,18 +74,21 @@ inline void scores_tile(const uint16_t* q, const uint16_t* kt, int64_t j0, int64
   }
 }
 
-// O[r][e0 .. e0 + 16 NV) += sum over key pairs [0, npairs) of the block at j0 of P[r][j] V[j][...].
-template <int MR, int NV, int64_t d>
-inline void pv_tile(const uint16_t* pb, const uint16_t* v, int64_t j0, int64_t npairs, int64_t e0, float* o) {
+// O[r][e0 .. e0 + 16 NV) += sum over pairs p in [0, npairs) of the pair products of P's row r,
+// pair p (the bf16 pair at pb + r * RS + p * PS) with the pair rows of v2 (v2 + p * d * 2, as
+// FwdItemBf16::v). Row-major P (the forward's P, the backward's dS for dQ): RS = kBlock, PS = 2;
+// row-pair interleaved (the backward's P and dS read as Pᵀ for dV and dK): RS = 2, PS = 2 kBlock.
+template <int MR, int NV, int64_t d, int64_t RS, int64_t PS>
+inline void pv_tile(const uint16_t* pb, const uint16_t* v2, int64_t npairs, int64_t e0, float* o) {
   __m512 acc[MR][NV];
   for (int r = 0; r < MR; ++r)
     for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_loadu_ps(o + r * d + e0 + c * 16);
-  const uint16_t* vp = v + (j0 / 2) * d * 2 + e0 * 2;
+  const uint16_t* vp = v2 + e0 * 2;
   for (int64_t p = 0; p < npairs; ++p) {
     __m512bh vv[NV];
     for (int c = 0; c < NV; ++c) vv[c] = bh(_mm512_loadu_si512(vp + p * d * 2 + c * 32));
     for (int r = 0; r < MR; ++r) {
-      const __m512bh pr = bh(_mm512_set1_epi32(static_cast<int>(pair_at(pb + r * kBlock + 2 * p))));
+      const __m512bh pr = bh(_mm512_set1_epi32(static_cast<int>(pair_at(pb + r * RS + p * PS))));
       for (int c = 0; c < NV; ++c) acc[r][c] = _mm512_dpbf16_ps(acc[r][c], pr, vv[c]);
     }
   }
@@ -93,11 +96,20 @@ inline void pv_tile(const uint16_t* pb, const uint16_t* v, int64_t j0, int64_t n
     for (int c = 0; c < NV; ++c) _mm512_storeu_ps(o + r * d + e0 + c * 16, acc[r][c]);
 }
 
-template <int MR, int64_t d>
-inline void pv_rows(const uint16_t* pb, const uint16_t* v, int64_t j0, int64_t npairs, float* o) {
+template <int MR, int64_t d, int64_t RS = kBlock, int64_t PS = 2>
+inline void pv_rows(const uint16_t* pb, const uint16_t* v2, int64_t npairs, float* o) {
   int64_t e0 = 0;
-  for (; e0 + 32 <= d; e0 += 32) pv_tile<MR, 2, d>(pb, v, j0, npairs, e0, o);
-  if (e0 < d) pv_tile<MR, 1, d>(pb, v, j0, npairs, e0, o);
+  for (; e0 + 32 <= d; e0 += 32) pv_tile<MR, 2, d, RS, PS>(pb, v2, npairs, e0, o);
+  if (e0 < d) pv_tile<MR, 1, d, RS, PS>(pb, v2, npairs, e0, o);
+}
+
+// pv_rows for n <= MR rows (remainder tiles).
+template <int MR, int64_t d, int64_t RS, int64_t PS>
+inline void pv_rows_n(int64_t n, const uint16_t* pb, const uint16_t* v2, int64_t npairs, float* o) {
+  if constexpr (MR > 0) {
+    if (n == MR) return pv_rows<MR, d, RS, PS>(pb, v2, npairs, o);
+    return pv_rows_n<MR - 1, d, RS, PS>(n, pb, v2, npairs, o);
+  }
 }
 
 template <int MR, int64_t d>
@@ -168,7 +180,7 @@ inline void rows_tile(const FwdItemBf16& it, int64_t r0) {
       l[r] += _mm512_reduce_add_ps(sum);
     }
     // P is 0 in columns [nj, ncols): an odd nj rounds up to a pair with a zero weight
-    pv_rows<MR, d>(pb, it.v, j0, (nj + 1) / 2, o);
+    pv_rows<MR, d>(pb, it.v + j0 * d, (nj + 1) / 2, o);
   }
   for (int r = 0; r < MR; ++r) {
     const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
@@ -197,9 +209,122 @@ void forward_d(const FwdItemBf16& it) {
 // NOTHROW: this file is built with AVX-512 enabled; attention.cpp admits only these dims.
 void forward_avx512bf16(const FwdItemBf16& it) { FLUID_DISPATCH_HEAD_DIM_NOTHROW(it.d, kD, forward_d<kD>(it)); }
 
+// ---- backward ------------------------------------------------------------------------------
+// Query rows in groups of kGroup (even, so row pairs never straddle groups); per group and key
+// block: for each tile of MR rows S and dP (8 x 2 zmm accumulators each, as the forward's scores),
+// P = exp2(S - lse2) and dS = P (dP - delta) scale in fp32, dQ rows += dS K at once; P and dS go
+// to the group's buffers rounded to bf16 with rows interleaved in pairs, so that dV += Pᵀ dO and
+// dK += dSᵀ Q run as the same pair-product tiles with keys as rows: a key's (row i, row i + 1)
+// pair is one 32-bit broadcast, no transpose.
+constexpr int64_t kGroup = 64;
+
+// 16 lanes of two rows as 32-bit words (lo = row r's bf16 bits, hi = row r + 1's).
+inline __m512i pair_words(__m256i lo, __m256i hi) {
+  return _mm512_or_si512(_mm512_cvtepu16_epi32(lo), _mm512_slli_epi32(_mm512_cvtepu16_epi32(hi), 16));
+}
+
+template <int MR, int64_t d>
+inline void bwd_subtile(const BwdItemBf16& it, int64_t r0, int64_t g0, int64_t j0, int64_t nj, int64_t ncols,
+                        bool full, uint16_t* pp, uint16_t* dsp) {
+  alignas(64) float s[MR * kBlock];
+  alignas(64) float dp[MR * kBlock];
+  alignas(64) uint16_t dsr[MR * kBlock];
+  // the row pairs of this tile in the group's interleaved buffers (r0 - g0 is even)
+  uint16_t* ppt = pp + (r0 - g0) * kBlock;
+  uint16_t* dspt = dsp + (r0 - g0) * kBlock;
+  constexpr int kPairs = (MR + 1) / 2;
+  if (it.causal && j0 > r0 + MR - 1 + it.diag) {  // no row of this tile sees the block
+    std::memset(ppt, 0, kPairs * 2 * kBlock * sizeof(uint16_t));
+    std::memset(dspt, 0, kPairs * 2 * kBlock * sizeof(uint16_t));
+    return;
+  }
+  scores_tile<MR, d>(it.q + r0 * d, it.kt, j0, ncols, it.qk_scale, s);
+  scores_tile<MR, d>(it.dout + r0 * d, it.vt, j0, ncols, 1.0f, dp);
+  if (!full) {
+    for (int r = 0; r < MR; ++r)
+      for (int64_t jj = 0; jj < ncols; jj += 16)
+        _mm512_storeu_ps(s + r * kBlock + jj,
+                         _mm512_add_ps(_mm512_loadu_ps(s + r * kBlock + jj), _mm512_loadu_ps(it.kbias + j0 + jj)));
+  }
+  if (it.causal && j0 + ncols - 1 > r0 + it.diag) {
+    for (int r = 0; r < MR; ++r) {
+      int64_t first_bad = r0 + r + it.diag + 1 - j0;
+      if (first_bad < 0) first_bad = 0;
+      for (int64_t jj = first_bad; jj < ncols; ++jj) s[r * kBlock + jj] = -__builtin_inff();
+    }
+  }
+  const __m512 sc = _mm512_set1_ps(it.scale);
+  for (int r = 0; r < MR; r += 2) {
+    __m256i pbits[2], dbits[2];
+    for (int64_t jj = 0; jj < ncols; jj += 16) {
+      for (int h = 0; h < 2; ++h) {
+        if (r + h >= MR) {  // the partner of an odd tile's last row: weight 0
+          pbits[h] = dbits[h] = _mm256_setzero_si256();
+          continue;
+        }
+        const int64_t off = (r + h) * kBlock + jj;
+        const __m512 p = exp2z(_mm512_sub_ps(_mm512_loadu_ps(s + off), _mm512_set1_ps(it.lse2[r0 + r + h])));
+        const __m512 dsv = _mm512_mul_ps(
+            _mm512_mul_ps(p, _mm512_sub_ps(_mm512_loadu_ps(dp + off), _mm512_set1_ps(it.delta[r0 + r + h]))), sc);
+        pbits[h] = (__m256i)_mm512_cvtneps_pbh(p);
+        dbits[h] = (__m256i)_mm512_cvtneps_pbh(dsv);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dsr + off), dbits[h]);
+      }
+      _mm512_storeu_si512(ppt + (r / 2) * 2 * kBlock + 2 * jj, pair_words(pbits[0], pbits[1]));
+      _mm512_storeu_si512(dspt + (r / 2) * 2 * kBlock + 2 * jj, pair_words(dbits[0], dbits[1]));
+    }
+  }
+  // dS is 0 in columns [nj, ncols) (masked), so an odd nj rounds up to a pair with a zero weight
+  pv_rows<MR, d>(dsr, it.k2 + j0 * d, (nj + 1) / 2, it.dq + r0 * d);
+}
+
+template <int MR, int64_t d>
+inline void bwd_subtile_n(int64_t n, const BwdItemBf16& it, int64_t r0, int64_t g0, int64_t j0, int64_t nj,
+                          int64_t ncols, bool full, uint16_t* pp, uint16_t* dsp) {
+  if constexpr (MR > 0) {
+    if (n == MR) return bwd_subtile<MR, d>(it, r0, g0, j0, nj, ncols, full, pp, dsp);
+    return bwd_subtile_n<MR - 1, d>(n, it, r0, g0, j0, nj, ncols, full, pp, dsp);
+  }
+}
+
+template <int64_t d>
+void backward_d(const BwdItemBf16& it) {
+  alignas(64) uint16_t pp[kGroup * kBlock];   // P, rows interleaved in pairs
+  alignas(64) uint16_t dsp[kGroup * kBlock];  // dS, likewise
+  const int64_t nblocks = it.nkp / kBlock;
+  for (int64_t g0 = 0; g0 < it.nq; g0 += kGroup) {
+    const int64_t g1 = g0 + kGroup < it.nq ? g0 + kGroup : it.nq;
+    const int64_t npairs = (g1 - g0 + 1) / 2;  // an odd last row pairs with q2 / do2's zero row
+    const int64_t lim_hi = g1 - 1 + it.diag;
+    for (int64_t kb = 0; kb < nblocks; ++kb) {
+      const int64_t j0 = kb * kBlock;
+      int64_t nj = it.block_end[kb];
+      if (nj == 0) continue;
+      if (it.causal) {
+        if (j0 > lim_hi) break;
+        if (j0 + nj - 1 > lim_hi) nj = lim_hi - j0 + 1;
+      }
+      const int64_t ncols = (nj + 31) / 32 * 32;
+      const bool full = it.block_full[kb] && ncols == nj;
+      for (int64_t r0 = g0; r0 < g1; r0 += kMR) {
+        const int64_t n = g1 - r0 < kMR ? g1 - r0 : kMR;
+        bwd_subtile_n<kMR, d>(n, it, r0, g0, j0, nj, ncols, full, pp, dsp);
+      }
+      for (int64_t k0 = 0; k0 < nj; k0 += kMR) {
+        const int64_t n = nj - k0 < kMR ? nj - k0 : kMR;
+        pv_rows_n<kMR, d, 2, 2 * kBlock>(n, pp + 2 * k0, it.do2 + g0 * d, npairs, it.dv + (j0 + k0) * d);
+        pv_rows_n<kMR, d, 2, 2 * kBlock>(n, dsp + 2 * k0, it.q2 + g0 * d, npairs, it.dk + (j0 + k0) * d);
+      }
+    }
+  }
+}
+
+void backward_avx512bf16(const BwdItemBf16& it) { FLUID_DISPATCH_HEAD_DIM_NOTHROW(it.d, kD, backward_d<kD>(it)); }
+
 }  // namespace
 
 FwdKernelBf16 fwd_kernel_avx512bf16() { return &forward_avx512bf16; }
+BwdKernelBf16 bwd_kernel_avx512bf16() { return &backward_avx512bf16; }
 
 }  // namespace attn
 }  // namespace cpu
@@ -208,5 +333,6 @@ FwdKernelBf16 fwd_kernel_avx512bf16() { return &forward_avx512bf16; }
 #else
 namespace fluid { namespace cpu { namespace attn {
 FwdKernelBf16 fwd_kernel_avx512bf16() { return nullptr; }
+BwdKernelBf16 bwd_kernel_avx512bf16() { return nullptr; }
 }}}  // namespace fluid::cpu::attn
 #endif

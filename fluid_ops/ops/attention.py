@@ -141,7 +141,8 @@ _ISA_CODES = {"": 0, "auto": 0, "portable": 1, "avx2": 2, "avx512": 3, "avx512bf
 def _cpu_impl() -> int:
     """FLUID_OPS_CPU_ATTENTION_ISA=portable|avx2|avx512|avx512bf16 forces a compiled path (default:
     the fastest this CPU has, chosen at run time). avx512bf16 is avx512 plus, for bf16 inputs, a
-    forward with native bf16 dot products; avx512 runs bf16 inputs in fp32 arithmetic."""
+    forward and backward with native bf16 dot products; avx512 runs bf16 inputs in fp32 arithmetic.
+    `_compiled.cpu.attention_bwd_isa(dtype, d, impl)` names the backward a call takes."""
     name = os.environ.get("FLUID_OPS_CPU_ATTENTION_ISA", "").strip().lower()
     if name not in _ISA_CODES:
         raise ValueError("FLUID_OPS_CPU_ATTENTION_ISA must be one of portable, avx2, avx512, avx512bf16 "
