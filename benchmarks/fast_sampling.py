@@ -179,7 +179,10 @@ def print_table(title, rows):
     for r in rows:
         print(f"{r['option']:<34}{r['images_per_s']:>8.3f}{r['speedup']:>8.2f}x{r['head_nfe']:>9}"
               f"{r['transformer_passes']:>7}{r.get('score', float('nan')):>8.3f}{r.get('se', float('nan')):>7.3f}"
-              f"{r.get('delta', float('nan')):>8.3f}{r.get('delta_se', float('nan')):>7.3f}", flush=True)
+              f"{r.get('delta', float('nan')):>8.3f}{r.get('delta_se', float('nan')):>7.3f}"
+              + (f"   colour {r['colour_score']:.3f} ± {r['colour_se']:.3f}" if "colour_score" in r else "")
+              + (f" ({r['colour_delta']:+.3f} ± {r['colour_delta_se']:.3f})" if "colour_delta" in r else ""),
+              flush=True)
 
 
 # ---- (a) the demo's Fluid ---------------------------------------------------------------------
@@ -294,22 +297,34 @@ def part_b(args, options):
     def gen_fn(batch, j, kw, counter):
         undo = _wrap_passes(model, "forward_mae_encoder", counter)
         try:
+            # pixel tokens lie in [-1, 1]: clip the head's x_0 (unclipped, MAR's default for its
+            # unbounded VAE latents, a 3000-step model scatters saturated pixels over every image)
             lat = model.sample_tokens(len(batch), num_iter=num_iter, cfg=3.0, labels=torch.tensor(batch),
-                                      temperature=0.7, generator=torch.Generator().manual_seed(100 + j), **kw)
+                                      temperature=0.7, generator=torch.Generator().manual_seed(100 + j),
+                                      clip_denoised=True, **kw)
             return ((lat + 1) / 2).clamp(0, 1)
         finally:
             undo()
     res = run_interleaved(options, batches, gen_fn, progress=not args.quick)
     prompts = [_class_prompt(y) for y in ys]
-    correct = {}
+    correct, colour = {}, {}
     for name, r in res.items():
         rep = evaluate(torch.cat(r["outputs"]), prompts, progress=False, detections=False)
         correct[name] = {"class": [int(bool(rec["correct"])) for rec in rep["prompts"]]}
+        # the class's colour on the object the detector picked: a second, easier score, still
+        # informative where a small model has learned colours but not yet shapes
+        colour[name] = {"colour": [int(bool(rec.get("colour"))) for rec in rep["prompts"]]}
     rows = summarize(res, correct)
+    for row in rows:
+        s, se = score_stats(colour[row["option"]])
+        row.update(colour_score=round(s, 4), colour_se=round(se, 4))
+        if row["option"] != "exact":
+            row.update(colour_delta=round(s - score_stats(colour["exact"])[0], 4),
+                       colour_delta_se=round(paired_se(colour[row["option"]], colour["exact"]), 4))
     return {"model": "class-conditional MAR (width 128, 2+2 blocks, head 3 x 256) on 32x32 shapes, 18 classes",
             "train_steps": steps, "train_seconds": round(train_s, 1), "batch": 32, "images": n,
             "sampling": {"num_iter": num_iter, "cfg": 3.0, "cfg_schedule": "linear", "temperature": 0.7,
-                         "num_diffusion_steps": 100}, "rows": rows}
+                         "num_diffusion_steps": 100, "clip_denoised": True}, "rows": rows}
 
 
 # ---- (c) MAR-B, random weights, speed only -----------------------------------------------------

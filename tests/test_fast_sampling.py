@@ -291,6 +291,22 @@ def test_mar_fast_options(cfg, monkeypatch):
     assert torch.isfinite(c).all()
 
 
+def test_mar_clip_denoised_is_opt_in():
+    """Off (MAR's behaviour) by default; on, every step's x_0 is clamped, so the tokens lie in
+    [-1, 1] while the untrained head's unclipped samples do not."""
+    m = _mar()
+    with torch.no_grad():  # a head whose x_0 predictions leave [-1, 1]
+        m.diffloss.net.final_layer.linear.bias.fill_(3.0)
+    kw = dict(num_iter=2, cfg=3.0, labels=torch.tensor([1, 2]))
+    a = m.sample_tokens(2, generator=gen(0), **kw)
+    assert torch.equal(a, m.sample_tokens(2, generator=gen(0), **kw, clip_denoised=False))
+    assert a.abs().max() > 1.5
+    b = m.sample_tokens(2, generator=gen(0), **kw, clip_denoised=True)
+    assert b.abs().max() <= 1.0 + 1e-6
+    with pytest.raises(TypeError, match="clip_denoised"):
+        m.sample_tokens(2, generator=gen(0), **kw, clip_denoised=1)
+
+
 def test_accelerate_solver_and_step_schedule():
     from tests import mar_standin as mar
     acc = importlib.import_module("fluid_ops.accelerate")

@@ -517,7 +517,7 @@ class MAR(nn.Module):
                       generator: torch.Generator | None = None, precision: str = "auto", *,
                       num_diffusion_steps=None, solver: str | None = None, eta: float | None = None,
                       cache_interval: int | None = None, uncond_cache_interval: int | None = None,
-                      preset: str | None = None) -> torch.Tensor:
+                      preset: str | None = None, clip_denoised: bool = False) -> torch.Tensor:
         """Generate (bsz, vae_embed_dim, h, w) latents in `num_iter` steps (docs/contracts.md §2.4): random
         order per image, cosine mask schedule, CFG against the null class (`fake_latent`) with the
         "linear" or "constant" schedule, `fluid_ops.sampling.diffusion_sample` for the tokens of each step.
@@ -529,7 +529,11 @@ class MAR(nn.Module):
         num_diffusion_steps (default diffloss.num_sampling_steps) an int or a per-AR-step schedule;
         solver / eta for the head; cache_interval / uncond_cache_interval: the encoder and decoder run
         every k-th AR step, the still-masked tokens reusing their cached decoder features in between;
-        preset="fast"."""
+        preset="fast".
+        clip_denoised: clamp the head's predicted x_0 to [-1, 1] at every diffusion step; off by default,
+        as MAR (its VAE latents are unbounded), on for tokens known to lie in [-1, 1] (pixels)."""
+        if not isinstance(clip_denoised, bool):
+            raise TypeError(f"MAR.sample_tokens: clip_denoised must be a bool, got {type(clip_denoised).__name__}")
         prec = backend.resolve_precision(precision, self.fake_latent.device)
         fast = sampling.resolve_fast_options("MAR.sample_tokens", preset, num_diffusion_steps, solver, eta,
                                              cache_interval, uncond_cache_interval)
@@ -608,7 +612,8 @@ class MAR(nn.Module):
                     {"num_steps": steps_k[k], "solver": fast["solver"], "eta": fast["eta"]}
                 with torch.autocast(dev.type, enabled=False):  # the head's GEMM dtype is gemm_dtype's
                     new = self.diffloss.sample(zs, temperature, w if guided else 1.0, generator,
-                                               gemm_dtype=torch.bfloat16 if prec == "bf16" else None, **head)
+                                               gemm_dtype=torch.bfloat16 if prec == "bf16" else None,
+                                               clip_denoised=clip_denoised, **head)
                 tokens = tokens.clone()
                 tokens[bidx, idx] = new.reshape(bsz, -1, c).to(tokens.dtype)
                 mask = schedules.next_mask(mask, orders, n_after)

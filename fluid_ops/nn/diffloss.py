@@ -37,9 +37,10 @@ class DiffLoss(nn.Module):
                               checkpoint=self.grad_checkpointing and self.training)
 
     def sample(self, z, temperature=1.0, cfg=1.0, generator=None, gemm_dtype=None, *, num_steps=None, solver="ddpm",
-               eta=0.0):
-        """MAR's DiffLoss.sample; gemm_dtype, num_steps (default num_sampling_steps), solver and eta:
-        see fluid_ops.diffusion_sample."""
+               eta=0.0, clip_denoised=False):
+        """MAR's DiffLoss.sample; gemm_dtype, num_steps (default num_sampling_steps), solver, eta and
+        clip_denoised (off, as MAR: VAE latents are unbounded): see fluid_ops.diffusion_sample."""
         return sampling.diffusion_sample(self.net, z, num_steps=self.num_sampling_steps if num_steps is None else num_steps,
                                          temperature=temperature, cfg=cfg, generator=generator,
-                                         noise_shift=self.noise_shift, gemm_dtype=gemm_dtype, solver=solver, eta=eta)
+                                         noise_shift=self.noise_shift, gemm_dtype=gemm_dtype, solver=solver, eta=eta,
+                                         clip_denoised=clip_denoised)
