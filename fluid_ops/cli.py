@@ -5,6 +5,7 @@
     fluid-ops generate --ckpt runs/a --prompt "a red circle at the top left" --out grid.png
     fluid-ops evaluate --ckpt runs/a --out runs/a/eval.json
     fluid-ops bench                                   # our kernels vs PyTorch on this machine
+    fluid-ops study --out study/                      # the four variants + scaling, one protocol (docs/study.md)
     fluid-ops prepare --config tiny --data shapes --out cache/ --limit 10000   # cached tokens + text
     torchrun --nproc_per_node 8 -m fluid_ops train ... [--fsdp]               # data-parallel
 
@@ -280,6 +281,31 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    """The four variants under one protocol, and their scaling (fluid_ops.study, docs/study.md)."""
+    from fluid_ops.study import StudyError, check_study, run_study
+
+    def ints(text, name):
+        try:
+            return [int(x) for x in text.split(",") if x.strip()] if text is not None else None
+        except ValueError:
+            raise SystemExit(f"--{name}: expected comma-separated ints, got {text!r}") from None
+    seeds = ints(args.seeds, "seeds")
+    if seeds is not None and len(seeds) == 1 and "," not in args.seeds:
+        seeds = list(range(seeds[0]))   # --seeds 3 means 0,1,2 (one seed of your choice: --seeds 5,)
+    try:
+        study = run_study(args.out, quick=args.quick, steps=args.steps, minutes=args.minutes, seeds=seeds,
+                          widths=ints(args.widths, "widths"), per_category=args.per_category, jobs=args.jobs,
+                          precision=args.precision, progress=not args.no_progress, check=args.check)
+    except StudyError as e:
+        raise SystemExit(str(e)) from None
+    print((Path(args.out) / "table.md").read_text())
+    if args.check:
+        print("\n".join(study["check"]["lines"]))
+        return 0 if study["check"]["ok"] else 1
+    return 0
+
+
 # ---- argument parsing ---------------------------------------------------------------------
 def _add_common(p, *, sampling=False):
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
@@ -395,6 +421,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None, help="write the results JSON here")
     p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("study", help="train and score the four variants under one protocol, and their scaling")
+    p.add_argument("--out", default="study", help="folder for runs, study.json, table.md, plots (rerun: resume)")
+    p.add_argument("--quick", action="store_true", help="the whole pipeline on a tiny budget (CI)")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (default: the protocol's)")
+    p.add_argument("--minutes", type=float, default=None, help="train each run for these minutes instead of steps")
+    p.add_argument("--seeds", default=None, help="N (seeds 0..N-1) or a comma-separated list, e.g. 5, (default: 3 seeds)")
+    p.add_argument("--widths", default=None, help="comma-separated model widths for the scaling fit")
+    p.add_argument("--per-category", type=int, default=None, help="evaluation prompts per category")
+    p.add_argument("--jobs", type=int, default=None,
+                   help="runs in parallel processes, each with cores / jobs threads (default: one per core)")
+    p.add_argument("--precision", choices=("auto", "bf16", "fp32"), default="auto")
+    p.add_argument("--check", default=None, metavar="STUDY_JSON",
+                   help="then compare with a committed study.json: exit 1 if a mean leaves its seed spread")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=cmd_study)
 
     p = sub.add_parser("demo", help="train the tiny model on synthetic shapes, write grid + loss + eval")
     p.add_argument("--out", required=True)

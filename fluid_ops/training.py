@@ -150,6 +150,9 @@ class StepInfo:
     lr: float
     elapsed_s: float     # training time, summed over resumed runs
     model: nn.Module
+    # trainable parameter name -> EMA tensor (fp32), live: copy what you keep (under FSDP, this
+    # rank's shards)
+    ema: dict | None = None
 
 
 @dataclass
@@ -788,7 +791,7 @@ class _Run:
         self.bar.set_postfix(loss=f"{self.smoothed:.4f}", lr=f"{history['lr'][-1]:.2e}", refresh=False)
         if a.callback is not None:
             info = StepInfo(step=history["step"][-1], loss=sum(losses) / k, lr=history["lr"][-1],
-                            elapsed_s=history["time"][-1], model=self.model)
+                            elapsed_s=history["time"][-1], model=self.model, ema=self.ema)
             return D.any_rank(self.ctx, bool(a.callback(info)))
         return False
 

@@ -30,7 +30,9 @@ LAYERS = [
     ("distributed",),  # DDP / FSDP2 wrapping of nn modules, sharded checkpoints
     ("models",),
     ("training", "generate", "eval", "data", "accelerate", "prepare", "viz"),
-    ("cli", "bench", "__main__", ""),  # entry points, and the root that re-exports everything
+    # entry points, and the root that re-exports everything; study drives training, eval and plots
+    # and records bench.machine_info(), so it sits with them
+    ("cli", "bench", "study", "__main__", ""),
 ]
 RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
 
