@@ -361,7 +361,7 @@ def print_table(rows: list[dict]) -> None:
         pct = [f"{100 * f[k]:>5.0f}%" if k in f else f"{'-':>6}" for k in ("transformer", "head", "other")]
         ours = next((x for x in rows if x["model"] == r["model"] and x["batch"] == r["batch"]
                      and x["variant"] == "fluid_ops" and "error" not in x), None)
-        if r["variant"].endswith(("_bf16", "_autocast")):  # bf16 rows against our bf16 row
+        if r["variant"].endswith(("_bf16", "_autocast", "_autocast_compile")):  # bf16 rows against our bf16 row
             ours = next((x for x in rows if x["model"] == r["model"] and x["batch"] == r["batch"]
                          and x["variant"] == "fluid_ops_bf16" and "error" not in x), None)
         vs = "" if ours is None or r["variant"] == ours["variant"] else f"{ours['speedup_over'][r['variant']]:.2f}x faster"
