@@ -138,3 +138,30 @@ def test_bad_arguments_fail_with_one_line_before_any_work(tmp_path, argv, match,
     with pytest.raises(SystemExit, match=match):
         main(["study", "--quick", "--out", str(out), *argv])
     assert not out.exists()
+
+
+def test_samples_grid_of_a_finished_study(quick, tmp_path, capsys):
+    """benchmarks/study_samples.py: one row per variant from the study's own snapshots, images the
+    study scored (its per-prompt verdicts), refused in one line without a study."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "study_samples.py"
+    spec = importlib.util.spec_from_file_location("study_samples", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out, res = quick
+    png = tmp_path / "grid.png"
+    assert mod.main(["--study", str(out), "--out", str(png), "--per-category", "1"]) == 0
+    from PIL import Image
+    w, h = Image.open(png).size
+    assert w > 6 * 32 * 3 and h > 4 * 32 * 3    # 6 prompts x 4 variants at scale 3, plus labels
+    rows = [ln for ln in capsys.readouterr().out.splitlines() if " on these 6" in ln]
+    assert [r.split(",")[0] for r in rows] == list(S.VARIANTS)
+    # the grid's verdicts are the study's: the score over its prompts equals the final evaluation's
+    # when the grid covers every prompt (quick: one per category)
+    for r in rows:
+        v = r.split(",")[0]
+        final = res["runs"][f"{v}-w{res['protocol']['model']['base_width']}-s{res['protocol']['seeds'][0]}"]["evals"][-1]
+        assert float(r.split(": ")[1].split()[0]) == pytest.approx(final["overall"], abs=0.005)
+    with pytest.raises(SystemExit, match="study.json"):
+        mod.main(["--study", str(tmp_path / "none"), "--out", str(png)])
