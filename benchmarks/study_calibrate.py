@@ -26,10 +26,9 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="append one JSON line per (variant, width)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    import fluid_ops
     from fluid_ops import study as S
     from fluid_ops.data import ShapesDataset
-    from fluid_ops.eval import evaluate, geneval_prompts
+    from fluid_ops.eval import evaluate
     from fluid_ops.models import Fluid
     from fluid_ops.training import train
     p = S.make_protocol()
@@ -54,17 +53,13 @@ def main() -> None:
                    "steps_per_cpu_s": round((b[0] - a[0]) / (b[1] - a[1]), 3),
                    "steps_per_wall_s": round((b[0] - a[0]) / (b[2] - a[2]), 3)}
             if args.eval:
-                e = p["eval"]
-                prompts = geneval_prompts(per_category=e["per_category"], seed=e["prompt_seed"])
                 c0 = time.thread_time()
-                images = fluid_ops.generate(model, [q.text for q in prompts], seed=e["sample_seed"],
-                                            batch_size=e["generate_batch_size"], progress=False,
-                                            precision=tr["precision"], **S._sampling_kwargs(p, v))
+                prompts, images = S.eval_images(model, p, v)
                 evaluate(images, prompts, progress=False, detections=False)
                 c1 = time.thread_time()
                 S.validation_loss(model, p)
                 rec.update(eval_cpu_s=round(c1 - c0, 2), val_loss_cpu_s=round(time.thread_time() - c1, 2),
-                           per_category=e["per_category"])
+                           per_category=p["eval"]["per_category"])
             print(json.dumps(rec), flush=True)
             if args.out:
                 with open(args.out, "a") as f:

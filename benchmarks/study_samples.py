@@ -17,9 +17,8 @@ from pathlib import Path
 
 import torch
 
-import fluid_ops
 from fluid_ops import study as S
-from fluid_ops.eval import evaluate, geneval_prompts
+from fluid_ops.eval import evaluate
 from fluid_ops.models import load_run
 from fluid_ops.viz import save_image_grid
 
@@ -44,11 +43,6 @@ def main(argv=None) -> int:
         sys.exit(f"study_samples: --seed {seed} is not among the study's seeds {p['seeds']}")
     if a.threads:
         torch.set_num_threads(a.threads)
-    e = p["eval"]
-    prompts_all = geneval_prompts(per_category=e["per_category"], seed=e["prompt_seed"], categories=e["categories"])
-    prompts = []
-    for c in e["categories"]:
-        prompts += [q for q in prompts_all if q.category == c][:a.per_category]
     images, labels, rows = [], [], []
     for v in S.VARIANTS:
         rid = f"{v}-w{p['model']['base_width']}-s{seed}"
@@ -58,12 +52,12 @@ def main(argv=None) -> int:
             sys.exit(f"study_samples: no snapshot in {run_dir} (the committed results keep none: use the study's "
                      "own output folder)")
         run = load_run(snaps[-1])
-        # the study generates all its prompts in batches with one seed: regenerate the full list so
-        # each image is the very one the table scored, then keep the grid's prompts
-        imgs = fluid_ops.generate(run.model, [q.text for q in prompts_all], seed=e["sample_seed"],
-                                  batch_size=e["generate_batch_size"], progress=False,
-                                  precision=p["train"]["precision"], **S._sampling_kwargs(p, v))
-        keep = [prompts_all.index(q) for q in prompts]
+        # the study samples all its prompts in one seeded call: redo that call so each image is the
+        # very one the table scored, then keep the grid's prompts
+        prompts_all, imgs = S.eval_images(run.model, p, v)
+        keep = [i for c in p["eval"]["categories"]
+                for i in [j for j, q in enumerate(prompts_all) if q.category == c][:a.per_category]]
+        prompts = [prompts_all[i] for i in keep]
         rep = evaluate(imgs[keep], prompts, progress=False, detections=False)
         images.append(imgs[keep].float())
         labels += [f"{'OK' if r['correct'] else 'x'} {q.text}" for q, r in zip(prompts, rep["prompts"])]

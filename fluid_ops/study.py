@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 __all__ = ["run_study", "make_protocol", "fit_power_law", "check_study", "StudyError", "VARIANTS",
-           "variant_config", "validation_loss", "heads_for"]
+           "variant_config", "validation_loss", "heads_for", "eval_images"]
 
 # name -> (token_kind, order, config in fluid_ops.models.fluid_config.CONFIGS)
 VARIANTS = {
@@ -223,17 +223,26 @@ def _snapshot(model, ema: dict, step: int, path: Path) -> None:
                     path, keep_previous=False)
 
 
-def _evaluate_snapshot(path: Path, protocol: dict, variant: str) -> dict:
+def eval_images(model, protocol: dict, variant: str):
+    """(prompts, images): the protocol's evaluation prompts and `model`'s samples of them, drawn as
+    the study draws them (one call, the protocol's seed, batch size, precision and the variant's
+    sampling), so anything that scores or shows them sees the study's own images."""
     import fluid_ops
-    from fluid_ops.eval import evaluate, geneval_prompts
-    from fluid_ops.models import load_run
-    run = load_run(path)
+    from fluid_ops.eval import geneval_prompts
     e = protocol["eval"]
-    t0 = time.time()
     prompts = geneval_prompts(per_category=e["per_category"], seed=e["prompt_seed"], categories=e["categories"])
-    images = fluid_ops.generate(run.model, [p.text for p in prompts], seed=e["sample_seed"],
+    images = fluid_ops.generate(model, [p.text for p in prompts], seed=e["sample_seed"],
                                 batch_size=e["generate_batch_size"], progress=False,
                                 precision=protocol["train"]["precision"], **_sampling_kwargs(protocol, variant))
+    return prompts, images
+
+
+def _evaluate_snapshot(path: Path, protocol: dict, variant: str) -> dict:
+    from fluid_ops.eval import evaluate
+    from fluid_ops.models import load_run
+    run = load_run(path)
+    t0 = time.time()
+    prompts, images = eval_images(run.model, protocol, variant)
     report = evaluate(images, prompts, progress=False, detections=False)
     t_sample = time.time() - t0
     val = validation_loss(run.model, protocol)
@@ -716,10 +725,6 @@ def _machine(threads: int, jobs: int) -> dict:
     info = machine_info()
     info.update({"threads_per_job": threads, "jobs": jobs, "precision_auto_means": backend.auto_precision("cpu")})
     return info
-
-
-def load_study(path) -> dict:
-    return json.loads(Path(path).read_text())
 
 
 if __name__ == "__main__":  # pragma: no cover
