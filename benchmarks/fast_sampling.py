@@ -6,8 +6,9 @@
 (a) the demo's Fluid checkpoint (`fluid-ops demo`): GenEval-style score (single-object + colour
     prompts, `fluid_ops.eval`) of every option over the same prompts and seeds, with its standard
     error and the paired standard error of its difference to exact sampling;
-(b) a class-conditional MAR (18 classes = colour x shape, one object anywhere on the 3x3 grid of the
-    shapes data, 32x32 pixels as 3-channel "latents", 4x4 patches) trained here for --mar-minutes:
+(b) a class-conditional MAR (18 classes = colour x shape, one object of the shapes data in the
+    middle cell, or with --mar-layout any in any of the 3x3 cells; 32x32 pixels as 3-channel
+    "latents", 4x4 patches) trained here for --mar-steps (4000: ~15 min on 1 thread of the Zen 4):
     class accuracy = the detector finds an object of the class's shape in the class's colour;
 (c) MAR-B with random weights, for speed only (at --marb-size pixels / 16 = tokens per side).
 
@@ -78,8 +79,8 @@ def machine_info() -> dict:
         pass
     info["cpu_flags"] = flags
     info["date"] = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    info["shared_machine_note"] = ("shared with other developers' jobs during the run; load averages at the "
-                                   "start and end are recorded; ratios are of interleaved runs")
+    info["load_note"] = ("load averages at the start and end: above the thread count, other jobs ran beside the "
+                         "run; speed-ups are ratios of interleaved runs either way")
     return info
 
 
@@ -226,15 +227,19 @@ def part_a(args, options):
 
 
 # ---- (b) class-conditional MAR on the shapes ---------------------------------------------------
-def _mar_data(n, seed, size=32):
+CELLS = ("at the top left", "at the top", "at the top right", "on the left", "in the middle", "on the right",
+         "at the bottom left", "at the bottom", "at the bottom right")
+
+
+def _mar_data(n, seed, size=32, layout="middle"):
+    """n shapes-data images of 18 classes (colour x shape): the object in the middle cell
+    (layout "middle") or in a random one of the 3x3 cells ("any")."""
     from fluid_ops.data.shapes import COLOURS, SHAPES, render_spec
     g = torch.Generator().manual_seed(seed)
-    cells = ["at the top left", "at the top", "at the top right", "on the left", "in the middle", "on the right",
-             "at the bottom left", "at the bottom", "at the bottom right"]
     labels = torch.randint(0, len(COLOURS) * len(SHAPES), (n,), generator=g)
-    where = torch.randint(0, 9, (n,), generator=g)
+    where = torch.randint(0, 9, (n,), generator=g) if layout == "any" else torch.full((n,), 4)
     cols, shp = list(COLOURS), list(SHAPES)
-    imgs = torch.stack([render_spec(f"a {cols[int(y) // 3]} {shp[int(y) % 3]} {cells[int(w)]}", size, seed=seed + i)
+    imgs = torch.stack([render_spec(f"a {cols[int(y) // 3]} {shp[int(y) % 3]} {CELLS[int(w)]}", size, seed=seed + i)
                         for i, (y, w) in enumerate(zip(labels, where))])
     return imgs, labels
 
@@ -244,6 +249,73 @@ def _class_prompt(y):
     return f"a {list(COLOURS)[y // 3]} {list(SHAPES)[y % 3]}"
 
 
+def _train_mar(model, args):
+    """Train part (b)'s MAR in place, leave its EMA weights in it; returns (steps, seconds, recipe).
+    The recipe is the demo's rather than MAR's (measured on the Zen 4, docs in the results README):
+    MAR's (lr 1e-3 constant, 4 t draws per token, EMA 0.999, fp32) drew the class's colour in
+    scattered blocks after 3000 steps; this one, with the object in the middle cell, draws the
+    class's object (class accuracy 0.94 at 3200 steps, 0.97 at 4000). With the object in any cell
+    its samples were still scattered blocks at 4000 steps."""
+    from fluid_ops import backend
+    layout = args.mar_layout
+    pool, labels_pool = _mar_data(256 if args.quick else 8192, seed=1, layout=layout)
+    lr, warmup, ema_decay = 2e-3, 100, 0.99
+    prec = backend.resolve_precision(args.mar_precision, torch.device("cpu"))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    ema = [p.detach().clone() for p in model.parameters()]
+    g = torch.Generator().manual_seed(2)
+    max_steps = 20 if args.quick else (None if args.mar_minutes else args.mar_steps)
+    t0, steps = time.time(), 0
+    model.train()
+    # a step budget makes the model independent of the machine's load; --mar-minutes is the alternative
+    while (steps < max_steps) if max_steps else (time.time() - t0 < args.mar_minutes * 60):
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (steps + 1) / warmup)
+        idx = torch.randint(0, pool.shape[0], (32,), generator=g)
+        with torch.autocast("cpu", torch.bfloat16, enabled=prec == "bf16"):
+            loss = model(pool[idx] * 2 - 1, labels_pool[idx], generator=g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        steps += 1
+        with torch.no_grad():
+            for e, p in zip(ema, model.parameters()):
+                e.lerp_(p, 1 - min(ema_decay, (1 + steps) / (10 + steps)))
+        if not args.quick and steps % 250 == 0:
+            print(f"  (b) step {steps}  loss {loss.item():.4f}  {time.time() - t0:.0f} s", flush=True)
+    train_s = time.time() - t0
+    with torch.no_grad():
+        for e, p in zip(ema, model.parameters()):
+            p.copy_(e)
+    recipe = {"layout": layout, "images": pool.shape[0], "batch": 32, "optimizer": "AdamW", "lr": lr,
+              "warmup_steps": warmup, "grad_clip": 1.0, "ema": ema_decay, "diffusion_batch_mul": 1,
+              "precision": prec}
+    return steps, train_s, recipe
+
+
+def _b_samples(res, path, per_row=18):
+    """Part (b)'s first images of exact sampling and of the fastest options, one row each (the same
+    classes and seeds in every row: the row-to-row changes are the options' drift)."""
+    from fluid_ops.viz import save_image_grid
+    keep = [k for k in ("exact", "preset fast", "dpm++2m 10", "dpm++2m linear 25->10 + cache 2", "uncond cache 4")
+            if k in res]
+    n = min(per_row, min(torch.cat(res[k]["outputs"]).shape[0] for k in keep))
+    imgs = torch.cat([torch.cat(res[k]["outputs"])[:n] for k in keep])
+    save_image_grid(imgs, path, nrow=n, row_labels=keep, scale=2)
+
+
+def _check_mar_ckpt(args):
+    """Refuse, before any part runs, a --mar-ckpt trained on another layout than --mar-layout."""
+    ckpt = Path(args.mar_ckpt) if args.mar_ckpt and not args.quick else None
+    if ckpt is None or not ckpt.exists():
+        return
+    layout = torch.load(ckpt, map_location="cpu", weights_only=True).get("recipe", {}).get("layout", "any")
+    if layout != args.mar_layout:  # files from before --mar-layout were trained on "any"
+        raise SystemExit(f"--mar-ckpt {ckpt} was trained with --mar-layout {layout}, not {args.mar_layout}: "
+                         f"pass that layout, another path, or delete the file to retrain")
+
+
 def part_b(args, options):
     from fluid_ops.eval import evaluate
     from fluid_ops.models.mar import MAR
@@ -251,42 +323,18 @@ def part_b(args, options):
     model = MAR(img_size=32, vae_stride=1, vae_embed_dim=3, patch_size=4, encoder_embed_dim=128, encoder_depth=2,
                 encoder_num_heads=2, decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=2, buffer_size=4,
                 class_num=18, diffloss_d=3, diffloss_w=256, num_sampling_steps="10" if args.quick else "100",
-                attn_dropout=0.0,
-                proj_dropout=0.0, label_drop_prob=0.1)
-    minutes = 0.05 if args.quick else args.mar_minutes
-    max_steps = None if args.quick else args.mar_steps
+                attn_dropout=0.0, proj_dropout=0.0, label_drop_prob=0.1, diffusion_batch_mul=1)
     ckpt = Path(args.mar_ckpt) if args.mar_ckpt and not args.quick else None
     if ckpt is not None and ckpt.exists():  # sampling reruns reuse one trained model
         saved = torch.load(ckpt, map_location="cpu", weights_only=True)
         model.load_state_dict(saved["ema"])
-        steps, train_s = saved["steps"], saved["seconds"]
+        steps, train_s, recipe = saved["steps"], saved["seconds"], saved.get("recipe", {})
     else:
-        pool, labels_pool = _mar_data(256 if args.quick else 4096, seed=1)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-        ema = [p.detach().clone() for p in model.parameters()]
-        g = torch.Generator().manual_seed(2)
-        t0, steps = time.time(), 0
-        model.train()
-        # a step budget makes the model independent of the machine's load; minutes are the fallback
-        while (steps < max_steps) if max_steps else (time.time() - t0 < minutes * 60):
-            idx = torch.randint(0, pool.shape[0], (32,), generator=g)
-            loss = model(pool[idx] * 2 - 1, labels_pool[idx], generator=g)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            steps += 1
-            with torch.no_grad():
-                for e, p in zip(ema, model.parameters()):
-                    e.lerp_(p, 1 - min(0.999, (1 + steps) / (10 + steps)))
-            if not args.quick and steps % 250 == 0:
-                print(f"  (b) step {steps}  loss {loss.item():.4f}  {time.time() - t0:.0f} s", flush=True)
-        train_s = time.time() - t0
-        with torch.no_grad():
-            for e, p in zip(ema, model.parameters()):
-                p.copy_(e)
+        steps, train_s, recipe = _train_mar(model, args)
         if ckpt is not None:
             ckpt.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({"ema": model.state_dict(), "steps": steps, "seconds": round(train_s, 1)}, ckpt)
+            torch.save({"ema": model.state_dict(), "steps": steps, "seconds": round(train_s, 1), "recipe": recipe},
+                       ckpt)
     model.eval()
     n = 8 if args.quick else args.mar_images
     bs = 4 if args.quick else args.batch
@@ -306,6 +354,7 @@ def part_b(args, options):
         finally:
             undo()
     res = run_interleaved(options, batches, gen_fn, progress=not args.quick)
+    _b_samples(res, Path(args.out) / f"fast_sampling{'_quick' if args.quick else ''}{args.tag}_b_samples.png")
     prompts = [_class_prompt(y) for y in ys]
     correct, colour = {}, {}
     for name, r in res.items():
@@ -322,7 +371,7 @@ def part_b(args, options):
             row.update(colour_delta=round(s - score_stats(colour["exact"])[0], 4),
                        colour_delta_se=round(paired_se(colour[row["option"]], colour["exact"]), 4))
     return {"model": "class-conditional MAR (width 128, 2+2 blocks, head 3 x 256) on 32x32 shapes, 18 classes",
-            "train_steps": steps, "train_seconds": round(train_s, 1), "batch": 32, "images": n,
+            "train_steps": steps, "train_seconds": round(train_s, 1), "train_recipe": recipe, "images": n,
             "sampling": {"num_iter": num_iter, "cfg": 3.0, "cfg_schedule": "linear", "temperature": 0.7,
                          "num_diffusion_steps": 100, "clip_denoised": True}, "rows": rows}
 
@@ -377,8 +426,12 @@ def plot(result, path):
         ax.set_xlabel("speed-up over exact sampling (images/s ratio, interleaved)")
         ax.set_ylabel("score (+- 1 SE)")
         ax.set_title(f"({key}) {part['model'][:60]}", fontsize=9)
-    fig.suptitle(f"fast sampling on {result['machine']['cpu']}, {result['machine']['threads']} threads, "
-                 f"{result['machine']['date'][:10]} (shared machine)", fontsize=9)
+    m = result["machine"]
+    # the runs' own threads count toward the load: more than that means something ran beside them
+    load = max(m["load_average_1_5_15"][0], m.get("load_average_end", [0])[0])
+    fig.suptitle(f"fast sampling on {m['cpu']}, {m['threads']} thread{'s' * (m['threads'] != 1)}, {m['date'][:10]}"
+                 f"{' (shared machine: load ' + format(load, '.1f') + ')' if load > m['threads'] + 0.75 else ''}",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -391,8 +444,12 @@ def main(argv=None) -> int:
     ap.add_argument("--prompts", type=int, default=192, help="(a): prompts (half single-object, half colour)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--mar-minutes", type=float, default=4.0, help="(b): training minutes")
-    ap.add_argument("--mar-steps", type=int, default=None, help="(b): training steps (instead of --mar-minutes)")
+    ap.add_argument("--mar-steps", type=int, default=4000, help="(b): training steps")
+    ap.add_argument("--mar-minutes", type=float, default=None, help="(b): training minutes (instead of steps)")
+    ap.add_argument("--mar-layout", choices=("middle", "any"), default="middle",
+                    help="(b): the object in the middle cell, or in any of the 9 (MAR needs far more steps)")
+    ap.add_argument("--mar-precision", choices=("auto", "bf16", "fp32"), default="auto",
+                    help="(b): training precision (auto: bf16 where the CPU has it natively)")
     ap.add_argument("--mar-ckpt", default=None,
                     help="(b): load the trained MAR from this file if it exists, else train and save it there")
     ap.add_argument("--mar-images", type=int, default=144, help="(b): images per option")
@@ -415,6 +472,8 @@ def main(argv=None) -> int:
         opts = {k: (OPTIONS | MAR_EXTRA)[k] for k in names}
     result = {"machine": machine_info(), "fast_preset": {k: str(v) for k, v in sampling.FAST_PRESET.items()},
               "options": {k: {a: str(b) for a, b in v.items()} for k, v in (opts | MAR_EXTRA).items()}, "parts": {}}
+    if "b" in args.parts.split(","):
+        _check_mar_ckpt(args)
     jpath = out / (("fast_sampling_quick" if args.quick else "fast_sampling") + args.tag + ".json")
     c_opts = {k: (OPTIONS | MAR_EXTRA)[k] for k in C_OPTIONS} if not args.options else opts
     for key, fn, o in (("a", part_a, opts), ("b", part_b, opts | ({} if args.options else MAR_EXTRA)),

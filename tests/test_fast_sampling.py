@@ -364,3 +364,25 @@ def test_benchmark_script_quick(tmp_path):
     assert set(rows) == set(__import__("benchmarks.fast_sampling", fromlist=["OPTIONS"]).OPTIONS)
     assert rows["exact"]["speedup"] == 1.0 and rows["dpm++2m 10"]["head_nfe"] == 40  # 4 AR steps x 10
     assert {"cpu", "cpu_flags", "load_average_1_5_15", "threads"} <= set(data["machine"])
+    assert data["parts"]["b"]["train_recipe"]["layout"] == "middle" and data["parts"]["b"]["train_steps"] == 20
+
+
+def test_benchmark_mar_data_layouts():
+    """Part (b)'s data: "middle" centres every object on the middle cell, "any" spreads them over the grid;
+    the label names the object's colour."""
+    from benchmarks.fast_sampling import _mar_data
+    from fluid_ops.data.shapes import BACKGROUND, COLOURS
+    for layout in ("middle", "any"):
+        imgs, labels = _mar_data(36, seed=3, layout=layout)
+        fg = (imgs - torch.tensor(BACKGROUND).view(1, 3, 1, 1)).abs().amax(1) > 0.2  # (B, H, W) object pixels
+        ys, xs = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+        cy = (fg * ys).sum((1, 2)) / fg.sum((1, 2))
+        cx = (fg * xs).sum((1, 2)) / fg.sum((1, 2))
+        centred = ((cy - 15.5).abs() < 4) & ((cx - 15.5).abs() < 4)  # cells are ~11 px apart
+        if layout == "middle":
+            assert bool(centred.all()), (cy, cx)
+        else:
+            assert int(centred.sum()) < 12 and len({(int(y) // 11, int(x) // 11) for y, x in zip(cy, cx)}) >= 6
+        for img, m, y in zip(imgs, fg, labels):
+            want = torch.tensor(list(COLOURS.values())[int(y) // 3])
+            assert torch.allclose(img[:, m].median(1).values, want, atol=0.05)  # median: edges are anti-aliased
