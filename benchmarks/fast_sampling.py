@@ -408,24 +408,41 @@ def part_c(args, options):
 
 
 def plot(result, path):
+    """Score against speed-up per part. Points carry numbers, keyed in a column beside each panel
+    (option names written at the points overlapped where options share a speed)."""
+    import textwrap
+
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker  # noqa: F401  (matplotlib.ticker below)
     parts = [(k, v) for k, v in result["parts"].items() if any("score" in r for r in v["rows"])]
     if not parts:
         return
-    fig, axes = plt.subplots(1, len(parts), figsize=(7 * len(parts), 5.5), squeeze=False)
-    for ax, (key, part) in zip(axes[0], parts):
-        for r in part["rows"]:
-            ax.errorbar(r["speedup"], r["score"], yerr=r["se"], fmt="o", capsize=3,
-                        color="k" if r["option"] == "exact" else ("C3" if r["option"] == "preset fast" else "C0"))
-            ax.annotate(r["option"], (r["speedup"], r["score"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    fig, axes = plt.subplots(1, 2 * len(parts), figsize=(10.5 * len(parts), 5.8), squeeze=False,
+                             gridspec_kw={"width_ratios": [2, 1] * len(parts)})
+    for i, (key, part) in enumerate(parts):
+        ax, key_ax = axes[0][2 * i], axes[0][2 * i + 1]
+        lines = []
+        for n, r in enumerate(part["rows"]):
+            colour = "k" if r["option"] == "exact" else ("C3" if r["option"] == "preset fast" else "C0")
+            ax.errorbar(r["speedup"], r["score"], yerr=r["se"], fmt="o", capsize=3, color=colour)
+            ax.annotate(str(n), (r["speedup"], r["score"]), fontsize=7, color=colour, xytext=(4, 2 + 7 * (n % 2)),
+                        textcoords="offset points")
+            delta = "" if r["option"] == "exact" else f", {r['delta']:+.3f}"
+            lines.append(f"{n:>2}  {r['option']}  ({r['speedup']:.2f}x{delta})")
         ex = part["rows"][0]
         ax.axhspan(ex["score"] - ex["se"], ex["score"] + ex["se"], color="0.85", zorder=0)
         ax.set_xscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
+        ax.tick_params(axis="x", which="minor", labelsize=7)
         ax.set_xlabel("speed-up over exact sampling (images/s ratio, interleaved)")
-        ax.set_ylabel("score (+- 1 SE)")
-        ax.set_title(f"({key}) {part['model'][:60]}", fontsize=9)
+        ax.set_ylabel("score (+- 1 SE; grey: exact's band)")
+        ax.set_title(textwrap.fill(f"({key}) {part['model']}", 90), fontsize=9)
+        key_ax.axis("off")
+        key_ax.text(0, 1, "option (speed-up, score change)\n\n" + "\n".join(lines), va="top", family="monospace",
+                    fontsize=7.5, transform=key_ax.transAxes)
     m = result["machine"]
     # the runs' own threads count toward the load: more than that means something ran beside them
     load = max(m["load_average_1_5_15"][0], m.get("load_average_end", [0])[0])
