@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -227,19 +228,16 @@ def part_a(args, options):
 
 
 # ---- (b) class-conditional MAR on the shapes ---------------------------------------------------
-CELLS = ("at the top left", "at the top", "at the top right", "on the left", "in the middle", "on the right",
-         "at the bottom left", "at the bottom", "at the bottom right")
-
-
 def _mar_data(n, seed, size=32, layout="middle"):
     """n shapes-data images of 18 classes (colour x shape): the object in the middle cell
     (layout "middle") or in a random one of the 3x3 cells ("any")."""
-    from fluid_ops.data.shapes import COLOURS, SHAPES, render_spec
+    from fluid_ops.data.shapes import COLOURS, POSITIONS, SHAPES, render_spec
     g = torch.Generator().manual_seed(seed)
     labels = torch.randint(0, len(COLOURS) * len(SHAPES), (n,), generator=g)
-    where = torch.randint(0, 9, (n,), generator=g) if layout == "any" else torch.full((n,), 4)
+    where = torch.randint(0, 9, (n,), generator=g) if layout == "any" else torch.full((n,), POSITIONS.index("centre"))
     cols, shp = list(COLOURS), list(SHAPES)
-    imgs = torch.stack([render_spec(f"a {cols[int(y) // 3]} {shp[int(y) % 3]} {CELLS[int(w)]}", size, seed=seed + i)
+    imgs = torch.stack([render_spec(f"a {cols[int(y) // 3]} {shp[int(y) % 3]} at the {POSITIONS[int(w)]}", size,
+                                    seed=seed + i)
                         for i, (y, w) in enumerate(zip(labels, where))])
     return imgs, labels
 
@@ -305,18 +303,22 @@ def _b_samples(res, path, per_row=18):
     save_image_grid(imgs, path, nrow=n, row_labels=keep, scale=2)
 
 
-def _check_mar_ckpt(args):
-    """Refuse, before any part runs, a --mar-ckpt trained on another layout than --mar-layout."""
+def _load_mar_ckpt(args):
+    """(path or None, its saved dict or None) of --mar-ckpt; called before any part runs, so a file
+    trained on another layout than --mar-layout is refused before any work."""
     ckpt = Path(args.mar_ckpt) if args.mar_ckpt and not args.quick else None
     if ckpt is None or not ckpt.exists():
-        return
-    layout = torch.load(ckpt, map_location="cpu", weights_only=True).get("recipe", {}).get("layout", "any")
+        return ckpt, None
+    saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    layout = saved.get("recipe", {}).get("layout", "any")
     if layout != args.mar_layout:  # files from before --mar-layout were trained on "any"
         raise SystemExit(f"--mar-ckpt {ckpt} was trained with --mar-layout {layout}, not {args.mar_layout}: "
                          f"pass that layout, another path, or delete the file to retrain")
+    return ckpt, saved
 
 
-def part_b(args, options):
+def part_b(args, options, mar_ckpt=(None, None)):
+    """mar_ckpt: `_load_mar_ckpt(args)`."""
     from fluid_ops.eval import evaluate
     from fluid_ops.models.mar import MAR
     torch.manual_seed(0)
@@ -324,9 +326,8 @@ def part_b(args, options):
                 encoder_num_heads=2, decoder_embed_dim=128, decoder_depth=2, decoder_num_heads=2, buffer_size=4,
                 class_num=18, diffloss_d=3, diffloss_w=256, num_sampling_steps="10" if args.quick else "100",
                 attn_dropout=0.0, proj_dropout=0.0, label_drop_prob=0.1, diffusion_batch_mul=1)
-    ckpt = Path(args.mar_ckpt) if args.mar_ckpt and not args.quick else None
-    if ckpt is not None and ckpt.exists():  # sampling reruns reuse one trained model
-        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+    ckpt, saved = mar_ckpt
+    if saved is not None:  # sampling reruns reuse one trained model
         model.load_state_dict(saved["ema"])
         steps, train_s, recipe = saved["steps"], saved["seconds"], saved.get("recipe", {})
     else:
@@ -489,11 +490,11 @@ def main(argv=None) -> int:
         opts = {k: (OPTIONS | MAR_EXTRA)[k] for k in names}
     result = {"machine": machine_info(), "fast_preset": {k: str(v) for k, v in sampling.FAST_PRESET.items()},
               "options": {k: {a: str(b) for a, b in v.items()} for k, v in (opts | MAR_EXTRA).items()}, "parts": {}}
-    if "b" in args.parts.split(","):
-        _check_mar_ckpt(args)
+    mar_ckpt = _load_mar_ckpt(args) if "b" in args.parts.split(",") else (None, None)
     jpath = out / (("fast_sampling_quick" if args.quick else "fast_sampling") + args.tag + ".json")
     c_opts = {k: (OPTIONS | MAR_EXTRA)[k] for k in C_OPTIONS} if not args.options else opts
-    for key, fn, o in (("a", part_a, opts), ("b", part_b, opts | ({} if args.options else MAR_EXTRA)),
+    for key, fn, o in (("a", part_a, opts),
+                       ("b", functools.partial(part_b, mar_ckpt=mar_ckpt), opts | ({} if args.options else MAR_EXTRA)),
                        ("c", part_c, c_opts)):
         if key not in args.parts.split(","):
             continue
